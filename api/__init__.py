@@ -1,0 +1,1 @@
+"""FastAPI adapter: the public HTTP API over the moderation core."""

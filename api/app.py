@@ -1,0 +1,59 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+from fastapi import FastAPI
+
+from api.deps import TenantCache
+from api.errors import install_error_handlers
+from api.routes import health, submissions, webhooks
+from moderation import jobs
+from moderation.blobs import blob_store_from_settings
+from moderation.config import Settings, get_settings
+from sqlalchemy.orm import sessionmaker
+
+from moderation.db import make_engine
+from moderation.ratelimit import RateLimiter
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatcher | None = None) -> FastAPI:
+    """Build the API application."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        app.state.rate_limiter = RateLimiter(app.state.redis)
+        if dispatcher is not None:
+            jobs.set_dispatcher(dispatcher)
+        else:
+            from workers.celery_app import CeleryDispatcher, make_celery
+
+            jobs.set_dispatcher(CeleryDispatcher(make_celery(settings)))
+        if settings.allow_private_network:
+            logger.warning("DEVELOPMENT MODE: image_url fetches and webhooks may reach private and loopback addresses")
+        yield
+        app.state.redis.close()
+
+    app = FastAPI(
+        title="Moderation API",
+        version="1",
+        description="Image + caption content moderation with explanatory verdicts, human review and webhooks.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.sessions = sessionmaker(bind=make_engine(settings.database_url), expire_on_commit=False)
+    app.state.blob_store = blob_store_from_settings(settings)
+    app.state.tenant_cache = TenantCache()
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(submissions.router)
+    app.include_router(webhooks.router)
+    return app

@@ -1,0 +1,100 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import REGISTRY, Collector
+from sqlalchemy import text
+
+from moderation.jobs import QUEUE_GPU, QUEUE_MAINTENANCE, QUEUE_WEBHOOKS
+from moderation.submissions.repository import SubmissionRepository
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """The database, the broker and the blob store are reachable."""
+    state = request.app.state
+    checks: dict[str, str] = {}
+
+    def _check() -> None:
+        try:
+            with state.sessions() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            state.redis.ping()
+            checks["broker"] = "ok"
+        except Exception as exc:
+            checks["broker"] = f"error: {type(exc).__name__}"
+        try:
+            state.blob_store.check()
+            checks["blob_store"] = "ok"
+        except Exception as exc:
+            checks["blob_store"] = f"error: {type(exc).__name__}"
+
+    await run_in_threadpool(_check)
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+
+class QueueDepthCollector(Collector):
+    """Reads queue depth at scrape time: submissions by status in Postgres, messages per broker queue."""
+
+    def __init__(self, request: Request) -> None:
+        self.state = request.app.state
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the gauges."""
+        by_status = GaugeMetricFamily("moderation_submissions", "Submissions by status", labels=["status"])
+        by_decision = GaugeMetricFamily("moderation_verdicts", "Stored verdicts by decision", labels=["decision"])
+        broker = GaugeMetricFamily("moderation_broker_queue_depth", "Messages waiting per queue", labels=["queue"])
+        try:
+            with self.state.sessions() as session:
+                repo = SubmissionRepository(session)
+                for status, count in repo.count_by_status().items():
+                    by_status.add_metric([status], count)
+                for decision, count in repo.count_verdicts_by_decision().items():
+                    by_decision.add_metric([decision], count)
+        except Exception:  # noqa: S110 - a scrape must not fail because the database is down
+            pass
+        try:
+            for queue in (QUEUE_GPU, QUEUE_WEBHOOKS, QUEUE_MAINTENANCE):
+                broker.add_metric([queue], int(self.state.redis.llen(queue)))
+        except Exception:  # noqa: S110
+            pass
+        yield from (by_status, by_decision, broker)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this process (and of the workers, in multi-process mode)."""
+
+    def _render() -> bytes:
+        registry = CollectorRegistry()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            MultiProcessCollector(registry)
+        else:
+            for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - reuse the default collectors
+                registry.register(collector)
+        registry.register(QueueDepthCollector(request))
+        return generate_latest(registry)
+
+    return Response(await run_in_threadpool(_render), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,190 @@
+"""Submission intake and read-back (``/v1/submissions``)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+
+from api.deps import SessionDep, SettingsDep, TenantDep
+from moderation import metrics
+from moderation.config import Settings
+from moderation.errors import InvalidInput, ModerationError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from moderation.net.safe_http import OutboundPolicy, fetch_bytes
+from moderation.submissions import service
+from moderation.submissions.schemas import SubmissionAccepted, SubmissionOut, SubmissionPage
+
+router = APIRouter(prefix="/v1/submissions", tags=["submissions"])
+
+# Multipart framing around the image and fields; the image limit itself is enforced on the bytes.
+_FORM_OVERHEAD = 64 * 1024
+
+
+class SubmissionJSON(BaseModel):
+    """A JSON submission: the caption and exactly one of ``image_base64`` / ``image_url``."""
+
+    caption: str
+    image_base64: str | None = None
+    image_url: str | None = Field(default=None, max_length=4096)
+    external_id: str | None = None
+    metadata: dict[str, Any] | str | None = None
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.headers.get("content-length")
+    return int(raw) if raw and raw.isdigit() else None
+
+
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    chunks = []
+    size = 0
+    while chunk := await upload.read(1024 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"image is larger than {limit} bytes", code="image_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse_multipart(request: Request, settings: Settings) -> dict[str, Any]:
+    form = await request.form(max_files=2, max_fields=20, max_part_size=settings.max_caption_chars * 4 + 1024)
+    try:
+        image = form.get("image")
+        if not isinstance(image, UploadFile):
+            raise InvalidInput("multipart field 'image' (a file) is required", code="image_missing")
+        caption = form.get("caption")
+        if caption is None:
+            raise InvalidInput("multipart field 'caption' is required", code="caption_empty")
+        raw_caption: str | bytes = await caption.read() if isinstance(caption, UploadFile) else caption
+        fields = {}
+        for name in ("external_id", "metadata"):
+            value = form.get(name)
+            if isinstance(value, UploadFile):
+                raise InvalidInput(f"multipart field '{name}' must be text", code=f"invalid_{name}")
+            fields[name] = value
+        return {
+            "image": await _read_upload(image, settings.max_image_bytes),
+            "caption": raw_caption,
+            "source_url": None,
+            **fields,
+        }
+    finally:
+        await form.close()
+
+
+async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        data = SubmissionJSON.model_validate_json(body)
+    except ValueError as exc:
+        raise InvalidInput(f"invalid JSON submission: {exc}".splitlines()[0], code="invalid_json") from exc
+    if (data.image_base64 is None) == (data.image_url is None):
+        raise InvalidInput("give exactly one of image_base64 and image_url", code="image_missing")
+    if data.image_base64 is not None:
+        image = service.decode_base64_image(data.image_base64, settings)
+        source_url = None
+    else:
+        assert data.image_url is not None
+        fetched = await run_in_threadpool(
+            fetch_bytes,
+            data.image_url,
+            OutboundPolicy.from_settings(settings),
+            max_bytes=settings.max_image_bytes,
+            timeout_seconds=settings.fetch_timeout_seconds,
+            max_redirects=settings.fetch_max_redirects,
+        )
+        image, source_url = fetched.data, data.image_url
+    return {
+        "image": image,
+        "caption": data.caption,
+        "external_id": data.external_id,
+        "metadata": data.metadata,
+        "source_url": source_url,
+    }
+
+
+@router.post("", status_code=202, response_model=SubmissionAccepted)
+async def create_submission(
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> JSONResponse:
+    """Accept an image and its caption for moderation; answers 202 at once."""
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        request.app.state.rate_limiter.enforce(
+            str(tenant.id), tenant.rate_limit_per_minute or settings.rate_limit_per_minute, settings.rate_limit_burst
+        )
+        length = _content_length(request)
+        if length is not None and length > settings.max_image_bytes * 4 // 3 + _FORM_OVERHEAD:
+            raise PayloadTooLarge(f"request is larger than the {settings.max_image_bytes}-byte image limit allows")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            fields = await _parse_multipart(request, settings)
+        elif content_type == "application/json":
+            fields = await _parse_json(request, settings)
+        else:
+            raise UnsupportedMediaType(
+                "send multipart/form-data or application/json", code="unsupported_content_type"
+            )
+
+        def _store() -> service.IntakeResult:
+            result = service.submit(
+                session,
+                tenant,
+                blob_store=request.app.state.blob_store,
+                settings=settings,
+                idempotency_key=idempotency_key,
+                **fields,
+            )
+            session.commit()
+            return result
+
+        result = await run_in_threadpool(_store)
+        outcome = "accepted" if result.created else "replayed"
+    except ModerationError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        metrics.INTAKE_REQUESTS.labels(outcome).inc()
+        metrics.INTAKE_LATENCY.observe(time.perf_counter() - started)
+    submission = result.submission
+    body = SubmissionAccepted(id=submission.id, status=str(submission.status), created_at=submission.created_at)
+    headers = {"Location": f"/v1/submissions/{submission.id}"}
+    if not result.created:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def _parse_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError as exc:
+        raise NotFound("submission not found", code="submission_not_found") from exc
+
+
+@router.get("/{submission_id}", response_model=SubmissionOut)
+def get_submission(submission_id: str, tenant: TenantDep, session: SessionDep) -> SubmissionOut:
+    """A submission with its verdict and review."""
+    return service.get_submission(session, tenant, _parse_id(submission_id))
+
+
+@router.get("", response_model=SubmissionPage)
+def list_submissions(
+    tenant: TenantDep,
+    session: SessionDep,
+    status: str | None = None,
+    limit: Annotated[int, Query()] = 50,
+    cursor: str | None = None,
+) -> SubmissionPage:
+    """The tenant's submissions, newest first, a page at a time."""
+    return service.list_submissions(session, tenant, status=status, limit=limit, cursor=cursor)

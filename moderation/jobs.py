@@ -1,0 +1,86 @@
+"""Background jobs that reach the broker only after the transaction that made their rows commits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+logger = logging.getLogger(__name__)
+
+_PENDING_KEY = "moderation_pending_jobs"
+
+QUEUE_GPU = "gpu"
+QUEUE_WEBHOOKS = "webhooks"
+QUEUE_MAINTENANCE = "maintenance"
+
+TASK_PROCESS_SUBMISSION = "moderation.process_submission"
+TASK_DELIVER_WEBHOOK = "moderation.deliver_webhook"
+TASK_SWEEP = "moderation.sweep"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A task to run: its registered name, ID-only arguments, queue and optional delay."""
+
+    task: str
+    args: tuple[str, ...]
+    queue: str
+    countdown: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class JobDispatcher(Protocol):
+    """Something that hands jobs to a broker (Celery in production)."""
+
+    def dispatch(self, job: Job) -> None:
+        """Send one job to the broker."""
+
+
+class _NullDispatcher:
+    def dispatch(self, job: Job) -> None:
+        logger.warning("no job dispatcher configured; dropping %s%s (the sweeper will recover it)", job.task, job.args)
+
+
+_dispatcher: JobDispatcher = _NullDispatcher()
+
+
+def set_dispatcher(dispatcher: JobDispatcher) -> None:
+    """Install the process-wide job dispatcher."""
+    global _dispatcher
+    _dispatcher = dispatcher
+
+
+def get_dispatcher() -> JobDispatcher:
+    """The process-wide job dispatcher."""
+    return _dispatcher
+
+
+def enqueue_after_commit(session: Session, job: Job) -> None:
+    """Queue a job to be dispatched once the session's transaction commits; dropped on rollback."""
+    session.info.setdefault(_PENDING_KEY, []).append(job)
+
+
+def dispatch_now(job: Job) -> None:
+    """Dispatch a job immediately; a broker failure is logged, since the sweeper re-enqueues lost work."""
+    try:
+        _dispatcher.dispatch(job)
+    except Exception:
+        logger.exception("could not dispatch %s%s; the sweeper will recover it", job.task, job.args)
+
+
+@event.listens_for(Session, "after_commit")
+def _dispatch_pending(session: Session) -> None:
+    jobs: list[Job] = session.info.pop(_PENDING_KEY, [])
+    for job in jobs:
+        dispatch_now(job)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_pending(session: Session) -> None:
+    dropped = session.info.pop(_PENDING_KEY, [])
+    if dropped:
+        logger.debug("rollback dropped %d pending jobs", len(dropped))

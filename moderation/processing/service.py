@@ -1,0 +1,377 @@
+"""Judging submissions in batches under a lease, and sweeping up work that was lost."""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation import metrics
+from moderation.blobs import BlobStore
+from moderation.config import Settings
+from moderation.db import new_id, utcnow
+from moderation.engine.base import CategorySpec, EngineRequest, EngineResult, ModerationEngine
+from moderation.jobs import Job, enqueue_after_commit
+from moderation.policy.categories import categories_for
+from moderation.policy.routing import Thresholds, route
+from moderation.review.models import ReviewItem, ReviewState
+from moderation.review.repository import ReviewRepository
+from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
+from moderation.submissions.repository import SubmissionRepository
+from moderation.submissions.service import process_job
+from moderation.tenants.models import Tenant
+from moderation.tenants.repository import TenantRepository
+from moderation.webhooks.models import WebhookEvent
+from moderation.webhooks.repository import WebhookRepository
+from moderation.webhooks.service import delivery_job, emit_submission_event
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+
+
+def worker_name() -> str:
+    """Host and process of this worker, recorded with each attempt."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class BatchReport:
+    """What one batch run did."""
+
+    claimed: list[uuid.UUID] = field(default_factory=list)
+    decided: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    lease_lost: list[uuid.UUID] = field(default_factory=list)
+    inference_seconds: float = 0.0
+
+
+@dataclass
+class _Leased:
+    submission: Submission
+    token: uuid.UUID
+
+
+def review_priority(conflict_score: float, category_scores: dict[str, float]) -> int:
+    """Queue priority of a review item (lower is sooner): items leaning to block come first."""
+    risk = max([conflict_score, *category_scores.values()])
+    return int(round(100 - 50 * risk))
+
+
+class BatchProcessor:
+    """Claims submissions, runs the engine on them as one batch and writes fenced verdicts."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        engine: ModerationEngine,
+        blob_store: BlobStore,
+        settings: Settings,
+    ) -> None:
+        self.sessions = sessions
+        self.engine = engine
+        self.blob_store = blob_store
+        self.settings = settings
+        self.worker = worker_name()
+
+    def _claim(self, first_id: uuid.UUID | None, limit: int, fresh_only: bool) -> list[_Leased]:
+        with self.sessions() as session, session.begin():
+            repo = SubmissionRepository(session)
+            token, claimed = repo.claim(
+                first_id=first_id,
+                limit=limit,
+                lease_seconds=self.settings.processing_lease_seconds,
+                max_attempts=self.settings.max_attempts,
+                fresh_only=fresh_only,
+            )
+            now = utcnow()
+            repo.add_attempts(
+                [
+                    ProcessingAttempt(
+                        id=new_id(),
+                        submission_id=s.id,
+                        attempt=s.attempts,
+                        lease_token=token,
+                        worker=self.worker,
+                        batch_size=len(claimed),
+                        started_at=now,
+                    )
+                    for s in claimed
+                ]
+            )
+            return [_Leased(s, token) for s in claimed]
+
+    def claim_batch(self, first_id: uuid.UUID) -> list[_Leased]:
+        """Lease the given submission and, unless it is a retry, companions up to the batch size or wait."""
+        with self.sessions() as session:
+            first = SubmissionRepository(session).get(first_id)
+            if first is None:
+                return []
+            retry = first.attempts > 0
+        leased = self._claim(first_id, 1 if retry else self.settings.batch_max_size, fresh_only=False)
+        if not leased or leased[0].submission.id != first_id:
+            # Our submission is done or held by another worker; its companions have jobs of their own.
+            self._release_unstarted(leased)
+            return []
+        if retry:
+            # A retried submission may be the one that crashed its worker: judge it alone.
+            return leased
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        poll = max(0.005, self.settings.batch_wait_ms / 1000 / 5)
+        while len(leased) < self.settings.batch_max_size and time.monotonic() < deadline:
+            time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+            leased += self._claim(None, self.settings.batch_max_size - len(leased), fresh_only=True)
+        return leased
+
+    def _release_unstarted(self, leased: list[_Leased]) -> None:
+        if not leased:
+            return
+        with self.sessions() as session, session.begin():
+            repo = SubmissionRepository(session)
+            for item in leased:
+                repo.finish_fenced(
+                    item.submission.id,
+                    item.token,
+                    {"status": SubmissionStatus.queued, "attempts": item.submission.attempts - 1},
+                )
+                repo.finish_attempt(item.submission.id, item.token, "released")
+
+    def run(self, first_id: uuid.UUID) -> BatchReport:
+        """Process the batch led by ``first_id``; a no-op when it is already done or being processed."""
+        report = BatchReport()
+        leased = self.claim_batch(first_id)
+        if not leased:
+            return report
+        report.claimed = [item.submission.id for item in leased]
+        metrics.BATCH_SIZE.observe(len(leased))
+        with self.sessions() as session:
+            tenants = {
+                t.id: t
+                for t in (TenantRepository(session).get(tid) for tid in {i.submission.tenant_id for i in leased})
+                if t is not None
+            }
+            for tenant in tenants.values():
+                session.expunge(tenant)
+        ready: list[tuple[_Leased, EngineRequest]] = []
+        for item in leased:
+            try:
+                request = self._request_for(item.submission, tenants[item.submission.tenant_id])
+            except Exception as exc:
+                logger.warning("submission %s has an unusable image: %s", item.submission.id, exc)
+                self._fail(item, f"image could not be loaded: {exc}", report)
+                continue
+            ready.append((item, request))
+        if not ready:
+            return report
+        started = time.perf_counter()
+        try:
+            results = self.engine.moderate([request for _, request in ready])
+        except Exception as exc:
+            logger.exception("engine failed on a batch of %d", len(ready))
+            metrics.PROCESSING_FAILURES.labels("engine_error").inc(len(ready))
+            self._retry_or_fail([item for item, _ in ready], f"engine error: {type(exc).__name__}: {exc}", report)
+            return report
+        report.inference_seconds = time.perf_counter() - started
+        metrics.INFERENCE_SECONDS.observe(report.inference_seconds)
+        per_item_ms = report.inference_seconds * 1000 / len(ready)
+        self._write_verdicts(
+            [(item, result) for (item, _), result in zip(ready, results, strict=True)], tenants, per_item_ms, report
+        )
+        return report
+
+    def _request_for(self, submission: Submission, tenant: Tenant) -> EngineRequest:
+        data = self.blob_store.get(submission.image_sha256)
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return EngineRequest(image=image, caption=submission.caption, categories=categories_for(tenant))
+
+    def _write_verdicts(
+        self,
+        results: list[tuple[_Leased, EngineResult]],
+        tenants: dict[uuid.UUID, Tenant],
+        per_item_ms: float,
+        report: BatchReport,
+    ) -> None:
+        info = self.engine.info
+        with self.sessions() as session, session.begin():
+            repo = SubmissionRepository(session)
+            for item, result in results:
+                tenant = tenants[item.submission.tenant_id]
+                thresholds = Thresholds(
+                    block_threshold=tenant.block_threshold,
+                    allow_threshold=tenant.allow_threshold,
+                    min_confidence=tenant.min_confidence,
+                    category_block_threshold=tenant.category_block_threshold,
+                    category_review_threshold=tenant.category_review_threshold,
+                )
+                routing = route(result.conflict_score, result.confidence, result.category_scores, thresholds)
+                in_review = routing.decision == Decision.review
+                moved = repo.finish_fenced(
+                    item.submission.id,
+                    item.token,
+                    {
+                        "status": SubmissionStatus.in_review if in_review else SubmissionStatus.decided,
+                        "final_decision": None if in_review else routing.decision,
+                        "last_error": None,
+                    },
+                )
+                if not moved:
+                    logger.warning("lease on %s was lost; discarding this verdict", item.submission.id)
+                    repo.finish_attempt(item.submission.id, item.token, "lease_lost")
+                    report.lease_lost.append(item.submission.id)
+                    continue
+                verdict = Verdict(
+                    id=new_id(),
+                    submission_id=item.submission.id,
+                    decision=routing.decision,
+                    conflict_score=_unit(result.conflict_score),
+                    confidence=_unit(result.confidence),
+                    categories=[
+                        {"name": name, "score": _unit(score)} for name, score in result.category_scores.items()
+                    ],
+                    description=result.description,
+                    visible_text=result.visible_text,
+                    explanation=result.explanation,
+                    reasons=routing.reasons,
+                    model_name=info.name,
+                    model_revision=info.revision,
+                    prompt_version=info.prompt_version,
+                    inference_ms=per_item_ms,
+                    decided_at=utcnow(),
+                )
+                if not repo.add_verdict(verdict):
+                    raise RuntimeError(f"submission {item.submission.id} already has a verdict despite its lease")
+                review = None
+                if in_review:
+                    review = ReviewRepository(session).add(
+                        ReviewItem(
+                            id=new_id(),
+                            submission_id=item.submission.id,
+                            tenant_id=tenant.id,
+                            state=ReviewState.pending,
+                            priority=review_priority(result.conflict_score, result.category_scores),
+                            reason="; ".join(routing.reasons),
+                            categories=[],
+                            details={},
+                        )
+                    )
+                repo.finish_attempt(item.submission.id, item.token, "decided")
+                submission = repo.get(item.submission.id)
+                assert submission is not None
+                session.refresh(submission)
+                emit_submission_event(session, WebhookEvent.submission_decided, submission, review)
+                metrics.VERDICTS.labels(routing.decision.value).inc()
+                report.decided.append(item.submission.id)
+
+    def _fail(self, item: _Leased, error: str, report: BatchReport) -> None:
+        with self.sessions() as session, session.begin():
+            repo = SubmissionRepository(session)
+            if repo.finish_fenced(
+                item.submission.id,
+                item.token,
+                {"status": SubmissionStatus.failed, "last_error": error[:MAX_ERROR_CHARS]},
+            ):
+                repo.finish_attempt(item.submission.id, item.token, "failed", error[:MAX_ERROR_CHARS])
+                submission = repo.get(item.submission.id)
+                assert submission is not None
+                emit_submission_event(session, WebhookEvent.submission_failed, submission)
+                report.failed.append(item.submission.id)
+
+    def _retry_or_fail(self, items: list[_Leased], error: str, report: BatchReport) -> None:
+        for item in items:
+            if item.submission.attempts >= self.settings.max_attempts:
+                self._fail(item, error, report)
+                continue
+            with self.sessions() as session, session.begin():
+                repo = SubmissionRepository(session)
+                if repo.finish_fenced(
+                    item.submission.id,
+                    item.token,
+                    {"status": SubmissionStatus.queued, "last_error": error[:MAX_ERROR_CHARS], "enqueued_at": utcnow()},
+                ):
+                    repo.finish_attempt(item.submission.id, item.token, "error", error[:MAX_ERROR_CHARS])
+                    delay = min(60.0, 2.0 ** item.submission.attempts)
+                    job = process_job(item.submission.id)
+                    enqueue_after_commit(session, Job(job.task, job.args, job.queue, countdown=delay))
+                    report.requeued.append(item.submission.id)
+
+
+def _unit(value: float) -> float:
+    return min(1.0, max(0.0, float(value)))
+
+
+@dataclass
+class SweepReport:
+    """What one sweep recovered."""
+
+    requeued: list[uuid.UUID] = field(default_factory=list)
+    expired: list[uuid.UUID] = field(default_factory=list)
+    failed: list[uuid.UUID] = field(default_factory=list)
+    webhooks: list[uuid.UUID] = field(default_factory=list)
+    review_leases: int = 0
+
+
+def sweep(sessions: sessionmaker[Session], settings: Settings, *, limit: int = 500) -> SweepReport:
+    """Re-enqueue queued work whose job may be lost, recover expired leases and fail what keeps failing."""
+    report = SweepReport()
+    now = utcnow()
+    with sessions() as session, session.begin():
+        repo = SubmissionRepository(session)
+        stale = repo.stale_queued(now - timedelta(seconds=settings.queue_redeliver_seconds), limit)
+        repo.mark_enqueued(stale)
+        for submission_id in stale:
+            enqueue_after_commit(session, process_job(submission_id))
+        report.requeued = stale
+    with sessions() as session, session.begin():
+        repo = SubmissionRepository(session)
+        for submission in repo.expired_leases(now, limit):
+            token = submission.lease_token
+            if submission.attempts >= settings.max_attempts:
+                error = f"gave up after {submission.attempts} attempts; the last worker died or stalled"
+                submission.status = SubmissionStatus.failed
+                submission.last_error = (submission.last_error or error)[:MAX_ERROR_CHARS]
+                report.failed.append(submission.id)
+                outcome = "lease_expired_final"
+            else:
+                submission.status = SubmissionStatus.queued
+                submission.enqueued_at = now
+                report.expired.append(submission.id)
+                enqueue_after_commit(session, process_job(submission.id))
+                outcome = "lease_expired"
+            submission.lease_token = None
+            submission.lease_expires_at = None
+            if token is not None:
+                repo.finish_attempt(submission.id, token, outcome, "processing lease expired")
+        session.flush()
+        for submission_id in report.failed:
+            failed = repo.get(submission_id)
+            assert failed is not None
+            emit_submission_event(session, WebhookEvent.submission_failed, failed)
+    with sessions() as session, session.begin():
+        overdue = WebhookRepository(session).overdue_deliveries(now - timedelta(seconds=60), limit)
+        for delivery_id in overdue:
+            enqueue_after_commit(session, delivery_job(delivery_id))
+        report.webhooks = overdue
+    with sessions() as session, session.begin():
+        report.review_leases = ReviewRepository(session).release_expired(now)
+    for kind, items in (("queued", report.requeued), ("lease", report.expired), ("webhook", report.webhooks)):
+        if items:
+            metrics.SWEEPER_RECOVERED.labels(kind).inc(len(items))
+    if report.requeued or report.expired or report.failed or report.webhooks:
+        logger.info(
+            "sweep: requeued %d queued, %d expired leases, failed %d, %d overdue webhooks",
+            len(report.requeued),
+            len(report.expired),
+            len(report.failed),
+            len(report.webhooks),
+        )
+    return report

@@ -1,0 +1,65 @@
+"""Items of the human-review queue."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from moderation.db import Base, TimestampMixin, new_id
+
+
+class ReviewState(enum.StrEnum):
+    """Where a review item stands."""
+
+    pending = "pending"
+    claimed = "claimed"
+    escalated = "escalated"
+    decided = "decided"
+
+
+class ReviewDecision(enum.StrEnum):
+    """What a reviewer decided."""
+
+    approve = "approve"
+    reject = "reject"
+    escalate = "escalate"
+
+
+class ReviewItem(TimestampMixin, Base):
+    """A submission waiting for, or decided by, a human reviewer."""
+
+    __tablename__ = "review_items"
+    __table_args__ = (
+        Index(
+            "ix_review_items_open",
+            "priority",
+            "created_at",
+            postgresql_where=text("state IN ('pending', 'claimed', 'escalated')"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
+    submission_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("submissions.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    state: Mapped[ReviewState] = mapped_column(
+        Enum(ReviewState, name="review_state", native_enum=False, length=20), default=ReviewState.pending
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=100)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    claimed_by: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    decision: Mapped[ReviewDecision | None] = mapped_column(
+        Enum(ReviewDecision, name="review_decision", native_enum=False, length=20), nullable=True
+    )
+    categories: Mapped[list[str]] = mapped_column(JSONB, default=list)
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    decided_by: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)

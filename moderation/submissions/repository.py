@@ -1,0 +1,207 @@
+"""SQL for submissions, verdicts and processing attempts."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, selectinload
+
+from moderation.db import new_id, utcnow
+from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
+
+
+class SubmissionRepository:
+    """Reads and writes submissions and their verdicts."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, submission_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None) -> Submission | None:
+        """A submission with its verdict loaded, optionally only if it belongs to the tenant."""
+        stmt = select(Submission).options(selectinload(Submission.verdict)).where(Submission.id == submission_id)
+        if tenant_id is not None:
+            stmt = stmt.where(Submission.tenant_id == tenant_id)
+        return self.session.scalar(stmt)
+
+    def get_many(self, ids: Sequence[uuid.UUID]) -> list[Submission]:
+        """Submissions by id, verdicts loaded."""
+        stmt = select(Submission).options(selectinload(Submission.verdict)).where(Submission.id.in_(ids))
+        return list(self.session.scalars(stmt))
+
+    def find_existing(
+        self, tenant_id: uuid.UUID, *, idempotency_key: str | None, external_id: str | None
+    ) -> Submission | None:
+        """The tenant's submission with this idempotency key or external id, if any."""
+        conditions = []
+        if idempotency_key is not None:
+            conditions.append(Submission.idempotency_key == idempotency_key)
+        if external_id is not None:
+            conditions.append(Submission.external_id == external_id)
+        if not conditions:
+            return None
+        stmt = (
+            select(Submission)
+            .options(selectinload(Submission.verdict))
+            .where(Submission.tenant_id == tenant_id, or_(*conditions))
+            .order_by(Submission.created_at)
+            .limit(1)
+        )
+        return self.session.scalar(stmt)
+
+    def insert_if_new(self, values: dict[str, Any]) -> uuid.UUID | None:
+        """Insert a submission unless its idempotency key or external id exists; the new id or None."""
+        stmt = insert(Submission).values(**values).on_conflict_do_nothing().returning(Submission.id)
+        return self.session.scalar(stmt)
+
+    def page(
+        self, tenant_id: uuid.UUID, *, status: SubmissionStatus | None, limit: int, before_id: uuid.UUID | None
+    ) -> list[Submission]:
+        """A page of the tenant's submissions, newest first (ids are time-ordered)."""
+        stmt = (
+            select(Submission)
+            .options(selectinload(Submission.verdict))
+            .where(Submission.tenant_id == tenant_id)
+            .order_by(Submission.id.desc())
+            .limit(limit)
+        )
+        if status is not None:
+            stmt = stmt.where(Submission.status == status)
+        if before_id is not None:
+            stmt = stmt.where(Submission.id < before_id)
+        return list(self.session.scalars(stmt))
+
+    def mark_enqueued(self, ids: Sequence[uuid.UUID]) -> None:
+        """Record that jobs for these submissions were just sent to the broker."""
+        if ids:
+            self.session.execute(
+                update(Submission).where(Submission.id.in_(ids)).values(enqueued_at=func.now())
+            )
+
+    def claim(
+        self,
+        *,
+        first_id: uuid.UUID | None,
+        limit: int,
+        lease_seconds: int,
+        max_attempts: int,
+        fresh_only: bool,
+    ) -> tuple[uuid.UUID, list[Submission]]:
+        """Lease up to ``limit`` claimable submissions (``first_id`` first) with SKIP LOCKED; returns the token."""
+        now = utcnow()
+        claimable = or_(
+            Submission.status == SubmissionStatus.queued,
+            (Submission.status == SubmissionStatus.processing) & (Submission.lease_expires_at < now),
+        )
+        candidates = (
+            select(Submission.id)
+            .where(claimable, Submission.attempts < max_attempts)
+            .order_by((Submission.id == first_id).desc() if first_id else Submission.created_at, Submission.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        if fresh_only:
+            candidates = candidates.where(Submission.attempts == 0)
+        token = uuid.uuid4()
+        ids = list(self.session.scalars(candidates))
+        if not ids:
+            return token, []
+        self.session.execute(
+            update(Submission)
+            .where(Submission.id.in_(ids))
+            .values(
+                status=SubmissionStatus.processing,
+                attempts=Submission.attempts + 1,
+                lease_token=token,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                updated_at=now,
+            )
+        )
+        claimed = list(
+            self.session.scalars(
+                select(Submission).where(Submission.id.in_(ids)).execution_options(populate_existing=True)
+            )
+        )
+        claimed.sort(key=lambda s: (s.id != first_id, s.created_at))
+        return token, claimed
+
+    def claimable_exists(self, first_id: uuid.UUID) -> Submission | None:
+        """The submission if it exists, for deciding what a task for it should do."""
+        return self.session.get(Submission, first_id)
+
+    def finish_fenced(
+        self, submission_id: uuid.UUID, lease_token: uuid.UUID, values: dict[str, Any]
+    ) -> bool:
+        """Move a leased submission on, only if this worker still holds its lease (fencing)."""
+        result = self.session.execute(
+            update(Submission)
+            .where(
+                Submission.id == submission_id,
+                Submission.lease_token == lease_token,
+                Submission.status == SubmissionStatus.processing,
+            )
+            .values(lease_token=None, lease_expires_at=None, updated_at=utcnow(), **values)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def add_verdict(self, verdict: Verdict) -> bool:
+        """Insert a verdict unless the submission already has one; True when inserted."""
+        values = {c.key: getattr(verdict, c.key) for c in Verdict.__table__.columns if getattr(verdict, c.key) is not None}
+        values.setdefault("id", new_id())
+        stmt = insert(Verdict).values(**values).on_conflict_do_nothing(index_elements=[Verdict.submission_id])
+        result = self.session.execute(stmt)
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+    def add_attempts(self, attempts: Sequence[ProcessingAttempt]) -> None:
+        """Record the start of processing attempts."""
+        self.session.add_all(attempts)
+        self.session.flush()
+
+    def finish_attempt(
+        self, submission_id: uuid.UUID, lease_token: uuid.UUID, outcome: str, error: str | None = None
+    ) -> None:
+        """Record how a processing attempt ended."""
+        self.session.execute(
+            update(ProcessingAttempt)
+            .where(ProcessingAttempt.submission_id == submission_id, ProcessingAttempt.lease_token == lease_token)
+            .values(finished_at=utcnow(), outcome=outcome, error=error)
+        )
+
+    def stale_queued(self, older_than: datetime, limit: int) -> list[uuid.UUID]:
+        """Queued submissions whose job was sent before ``older_than`` (or never), oldest first."""
+        stmt = (
+            select(Submission.id)
+            .where(
+                Submission.status == SubmissionStatus.queued,
+                or_(Submission.enqueued_at.is_(None), Submission.enqueued_at < older_than),
+            )
+            .order_by(Submission.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(self.session.scalars(stmt))
+
+    def expired_leases(self, now: datetime, limit: int) -> list[Submission]:
+        """Processing submissions whose lease ran out (their worker died or stalled)."""
+        stmt = (
+            select(Submission)
+            .where(Submission.status == SubmissionStatus.processing, Submission.lease_expires_at < now)
+            .order_by(Submission.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(self.session.scalars(stmt))
+
+    def count_by_status(self) -> dict[str, int]:
+        """Number of submissions in each status, across tenants."""
+        rows = self.session.execute(select(Submission.status, func.count()).group_by(Submission.status))
+        return {str(status): int(count) for status, count in rows}
+
+    def count_verdicts_by_decision(self) -> dict[str, int]:
+        """Number of verdicts per decision, across tenants."""
+        rows = self.session.execute(select(Verdict.decision, func.count()).group_by(Verdict.decision))
+        return {str(decision): int(count) for decision, count in rows}

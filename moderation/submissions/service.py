@@ -1,0 +1,158 @@
+"""Accepting submissions and reading them back."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from moderation.blobs import BlobStore
+from moderation.config import Settings
+from moderation.db import new_id, utcnow
+from moderation.errors import InvalidInput, NotFound, PayloadTooLarge
+from moderation.jobs import QUEUE_GPU, TASK_PROCESS_SUBMISSION, Job, enqueue_after_commit
+from moderation.review.repository import ReviewRepository
+from moderation.submissions.models import Submission, SubmissionStatus
+from moderation.submissions.repository import SubmissionRepository
+from moderation.submissions.schemas import SubmissionOut, SubmissionPage
+from moderation.submissions.validation import (
+    decode_caption,
+    parse_metadata,
+    validate_identifier,
+    validate_image,
+)
+from moderation.tenants.models import Tenant
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    """The stored submission and whether this request created it (False on an idempotent replay)."""
+
+    submission: Submission
+    created: bool
+
+
+def process_job(submission_id: uuid.UUID) -> Job:
+    """The GPU job that judges a submission."""
+    return Job(task=TASK_PROCESS_SUBMISSION, args=(str(submission_id),), queue=QUEUE_GPU)
+
+
+def decode_base64_image(value: str, settings: Settings) -> bytes:
+    """Decode an ``image_base64`` field (a data: URL prefix is accepted), enforcing the size limit early."""
+    if value.startswith("data:"):
+        _, _, value = value.partition(",")
+    # Base64 inflates by 4/3; refuse obviously oversized input before decoding it.
+    if len(value) > settings.max_image_bytes * 4 // 3 + 16:
+        raise PayloadTooLarge(f"image is larger than {settings.max_image_bytes} bytes", code="image_too_large")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput("image_base64 is not valid base64", code="invalid_base64") from exc
+
+
+def submit(
+    session: Session,
+    tenant: Tenant,
+    *,
+    image: bytes,
+    caption: str | bytes,
+    blob_store: BlobStore,
+    settings: Settings,
+    external_id: str | None = None,
+    idempotency_key: str | None = None,
+    metadata: str | dict[str, Any] | None = None,
+    source_url: str | None = None,
+) -> IntakeResult:
+    """Validate and store a submission and queue its judgement after commit; replays return the original."""
+    text = decode_caption(caption, settings)
+    external_id = validate_identifier(external_id, "external_id")
+    idempotency_key = validate_identifier(idempotency_key, "idempotency_key")
+    meta = parse_metadata(metadata)
+    repo = SubmissionRepository(session)
+    existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
+    if existing is not None:
+        return IntakeResult(existing, created=False)
+    info = validate_image(image, settings)
+    sha256 = blob_store.put(image)
+    now = utcnow()
+    new_submission_id = repo.insert_if_new(
+        {
+            "id": new_id(),
+            "tenant_id": tenant.id,
+            "external_id": external_id,
+            "idempotency_key": idempotency_key,
+            "caption": text,
+            "metadata": meta,
+            "image_sha256": sha256,
+            "image_format": info.format,
+            "image_width": info.width,
+            "image_height": info.height,
+            "image_bytes": len(image),
+            "image_source_url": source_url,
+            "status": SubmissionStatus.queued,
+            "attempts": 0,
+            "enqueued_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+    )
+    if new_submission_id is None:
+        # A concurrent request with the same key won the race; answer with its submission.
+        existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
+        if existing is None:  # pragma: no cover - the conflicting row must exist
+            raise RuntimeError("idempotent insert conflicted but no submission was found")
+        return IntakeResult(existing, created=False)
+    submission = repo.get(new_submission_id)
+    assert submission is not None
+    enqueue_after_commit(session, process_job(submission.id))
+    return IntakeResult(submission, created=True)
+
+
+def get_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID) -> SubmissionOut:
+    """A tenant's submission with its verdict and review; NotFound for other tenants' ids."""
+    submission = SubmissionRepository(session).get(submission_id, tenant_id=tenant.id)
+    if submission is None:
+        raise NotFound("submission not found", code="submission_not_found")
+    review = ReviewRepository(session).latest_for_submissions([submission.id]).get(submission.id)
+    return SubmissionOut.from_model(submission, review)
+
+
+def encode_cursor(submission_id: uuid.UUID) -> str:
+    """An opaque pagination cursor."""
+    return base64.urlsafe_b64encode(submission_id.bytes).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> uuid.UUID:
+    """Decode a pagination cursor, or InvalidInput."""
+    try:
+        return uuid.UUID(bytes=base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (ValueError, binascii.Error) as exc:
+        raise InvalidInput("invalid cursor", code="invalid_cursor") from exc
+
+
+def list_submissions(
+    session: Session, tenant: Tenant, *, status: str | None, limit: int, cursor: str | None
+) -> SubmissionPage:
+    """A page of the tenant's submissions, newest first."""
+    if not 1 <= limit <= 200:
+        raise InvalidInput("limit must be between 1 and 200", code="invalid_limit")
+    status_value: SubmissionStatus | None = None
+    if status:
+        try:
+            status_value = SubmissionStatus(status)
+        except ValueError as exc:
+            allowed = ", ".join(s.value for s in SubmissionStatus)
+            raise InvalidInput(f"status must be one of {allowed}", code="invalid_status") from exc
+    before = decode_cursor(cursor) if cursor else None
+    rows = SubmissionRepository(session).page(tenant.id, status=status_value, limit=limit + 1, before_id=before)
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    reviews = ReviewRepository(session).latest_for_submissions([r.id for r in rows])
+    return SubmissionPage(
+        data=[SubmissionOut.from_model(r, reviews.get(r.id)) for r in rows],
+        next_cursor=encode_cursor(rows[-1].id) if has_more and rows else None,
+    )

@@ -1,0 +1,148 @@
+"""Validation of everything a submission carries: image bytes, caption, ids and metadata."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from moderation.config import Settings
+from moderation.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+# Magic numbers of the formats we know how to sniff; anything else is 415.
+_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", 0, "PNG"),
+    (b"GIF87a", 0, "GIF"),
+    (b"GIF89a", 0, "GIF"),
+    (b"BM", 0, "BMP"),
+    (b"II*\x00", 0, "TIFF"),
+    (b"MM\x00*", 0, "TIFF"),
+)
+
+MAX_METADATA_BYTES = 16 * 1024
+MAX_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What intake learned about an image: its format and size."""
+
+    format: str
+    width: int
+    height: int
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the leading bytes, or None."""
+    for magic, offset, fmt in _MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def validate_image(data: bytes, settings: Settings) -> ImageInfo:
+    """Check size, format, pixel count and full decodability of an image; raise a clear error otherwise."""
+    if len(data) > settings.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is {len(data)} bytes; the limit is {settings.max_image_bytes}", code="image_too_large"
+        )
+    if not data:
+        raise InvalidInput("image is empty", code="image_empty")
+    allowed = {f.upper() for f in settings.allowed_image_formats}
+    sniffed = sniff_format(data)
+    if sniffed is None or sniffed not in allowed:
+        raise UnsupportedMediaType(
+            f"not an accepted image format; accepted: {', '.join(sorted(allowed))}", code="unsupported_image_format"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise InvalidInput("image has no pixels", code="image_undecodable")
+            if width * height > settings.max_image_pixels:
+                raise InvalidInput(
+                    f"image has {width * height} pixels; the limit is {settings.max_image_pixels}",
+                    code="image_too_many_pixels",
+                )
+            fmt = (img.format or sniffed).upper()
+            if fmt == "JPEG":
+                # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation is caught cheaply.
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidInput(f"image has too many pixels: {exc}", code="image_too_many_pixels") from exc
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"image could not be decoded: {exc}", code="image_undecodable") from exc
+    if fmt not in allowed:
+        raise UnsupportedMediaType(f"image format {fmt} is not accepted", code="unsupported_image_format")
+    return ImageInfo(format=fmt, width=width, height=height)
+
+
+def decode_caption(raw: bytes | str, settings: Settings) -> str:
+    """Decode and validate a caption: UTF-8, non-empty, within the length limit, no NUL characters."""
+    if isinstance(raw, bytes):
+        try:
+            caption = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput("caption is not valid UTF-8", code="caption_not_utf8") from exc
+    else:
+        caption = raw
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates from JSON escapes
+        raise InvalidInput("caption is not valid UTF-8", code="caption_not_utf8") from exc
+    if "\x00" in caption:
+        raise InvalidInput("caption contains a NUL character", code="caption_invalid")
+    if not caption.strip():
+        raise InvalidInput("caption is empty", code="caption_empty")
+    if len(caption) > settings.max_caption_chars:
+        raise InvalidInput(
+            f"caption has {len(caption)} characters; the limit is {settings.max_caption_chars}",
+            code="caption_too_long",
+        )
+    return caption
+
+
+def validate_identifier(value: str | None, field: str) -> str | None:
+    """Validate an optional client identifier (external id or idempotency key)."""
+    if value is None:
+        return None
+    if not value or len(value) > MAX_ID_CHARS or "\x00" in value or not value.isprintable():
+        raise InvalidInput(f"{field} must be 1 to {MAX_ID_CHARS} printable characters", code=f"invalid_{field}")
+    return value
+
+
+def parse_metadata(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Parse and validate client metadata: a JSON object of at most 16 KiB."""
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidInput("metadata is not valid JSON", code="invalid_metadata") from exc
+    else:
+        value = raw
+    if not isinstance(value, dict):
+        raise InvalidInput("metadata must be a JSON object", code="invalid_metadata")
+    encoded = json.dumps(value, ensure_ascii=False)
+    if len(encoded.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
+        raise InvalidInput(f"metadata is larger than {MAX_METADATA_BYTES} bytes", code="invalid_metadata")
+    if "\\u0000" in encoded or "\x00" in encoded:
+        raise InvalidInput("metadata contains a NUL character", code="invalid_metadata")
+    try:
+        encoded.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput("metadata is not valid UTF-8", code="invalid_metadata") from exc
+    return value

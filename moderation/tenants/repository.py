@@ -1,0 +1,50 @@
+"""SQL for tenants and API keys."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.tenants.models import ApiKey, Tenant
+
+
+class TenantRepository:
+    """Reads and writes tenants and their keys."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get(self, tenant_id: uuid.UUID) -> Tenant | None:
+        """The tenant with this id, if any."""
+        return self.session.get(Tenant, tenant_id)
+
+    def get_by_name(self, name: str) -> Tenant | None:
+        """The tenant with this name, if any."""
+        return self.session.scalar(select(Tenant).where(Tenant.name == name))
+
+    def list(self) -> list[Tenant]:
+        """All tenants by name."""
+        return list(self.session.scalars(select(Tenant).order_by(Tenant.name)))
+
+    def add(self, tenant: Tenant) -> Tenant:
+        """Insert a tenant."""
+        self.session.add(tenant)
+        self.session.flush()
+        return tenant
+
+    def add_key(self, key: ApiKey) -> ApiKey:
+        """Insert an API key."""
+        self.session.add(key)
+        self.session.flush()
+        return key
+
+    def tenant_for_key_hash(self, key_hash: str) -> Tenant | None:
+        """The tenant owning a live (unrevoked) key with this hash."""
+        stmt = (
+            select(Tenant)
+            .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+            .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+        )
+        return self.session.scalar(stmt)

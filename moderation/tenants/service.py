@@ -1,0 +1,98 @@
+"""Creating tenants, issuing API keys and authenticating requests."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from moderation.config import Settings, get_settings
+from moderation.db import utcnow
+from moderation.errors import Conflict, InvalidInput, Unauthorized
+from moderation.tenants.models import ApiKey, Tenant
+from moderation.tenants.repository import TenantRepository
+
+KEY_PREFIX = "mod_"
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly issued API key: the secret is shown once and never stored."""
+
+    tenant: Tenant
+    key: str
+
+
+def hash_api_key(key: str) -> str:
+    """SHA-256 of an API key; keys are 256-bit random, so a fast hash is safe and keeps auth cheap."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_tenant(session: Session, name: str, settings: Settings | None = None) -> IssuedKey:
+    """Create a tenant with default thresholds and issue its first API key."""
+    settings = settings or get_settings()
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidInput("tenant name must be 1 to 200 characters", code="invalid_tenant_name")
+    repo = TenantRepository(session)
+    if repo.get_by_name(name) is not None:
+        raise Conflict(f"tenant {name!r} already exists", code="tenant_exists")
+    tenant = repo.add(
+        Tenant(
+            name=name,
+            block_threshold=settings.default_block_threshold,
+            allow_threshold=settings.default_allow_threshold,
+            min_confidence=settings.default_min_confidence,
+            category_block_threshold=0.95,
+            category_review_threshold=0.6,
+            policy={},
+            policy_version=1,
+        )
+    )
+    return IssuedKey(tenant=tenant, key=issue_api_key(session, tenant))
+
+
+def issue_api_key(session: Session, tenant: Tenant, label: str | None = None) -> str:
+    """Issue a new API key for a tenant and return it; only its hash is stored."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    TenantRepository(session).add_key(
+        ApiKey(tenant_id=tenant.id, prefix=key[:12], key_hash=hash_api_key(key), label=label, created_at=utcnow())
+    )
+    return key
+
+
+def authenticate(session: Session, authorization: str | None) -> Tenant:
+    """The tenant of a ``Bearer`` API key, or Unauthorized."""
+    if not authorization:
+        raise Unauthorized("missing Authorization header; use 'Authorization: Bearer <api key>'")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("Authorization must be 'Bearer <api key>'")
+    tenant = TenantRepository(session).tenant_for_key_hash(hash_api_key(token))
+    if tenant is None:
+        raise Unauthorized("invalid API key")
+    return tenant
+
+
+def update_thresholds(
+    tenant: Tenant,
+    *,
+    block_threshold: float | None = None,
+    allow_threshold: float | None = None,
+    min_confidence: float | None = None,
+) -> Tenant:
+    """Change a tenant's routing thresholds, keeping allow <= block and every value in [0, 1]."""
+    block = tenant.block_threshold if block_threshold is None else block_threshold
+    allow = tenant.allow_threshold if allow_threshold is None else allow_threshold
+    conf = tenant.min_confidence if min_confidence is None else min_confidence
+    for label, value in (("block_threshold", block), ("allow_threshold", allow), ("min_confidence", conf)):
+        if not 0.0 <= value <= 1.0:
+            raise InvalidInput(f"{label} must lie in [0, 1]", code="invalid_threshold")
+    if allow > block:
+        raise InvalidInput("allow_threshold must not exceed block_threshold", code="invalid_threshold")
+    tenant.block_threshold, tenant.allow_threshold, tenant.min_confidence = block, allow, conf
+    tenant.policy_version += 1
+    return tenant

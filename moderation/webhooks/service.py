@@ -1,0 +1,190 @@
+"""Registering webhook endpoints, recording events and delivering them with retries."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import orjson
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation.config import Settings
+from moderation.db import new_id, utcnow
+from moderation.errors import InvalidInput, ModerationError, NotFound
+from moderation.jobs import QUEUE_WEBHOOKS, TASK_DELIVER_WEBHOOK, Job, enqueue_after_commit
+from moderation.net.safe_http import OutboundPolicy, SafeHttpClient, validate_url
+from moderation.submissions.models import Submission
+from moderation.submissions.schemas import SubmissionOut
+from moderation.review.models import ReviewItem
+from moderation.tenants.models import Tenant
+from moderation.webhooks import signing
+from moderation.webhooks.models import (
+    DeliveryStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+)
+from moderation.webhooks.repository import WebhookRepository
+from moderation.webhooks.schemas import WebhookEndpointCreate
+
+logger = logging.getLogger(__name__)
+
+EVENT_NAMES = frozenset(e.value for e in WebhookEvent)
+
+
+def delivery_job(delivery_id: uuid.UUID, countdown: float | None = None) -> Job:
+    """The job that makes one attempt at a delivery."""
+    return Job(task=TASK_DELIVER_WEBHOOK, args=(str(delivery_id),), queue=QUEUE_WEBHOOKS, countdown=countdown)
+
+
+def create_endpoint(
+    session: Session, tenant: Tenant, data: WebhookEndpointCreate, settings: Settings
+) -> WebhookEndpoint:
+    """Register an endpoint after checking its URL against the outbound (SSRF) policy."""
+    unknown = sorted(set(data.events) - EVENT_NAMES)
+    if unknown:
+        raise InvalidInput(
+            f"unknown events {unknown}; known: {sorted(EVENT_NAMES)}", code="invalid_webhook_events"
+        )
+    validate_url(data.url, OutboundPolicy.from_settings(settings))
+    endpoint = WebhookEndpoint(
+        id=new_id(),
+        tenant_id=tenant.id,
+        url=data.url,
+        events=sorted(set(data.events)),
+        secret=signing.new_secret(),
+        enabled=True,
+        description=data.description,
+    )
+    WebhookRepository(session).add(endpoint)
+    session.flush()
+    return endpoint
+
+
+def delete_endpoint(session: Session, tenant: Tenant, endpoint_id: uuid.UUID) -> None:
+    """Remove one of the tenant's endpoints; pending deliveries to it are dropped with it."""
+    endpoint = WebhookRepository(session).get_endpoint(endpoint_id, tenant.id)
+    if endpoint is None:
+        raise NotFound("webhook endpoint not found", code="webhook_endpoint_not_found")
+    session.delete(endpoint)
+
+
+def emit_submission_event(
+    session: Session, event: WebhookEvent, submission: Submission, review: ReviewItem | None = None
+) -> list[WebhookDelivery]:
+    """Record a delivery of the event to each subscribed endpoint; each is sent after commit."""
+    repo = WebhookRepository(session)
+    endpoints = repo.endpoints_for(submission.tenant_id, event.value)
+    if not endpoints:
+        return []
+    now = utcnow()
+    data = SubmissionOut.from_model(submission, review).model_dump(mode="json")
+    deliveries = []
+    for endpoint in endpoints:
+        delivery = WebhookDelivery(
+            id=new_id(),
+            endpoint_id=endpoint.id,
+            tenant_id=submission.tenant_id,
+            submission_id=submission.id,
+            event_type=event.value,
+            message_id=f"msg_{uuid.uuid4().hex}",
+            payload={"type": event.value, "timestamp": now.isoformat(), "data": data},
+            status=DeliveryStatus.pending,
+            attempt_count=0,
+            next_attempt_at=now,
+        )
+        repo.add(delivery)
+        deliveries.append(delivery)
+        enqueue_after_commit(session, delivery_job(delivery.id))
+    return deliveries
+
+
+def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Delay before retry ``attempt + 1``: exponential in the attempt, with equal jitter."""
+    rng = rng or random.Random()  # noqa: S311 - jitter, not security
+    ceiling = min(settings.webhook_backoff_max_seconds, settings.webhook_backoff_base_seconds * 2 ** (attempt - 1))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """The result of one delivery attempt and, if it will be retried, after how long."""
+
+    status: DeliveryStatus | None
+    retry_in: float | None = None
+    status_code: int | None = None
+
+
+def attempt_delivery(
+    sessions: sessionmaker[Session], delivery_id: uuid.UUID, client: SafeHttpClient, settings: Settings
+) -> DeliveryOutcome:
+    """Make one attempt at a delivery; records the attempt and schedules the retry. Holds no transaction over I/O."""
+    lease = settings.webhook_timeout_seconds * 3 + 30
+    with sessions() as session, session.begin():
+        delivery = WebhookRepository(session).claim_delivery(delivery_id, lease)
+        if delivery is None:
+            return DeliveryOutcome(status=None)
+        endpoint = delivery.endpoint
+        attempt_no = delivery.attempt_count
+        url, secret, enabled = endpoint.url, endpoint.secret, endpoint.enabled
+        body = orjson.dumps(delivery.payload)
+        message_id = delivery.message_id
+    status_code: int | None = None
+    excerpt: str | None = None
+    error: str | None = None
+    started = time.perf_counter()
+    if not enabled:
+        error = "endpoint disabled"
+    else:
+        headers = signing.signed_headers(secret, message_id, int(time.time()), body)
+        try:
+            status_code, excerpt = client.post(url, body, headers, settings.webhook_timeout_seconds)
+            if not 200 <= status_code < 300:
+                error = f"HTTP {status_code}"
+        except ModerationError as exc:
+            error = f"{exc.code}: {exc.message}"
+        except Exception as exc:  # network failures of every kind count as a failed attempt
+            error = f"{type(exc).__name__}: {exc}"
+    duration_ms = (time.perf_counter() - started) * 1000
+    with sessions() as session, session.begin():
+        repo = WebhookRepository(session)
+        repo.add(
+            WebhookAttempt(
+                id=new_id(),
+                delivery_id=delivery_id,
+                attempt=attempt_no,
+                attempted_at=utcnow(),
+                status_code=status_code,
+                duration_ms=duration_ms,
+                error=error,
+                response_excerpt=excerpt,
+            )
+        )
+        delivery = repo.get_delivery(delivery_id)
+        assert delivery is not None
+        if error is None:
+            delivery.status = DeliveryStatus.succeeded
+            delivery.delivered_at = utcnow()
+            delivery.next_attempt_at = None
+            delivery.last_error = None
+            outcome = DeliveryOutcome(status=DeliveryStatus.succeeded, status_code=status_code)
+        elif attempt_no >= settings.webhook_max_attempts or not enabled:
+            delivery.status = DeliveryStatus.failed
+            delivery.next_attempt_at = None
+            delivery.last_error = error
+            outcome = DeliveryOutcome(status=DeliveryStatus.failed, status_code=status_code)
+        else:
+            delay = backoff_seconds(attempt_no, settings)
+            delivery.next_attempt_at = utcnow() + timedelta(seconds=delay)
+            delivery.last_error = error
+            enqueue_after_commit(session, delivery_job(delivery_id, countdown=delay))
+            outcome = DeliveryOutcome(status=DeliveryStatus.pending, retry_in=delay, status_code=status_code)
+    logger.info(
+        "webhook delivery %s attempt %d to %s: %s", delivery_id, attempt_no, url, error or f"HTTP {status_code}"
+    )
+    return outcome

@@ -1,0 +1,180 @@
+"""The intake API: accepting, replaying, reading and rejecting submissions."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from moderation.jobs import TASK_PROCESS_SUBMISSION
+from tests.api.conftest import ApiTenant
+from tests.conftest import RecordingDispatcher, make_jpeg, make_png
+
+
+def _post(client: TestClient, tenant: ApiTenant, image: bytes, caption: str = "a red square", **extra: object):  # type: ignore[no-untyped-def]
+    data = {"caption": caption, **{k: v for k, v in extra.items() if k != "headers"}}
+    headers = {**tenant.headers, **extra.get("headers", {})}  # type: ignore[dict-item]
+    return client.post("/v1/submissions", files={"image": ("x.jpg", image, "image/jpeg")}, data=data, headers=headers)
+
+
+def test_multipart_submission_is_accepted_and_queued(
+    client: TestClient, tenant: ApiTenant, dispatched: RecordingDispatcher
+) -> None:
+    res = _post(client, tenant, make_jpeg(), caption="一只猫坐在沙发上", external_id="post-1", metadata='{"lang": "zh"}')
+    assert res.status_code == 202, res.text
+    body = res.json()
+    assert body["status"] == "queued" and set(body) == {"id", "status", "created_at"}
+    assert res.headers["location"] == f"/v1/submissions/{body['id']}"
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [body["id"]]
+
+    got = client.get(f"/v1/submissions/{body['id']}", headers=tenant.headers).json()
+    assert got["caption"] == "一只猫坐在沙发上"
+    assert got["external_id"] == "post-1"
+    assert got["metadata"] == {"lang": "zh"}
+    assert got["status"] == "queued" and got["verdict"] is None and got["review"] is None
+    assert got["image"]["format"] == "JPEG" and got["image"]["width"] == 640
+
+
+def test_json_submission_with_base64(client: TestClient, tenant: ApiTenant) -> None:
+    payload = {"caption": "green", "image_base64": base64.b64encode(make_png()).decode(), "metadata": {"k": "v"}}
+    res = client.post("/v1/submissions", json=payload, headers=tenant.headers)
+    assert res.status_code == 202, res.text
+    got = client.get(res.headers["location"], headers=tenant.headers).json()
+    assert got["image"]["format"] == "PNG" and got["metadata"] == {"k": "v"}
+
+
+def test_idempotency_key_and_external_id_replay_the_same_submission(
+    client: TestClient, tenant: ApiTenant, dispatched: RecordingDispatcher
+) -> None:
+    first = _post(client, tenant, make_jpeg(seed=1), headers={"Idempotency-Key": "abc"})
+    again = _post(client, tenant, make_jpeg(seed=1), headers={"Idempotency-Key": "abc"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    by_ext = _post(client, tenant, make_jpeg(seed=2), external_id="e-1")
+    by_ext_again = _post(client, tenant, make_jpeg(seed=3), external_id="e-1")
+    assert by_ext.json()["id"] == by_ext_again.json()["id"]
+    assert len(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == 2
+    listed = client.get("/v1/submissions", headers=tenant.headers).json()
+    assert len(listed["data"]) == 2
+
+
+def test_tenants_are_isolated(client: TestClient, tenant: ApiTenant, other_tenant: ApiTenant) -> None:
+    sid = _post(client, tenant, make_jpeg(), external_id="same").json()["id"]
+    assert client.get(f"/v1/submissions/{sid}", headers=other_tenant.headers).status_code == 404
+    # The same external id is a different submission for another tenant.
+    other = _post(client, other_tenant, make_jpeg(), external_id="same").json()["id"]
+    assert other != sid
+    assert [s["id"] for s in client.get("/v1/submissions", headers=other_tenant.headers).json()["data"]] == [other]
+
+
+def test_auth_is_required(client: TestClient, tenant: ApiTenant) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        res = client.get("/v1/submissions", headers=headers)
+        assert res.status_code == 401
+        assert res.json()["error"]["code"] == "unauthorized"
+
+
+def test_listing_pages_with_a_cursor_and_filters_by_status(client: TestClient, tenant: ApiTenant) -> None:
+    ids = [_post(client, tenant, make_jpeg(64, 64, seed=i)).json()["id"] for i in range(5)]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/submissions", params=params, headers=tenant.headers).json()
+        seen += [s["id"] for s in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == list(reversed(ids))
+    assert client.get("/v1/submissions?status=decided", headers=tenant.headers).json()["data"] == []
+    bad = client.get("/v1/submissions?status=nope", headers=tenant.headers)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_status"
+    assert client.get("/v1/submissions?cursor=%%%", headers=tenant.headers).status_code == 422
+    assert client.get("/v1/submissions/not-a-uuid", headers=tenant.headers).status_code == 404
+
+
+def _error(res) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    return res.status_code, res.json()["error"]["code"]
+
+
+def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(
+    client: TestClient, tenant: ApiTenant, settings
+) -> None:  # type: ignore[no-untyped-def]
+    big = b"\xff\xd8\xff" + b"0" * (settings.max_image_bytes + 10)
+    assert _error(_post(client, tenant, big)) == (413, "image_too_large")
+    assert _error(_post(client, tenant, b"%PDF-1.4 not an image")) == (415, "unsupported_image_format")
+    jpeg = make_jpeg(800, 600)
+    assert _error(_post(client, tenant, jpeg[: len(jpeg) // 2])) == (422, "image_undecodable")
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(bomb, "PNG")
+    assert _error(_post(client, tenant, bomb.getvalue())) == (422, "image_too_many_pixels")
+    assert _error(_post(client, tenant, make_jpeg(), caption="")) == (422, "caption_empty")
+    assert _error(_post(client, tenant, make_jpeg(), caption="x" * 4001)) == (422, "caption_too_long")
+    res = client.post(
+        "/v1/submissions",
+        files={"image": ("x.jpg", make_jpeg(), "image/jpeg"), "caption": ("c.txt", b"\xff\xfe\xfa", "text/plain")},
+        headers=tenant.headers,
+    )
+    assert _error(res) == (422, "caption_not_utf8")
+    res = client.post("/v1/submissions", files={"caption": (None, "no image")}, headers=tenant.headers)
+    assert _error(res) == (422, "image_missing")
+    res = client.post("/v1/submissions", data={"caption": "urlencoded"}, headers=tenant.headers)
+    assert _error(res) == (415, "unsupported_content_type")
+    res = client.post("/v1/submissions", content=b"caption=x", headers={**tenant.headers, "content-type": "text/plain"})
+    assert _error(res) == (415, "unsupported_content_type")
+    res = client.post("/v1/submissions", content=b"{not json", headers={**tenant.headers, "content-type": "application/json"})
+    assert _error(res) == (422, "invalid_json")
+    both = {"caption": "x", "image_base64": "AAAA", "image_url": "https://example.com/a.jpg"}
+    assert _error(client.post("/v1/submissions", json=both, headers=tenant.headers)) == (422, "image_missing")
+    bad_b64 = {"caption": "x", "image_base64": "!!!notbase64"}
+    assert _error(client.post("/v1/submissions", json=bad_b64, headers=tenant.headers)) == (422, "invalid_base64")
+    assert _error(_post(client, tenant, make_jpeg(), metadata="[1]")) == (422, "invalid_metadata")
+    ssrf = {"caption": "x", "image_url": "http://169.254.169.254/latest/meta-data/"}
+    assert _error(client.post("/v1/submissions", json=ssrf, headers=tenant.headers)) == (422, "blocked_destination")
+    local = {"caption": "x", "image_url": "http://127.0.0.1:1/a.jpg"}
+    assert _error(client.post("/v1/submissions", json=local, headers=tenant.headers)) == (422, "blocked_destination")
+    assert _error(client.post("/v1/submissions", json={"caption": "x", "image_url": "file:///etc/passwd"}, headers=tenant.headers))[0] == 422
+    # Still serving.
+    assert _post(client, tenant, make_jpeg()).status_code == 202
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_rate_limit_answers_429_with_retry_after(client: TestClient, tenant: ApiTenant, settings) -> None:  # type: ignore[no-untyped-def]
+    settings.rate_limit_per_minute = 60
+    settings.rate_limit_burst = 3
+    codes = [_post(client, tenant, make_jpeg(32, 32, seed=i)).status_code for i in range(5)]
+    assert codes[:3] == [202, 202, 202]
+    assert codes[3:] == [429, 429]
+    res = _post(client, tenant, make_jpeg(32, 32))
+    assert res.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(res.headers["retry-after"]) <= 2
+
+
+def test_image_url_is_fetched_when_private_targets_are_allowed(
+    client: TestClient, tenant: ApiTenant, settings, image_server  # type: ignore[no-untyped-def]
+) -> None:
+    settings.allow_private_network = True
+    res = client.post("/v1/submissions", json={"caption": "fetched", "image_url": image_server}, headers=tenant.headers)
+    assert res.status_code == 202, res.text
+    got = client.get(res.headers["location"], headers=tenant.headers).json()
+    assert got["image"]["format"] == "JPEG"
+    missing = client.post(
+        "/v1/submissions", json={"caption": "x", "image_url": image_server + "-missing"}, headers=tenant.headers
+    )
+    assert _error(missing) == (422, "fetch_failed")
+
+
+def test_readyz_and_metrics(client: TestClient, tenant: ApiTenant) -> None:
+    _post(client, tenant, make_jpeg())
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "blob_store": "ok"}
+    text = client.get("/metrics").text
+    assert "moderation_intake_requests_total" in text
+    assert 'moderation_submissions{status="queued"}' in text
+    assert "moderation_broker_queue_depth" in text
+    assert json.dumps  # keep import used

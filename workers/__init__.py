@@ -1,0 +1,1 @@
+"""Celery adapter: task definitions and the worker processes that run them."""

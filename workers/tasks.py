@@ -1,0 +1,116 @@
+"""Celery tasks: thin adapters that pass IDs into the core services."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+from celery import signals
+from sqlalchemy.exc import OperationalError
+
+from moderation import jobs
+from moderation.blobs import BlobStore, blob_store_from_settings
+from moderation.config import get_settings
+from moderation.db import get_sessionmaker, reset_engine
+from moderation.engine.base import ModerationEngine
+from moderation.net.safe_http import OutboundPolicy, SafeHttpClient
+from moderation.processing.service import BatchProcessor, sweep
+from moderation.webhooks.service import attempt_delivery
+from workers.celery_app import CeleryDispatcher, celery_app
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_engine: ModerationEngine | None = None
+_blob_store: BlobStore | None = None
+_http: SafeHttpClient | None = None
+
+
+def get_engine() -> ModerationEngine:
+    """The engine of this worker process, loaded and warmed up once."""
+    global _engine
+    with _lock:
+        if _engine is None:
+            from moderation.engine import load_engine
+
+            settings = get_settings()
+            engine = load_engine(settings)
+            if settings.warmup:
+                engine.warmup()
+            health = engine.health()
+            if not health.ok:
+                raise RuntimeError(f"engine failed its health check: {health.detail}")
+            logger.info("engine ready: %s on %s", engine.info.name, health.device)
+            _engine = engine
+        return _engine
+
+
+def get_blob_store() -> BlobStore:
+    """The blob store of this worker process."""
+    global _blob_store
+    if _blob_store is None:
+        _blob_store = blob_store_from_settings(get_settings())
+    return _blob_store
+
+
+def get_http() -> SafeHttpClient:
+    """The outbound HTTP client of this worker process."""
+    global _http
+    if _http is None:
+        _http = SafeHttpClient(OutboundPolicy.from_settings(get_settings()))
+    return _http
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Connections must not be shared across fork.
+    reset_engine()
+
+
+@signals.worker_init.connect
+def _configure(**_: Any) -> None:
+    jobs.set_dispatcher(CeleryDispatcher(celery_app))
+
+
+@signals.worker_ready.connect
+def _preload_engine(sender: Any = None, **_: Any) -> None:
+    queues = {q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])} if sender else set()
+    if jobs.QUEUE_GPU in queues:
+        get_engine()
+
+
+@celery_app.task(
+    name=jobs.TASK_PROCESS_SUBMISSION,
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    retry_backoff_max=60,
+    max_retries=5,
+)
+def process_submission(submission_id: str) -> dict[str, int]:
+    """Judge the submission (and whatever else is queued, as one batch)."""
+    processor = BatchProcessor(get_sessionmaker(), get_engine(), get_blob_store(), get_settings())
+    report = processor.run(uuid.UUID(submission_id))
+    return {"claimed": len(report.claimed), "decided": len(report.decided), "failed": len(report.failed)}
+
+
+@celery_app.task(
+    name=jobs.TASK_DELIVER_WEBHOOK,
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=5,
+)
+def deliver_webhook(delivery_id: str) -> str | None:
+    """Make one attempt at a webhook delivery; the service schedules any retry."""
+    outcome = attempt_delivery(get_sessionmaker(), uuid.UUID(delivery_id), get_http(), get_settings())
+    return outcome.status.value if outcome.status else None
+
+
+@celery_app.task(name=jobs.TASK_SWEEP, acks_late=True)
+def sweep_task() -> dict[str, int]:
+    """Recover lost and stalled work."""
+    report = sweep(get_sessionmaker(), get_settings())
+    return {"requeued": len(report.requeued), "expired": len(report.expired), "failed": len(report.failed)}
