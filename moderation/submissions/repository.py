@@ -150,11 +150,17 @@ class SubmissionRepository:
 
     def add_verdict(self, verdict: Verdict) -> bool:
         """Insert a verdict unless the submission already has one; True when inserted."""
-        values = {c.key: getattr(verdict, c.key) for c in Verdict.__table__.columns if getattr(verdict, c.key) is not None}
+        values = {
+            c.key: getattr(verdict, c.key) for c in Verdict.__table__.columns if getattr(verdict, c.key) is not None
+        }
         values.setdefault("id", new_id())
-        stmt = insert(Verdict).values(**values).on_conflict_do_nothing(index_elements=[Verdict.submission_id])
-        result = self.session.execute(stmt)
-        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+        stmt = (
+            insert(Verdict)
+            .values(**values)
+            .on_conflict_do_nothing(index_elements=[Verdict.submission_id])
+            .returning(Verdict.id)
+        )
+        return self.session.scalar(stmt) is not None
 
     def add_attempts(self, attempts: Sequence[ProcessingAttempt]) -> None:
         """Record the start of processing attempts."""

@@ -1,0 +1,221 @@
+"""Batch processing and sweeping, with a scripted engine (unit tests of the code around the engine)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation.blobs import LocalBlobStore
+from moderation.config import Settings
+from moderation.db import utcnow
+from moderation.engine.base import EngineHealth, EngineRequest, EngineResult, ModelInfo, ModerationEngine
+from moderation.jobs import TASK_DELIVER_WEBHOOK, TASK_PROCESS_SUBMISSION
+from moderation.processing.service import BatchProcessor, review_priority, sweep
+from moderation.review.models import ReviewItem
+from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
+from moderation.submissions.service import submit
+from moderation.tenants.models import Tenant
+from moderation.tenants.service import create_tenant
+from moderation.webhooks.models import WebhookDelivery, WebhookEndpoint
+from tests.conftest import RecordingDispatcher, make_jpeg
+
+
+class ScriptedEngine(ModerationEngine):
+    """Answers each caption with the conflict score written in it (``conflict=0.9``); can be told to fail."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.fail_with: Exception | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(name="scripted", revision="1", prompt_version="test")
+
+    def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        self.batches.append(len(requests))
+        if self.fail_with:
+            raise self.fail_with
+        results = []
+        for r in requests:
+            score = float(r.caption.split("conflict=")[1].split()[0]) if "conflict=" in r.caption else 0.5
+            results.append(
+                EngineResult(
+                    description="a test image",
+                    visible_text="",
+                    explanation="scripted",
+                    conflict_score=score,
+                    confidence=0.9,
+                    category_scores={c.name: 0.0 for c in r.categories},
+                )
+            )
+        return results
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(ok=True, detail="ok", device="cpu")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalBlobStore:
+    return LocalBlobStore(tmp_path / "blobs", fsync=False)
+
+
+@pytest.fixture
+def tenant(sessions: sessionmaker[Session], settings: Settings) -> Tenant:
+    with sessions() as session, session.begin():
+        tenant = create_tenant(session, "acme", settings).tenant
+        session.add(
+            WebhookEndpoint(tenant_id=tenant.id, url="http://hooks.example/x", events=["submission.decided", "submission.failed"], secret="whsec_AAAA")
+        )
+        session.expunge(tenant)
+    return tenant
+
+
+def _submit(sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, caption: str) -> uuid.UUID:
+    with sessions() as session, session.begin():
+        return submit(session, tenant, image=make_jpeg(64, 64), caption=caption, blob_store=store, settings=settings).submission.id
+
+
+def test_batch_decides_routes_and_notifies(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    settings.batch_max_size = 8
+    ids = [_submit(sessions, tenant, store, settings, f"post conflict={s}") for s in (0.95, 0.1, 0.5)]
+    engine = ScriptedEngine()
+    report = BatchProcessor(sessions, engine, store, settings).run(ids[1])
+    assert engine.batches == [3]
+    assert report.claimed[0] == ids[1] and sorted(report.decided) == sorted(ids)
+    with sessions() as session:
+        rows = {s.id: s for s in session.scalars(select(Submission).where(Submission.id.in_(ids)))}
+        assert [str(rows[i].status) for i in ids] == ["decided", "decided", "in_review"]
+        assert [str(rows[i].final_decision) for i in ids] == ["block", "allow", "None"]
+        verdicts = {v.submission_id: v for v in session.scalars(select(Verdict))}
+        assert verdicts[ids[0]].decision == "block" and verdicts[ids[2]].decision == "review"
+        assert verdicts[ids[0]].model_name == "scripted"
+        assert {c["name"] for c in verdicts[ids[0]].categories} >= {"sexual", "violence", "prompt_injection"}
+        review = session.scalars(select(ReviewItem)).one()
+        assert review.submission_id == ids[2] and review.state == "pending"
+        attempts = session.scalars(select(ProcessingAttempt)).all()
+        assert {a.outcome for a in attempts} == {"decided"} and len(attempts) == 3
+        deliveries = session.scalars(select(WebhookDelivery)).all()
+        assert len(deliveries) == 3 and {d.event_type for d in deliveries} == {"submission.decided"}
+        payload = next(d.payload for d in deliveries if d.submission_id == ids[0])
+        assert payload["type"] == "submission.decided"
+        assert payload["data"]["verdict"]["decision"] == "block"
+    assert sorted(dispatched.tasks(TASK_DELIVER_WEBHOOK)) == sorted(str(d.id) for d in deliveries)
+    # A second job for an already decided submission is a no-op.
+    assert BatchProcessor(sessions, engine, store, settings).run(ids[0]).claimed == []
+    assert engine.batches == [3]
+
+
+def test_batch_respects_max_size(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    settings.batch_max_size = 2
+    ids = [_submit(sessions, tenant, store, settings, f"c{i}") for i in range(5)]
+    engine = ScriptedEngine()
+    processor = BatchProcessor(sessions, engine, store, settings)
+    for sid in ids:
+        processor.run(sid)
+    assert engine.batches == [2, 2, 1]
+
+
+def test_engine_error_requeues_then_fails_after_max_attempts(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    settings.max_attempts = 2
+    sid = _submit(sessions, tenant, store, settings, "boom")
+    engine = ScriptedEngine()
+    engine.fail_with = RuntimeError("CUDA out of memory")
+    processor = BatchProcessor(sessions, engine, store, settings)
+    assert processor.run(sid).requeued == [sid]
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION).count(str(sid)) == 2
+    assert processor.run(sid).failed == [sid]
+    with sessions() as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.status == SubmissionStatus.failed
+        assert "CUDA out of memory" in (sub.last_error or "")
+        events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
+        assert events == ["submission.failed"]
+
+
+def test_lost_lease_discards_the_late_verdict(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    sid = _submit(sessions, tenant, store, settings, "slow one conflict=0.1")
+
+    class TakenOver(ScriptedEngine):
+        def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+            # While we compute, the lease expires and another worker takes the submission.
+            with sessions() as session, session.begin():
+                session.execute(update(Submission).where(Submission.id == sid).values(lease_token=uuid.uuid4()))
+            return super().moderate(requests)
+
+    report = BatchProcessor(sessions, TakenOver(), store, settings).run(sid)
+    assert report.lease_lost == [sid] and report.decided == []
+    with sessions() as session:
+        assert session.scalars(select(Verdict)).all() == []
+
+
+def test_unreadable_blob_fails_only_that_submission(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    good = _submit(sessions, tenant, store, settings, "good conflict=0.1")
+    bad = _submit(sessions, tenant, store, settings, "bad")
+    with sessions() as session, session.begin():
+        session.execute(update(Submission).where(Submission.id == bad).values(image_sha256="0" * 64))
+    report = BatchProcessor(sessions, ScriptedEngine(), store, settings).run(good)
+    assert report.decided == [good] and report.failed == [bad]
+
+
+def test_sweeper_recovers_lost_jobs_and_expired_leases(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    settings.max_attempts = 2
+    lost = _submit(sessions, tenant, store, settings, "job lost with redis")
+    stalled = _submit(sessions, tenant, store, settings, "worker died")
+    doomed = _submit(sessions, tenant, store, settings, "keeps killing workers")
+    long_ago = utcnow() - timedelta(hours=1)
+    with sessions() as session, session.begin():
+        session.execute(update(Submission).where(Submission.id == lost).values(enqueued_at=long_ago))
+        for sid, attempts in ((stalled, 1), (doomed, 2)):
+            session.execute(
+                update(Submission)
+                .where(Submission.id == sid)
+                .values(status=SubmissionStatus.processing, attempts=attempts, lease_token=uuid.uuid4(), lease_expires_at=long_ago)
+            )
+    dispatched.jobs.clear()
+    report = sweep(sessions, settings)
+    assert report.requeued == [lost]
+    assert report.expired == [stalled]
+    assert report.failed == [doomed]
+    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted([str(lost), str(stalled)])
+    with sessions() as session:
+        assert session.get(Submission, stalled).status == SubmissionStatus.queued  # type: ignore[union-attr]
+        assert session.get(Submission, doomed).status == SubmissionStatus.failed  # type: ignore[union-attr]
+    # Nothing left to recover right after a sweep.
+    dispatched.jobs.clear()
+    again = sweep(sessions, settings)
+    assert (again.requeued, again.expired, again.failed) == ([], [], [])
+
+
+def test_retried_submission_is_judged_alone(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+) -> None:
+    suspect = _submit(sessions, tenant, store, settings, "maybe a poison pill")
+    for i in range(3):
+        _submit(sessions, tenant, store, settings, f"innocent {i}")
+    with sessions() as session, session.begin():
+        session.execute(update(Submission).where(Submission.id == suspect).values(attempts=1))
+    engine = ScriptedEngine()
+    BatchProcessor(sessions, engine, store, settings).run(suspect)
+    assert engine.batches == [1]
+
+
+def test_review_priority_puts_risky_items_first() -> None:
+    assert review_priority(0.9, {"violence": 0.1}) < review_priority(0.4, {"violence": 0.1})
+    assert review_priority(0.1, {"weapons": 0.95}) < review_priority(0.5, {})
