@@ -1,0 +1,19 @@
+"""Content-addressed storage of submitted images."""
+
+from moderation.blobs.store import (
+    BlobStore,
+    BlobStoreError,
+    LocalBlobStore,
+    S3BlobStore,
+    blob_store_from_settings,
+    normalize_sha256,
+)
+
+__all__ = [
+    "BlobStore",
+    "BlobStoreError",
+    "LocalBlobStore",
+    "S3BlobStore",
+    "blob_store_from_settings",
+    "normalize_sha256",
+]

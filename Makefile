@@ -1,0 +1,61 @@
+# Quick start: `make run` (installs, starts everything) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FIXTURE := .data/fixture-model/config.json
+# Wheels pip finds on this kind of machine's disk; elsewhere pip downloads them.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install run test test-fast lint typecheck fixture-model services services-down bench-intake migrate clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH_PINS)
+	$(BIN)/pip install -e '.[dev,quantization]'
+	touch $(STAMP)
+
+fixture-model: $(FIXTURE)
+
+$(FIXTURE): | $(STAMP)
+	$(BIN)/moderation fixture-model build .data/fixture-model
+
+# Without MODERATION_DATABASE_URL / MODERATION_REDIS_URL (or DATABASE_URL / REDIS_URL), start embedded servers.
+run: install fixture-model
+	@set -e; \
+	if [ -z "$${MODERATION_DATABASE_URL:-$$DATABASE_URL}" ] || [ -z "$${MODERATION_REDIS_URL:-$$REDIS_URL}" ]; then \
+	  echo "starting embedded Postgres and Redis under .data/"; \
+	  eval "$$($(BIN)/python scripts/dev_services.py up 2>/dev/null)"; \
+	fi; \
+	export MODERATION_DATABASE_URL="$${MODERATION_DATABASE_URL:-$$DATABASE_URL}"; \
+	export MODERATION_REDIS_URL="$${MODERATION_REDIS_URL:-$$REDIS_URL}"; \
+	$(BIN)/python scripts/devrun.py
+
+services: install
+	$(BIN)/python scripts/dev_services.py up
+
+services-down: install
+	$(BIN)/python scripts/dev_services.py down
+
+migrate: install
+	$(BIN)/moderation migrate
+
+test: install fixture-model
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy moderation api workers
+
+bench-intake: install
+	$(BIN)/python bench/intake.py
+
+clean:
+	rm -rf .data/fixture-model .pytest_cache .mypy_cache .ruff_cache

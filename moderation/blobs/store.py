@@ -1,0 +1,302 @@
+"""Content-addressed image blob store: blobs are keyed by the SHA-256 of their bytes, on disk or in S3."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from moderation.errors import InvalidInput, ModerationError, NotFound
+
+if TYPE_CHECKING:
+    from moderation.config import Settings
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_MISSING_OBJECT = frozenset({"404", "NoSuchKey", "NotFound"})
+_MISSING_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})
+
+
+class BlobStoreError(ModerationError):
+    """The blob store cannot be reached or used (missing bucket, permissions, full disk, network)."""
+
+    code = "blob_store_unavailable"
+    status_code = 503
+
+
+def normalize_sha256(sha256: str) -> str:
+    """Lower-case form of a SHA-256 hex digest; InvalidInput for anything else (no paths, no traversal)."""
+    if isinstance(sha256, str):
+        key = sha256.lower()
+        if _SHA256_RE.fullmatch(key):
+            return key
+    raise InvalidInput("blob key must be a SHA-256 hex digest (64 hexadecimal characters)")
+
+
+class BlobStore(abc.ABC):
+    """Stores immutable blobs under the SHA-256 hex digest of their content."""
+
+    @abc.abstractmethod
+    def put(self, data: bytes) -> str:
+        """Store ``data`` unless already present and return its SHA-256 hex digest."""
+
+    @abc.abstractmethod
+    def get(self, sha256: str) -> bytes:
+        """The blob with this digest; NotFound when absent."""
+
+    @abc.abstractmethod
+    def exists(self, sha256: str) -> bool:
+        """Whether a blob with this digest is stored."""
+
+    @abc.abstractmethod
+    def delete(self, sha256: str) -> None:
+        """Remove the blob with this digest; does nothing when absent."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise BlobStoreError when the store cannot be used."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files at ``root/ab/cd/<sha256>``, written atomically (temp file, fsync, rename, fsync dir)."""
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+
+    def path_for(self, sha256: str) -> Path:
+        """Where the blob with this digest lives."""
+        key = normalize_sha256(sha256)
+        return self.root / key[:2] / key[2:4] / key
+
+    def _make_dirs(self, directory: Path) -> None:
+        missing: list[Path] = []
+        current = directory
+        while not current.is_dir():
+            missing.append(current)
+            current = current.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            # A new directory's entry lives in its parent; sync parents so the path survives a crash.
+            for created in missing:
+                _fsync_dir(created.parent)
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` atomically unless an intact copy exists; concurrent writers of one blob are safe."""
+        key = hashlib.sha256(data).hexdigest()
+        path = self.path_for(key)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size == len(data):
+                    return key
+            self._make_dirs(path.parent)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as tmp:
+                    tmp.write(data)
+                    if self.fsync:
+                        tmp.flush()
+                        os.fsync(tmp.fileno())
+                # Concurrent writers each rename their own complete temp file; the last rename wins, and
+                # every candidate holds the same bytes, so readers never see a partial blob.
+                os.replace(tmp_name, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_name)
+                raise
+            if self.fsync:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            raise BlobStoreError(f"could not write blob {key}: {exc.strerror or exc}") from exc
+        return key
+
+    def get(self, sha256: str) -> bytes:
+        """The blob's bytes; NotFound when absent."""
+        path = self.path_for(sha256)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {path.name} not found") from None
+        except OSError as exc:
+            raise BlobStoreError(f"could not read blob {path.name}: {exc.strerror or exc}") from exc
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the blob's file exists."""
+        return self.path_for(sha256).is_file()
+
+    def delete(self, sha256: str) -> None:
+        """Remove the blob's file, if any."""
+        self.path_for(sha256).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Create the root if needed and prove it is writable with a probe file."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe.", delete=True) as probe:
+                probe.write(b"ok")
+                probe.flush()
+        except OSError as exc:
+            raise BlobStoreError(f"blob directory {self.root} is not usable: {exc}") from exc
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3BlobStore(BlobStore):
+    """Blobs as objects ``<prefix><sha256>`` in a bucket of any S3-compatible service (AWS, MinIO, …)."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.region = region
+        config = Config(
+            signature_version="s3v4",
+            # Custom endpoints (MinIO and friends) rarely have wildcard DNS for virtual-hosted buckets.
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+        )
+        self._client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key_id,
+            aws_secret_access_key=secret_access_key,
+            config=config,
+        )
+
+    def key_for(self, sha256: str) -> str:
+        """The object key of the blob with this digest."""
+        return f"{self.prefix}{normalize_sha256(sha256)}"
+
+    def _head(self, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_OBJECT:
+                return False
+            raise BlobStoreError(f"S3 head_object failed: {_error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+        return True
+
+    def put(self, data: bytes) -> str:
+        """Upload ``data`` unless an object with its digest already exists."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        key = self.key_for(sha256)
+        if self._head(key):
+            return sha256
+        try:
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                ContentType="application/octet-stream",
+                Metadata={"sha256": sha256},
+            )
+        except ClientError as exc:
+            raise BlobStoreError(f"S3 put_object failed: {_error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+        return sha256
+
+    def get(self, sha256: str) -> bytes:
+        """The object's bytes; NotFound when absent."""
+        key = self.key_for(sha256)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=key)
+            body = response["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+        except ClientError as exc:
+            if _error_code(exc) in _MISSING_OBJECT:
+                raise NotFound(f"blob {normalize_sha256(sha256)} not found") from None
+            raise BlobStoreError(f"S3 get_object failed: {_error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+
+    def exists(self, sha256: str) -> bool:
+        """Whether the object exists."""
+        return self._head(self.key_for(sha256))
+
+    def delete(self, sha256: str) -> None:
+        """Delete the object; S3 treats a missing key as success."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.key_for(sha256))
+        except ClientError as exc:
+            raise BlobStoreError(f"S3 delete_object failed: {_error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+
+    def check(self) -> None:
+        """Raise BlobStoreError unless the bucket exists and is accessible."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            raise BlobStoreError(
+                f"S3 bucket {self.bucket!r} is not usable: {_error_code(exc) or exc}"
+            ) from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist yet (the only thing this store ever creates)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _error_code(exc) not in _MISSING_BUCKET:
+                raise BlobStoreError(f"S3 head_bucket failed: {_error_code(exc)}") from exc
+        except BotoCoreError as exc:
+            raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        try:
+            self._client.create_bucket(**kwargs)
+        except ClientError as exc:
+            # Another process of ours may have created it since head_bucket.
+            if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise BlobStoreError(f"S3 create_bucket failed: {_error_code(exc)}") from exc
+
+
+def blob_store_from_settings(settings: Settings) -> BlobStore:
+    """The blob store the settings select (``blob_backend``: local or s3)."""
+    if settings.blob_backend == "s3":
+        return S3BlobStore(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=settings.s3_secret_access_key,
+        )
+    return LocalBlobStore(settings.effective_blob_dir, fsync=settings.blob_fsync)

@@ -1,0 +1,271 @@
+"""Content-addressed blob stores: the local filesystem one, and S3 against a real moto server over HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from moderation.blobs import (
+    BlobStore,
+    BlobStoreError,
+    LocalBlobStore,
+    S3BlobStore,
+    blob_store_from_settings,
+)
+from moderation.config import Settings
+from moderation.errors import InvalidInput, NotFound
+
+BAD_KEYS = [
+    "../../etc/passwd",
+    "../" + "a" * 61,
+    "a" * 63,
+    "a" * 65,
+    "g" * 64,
+    "a" * 32 + "/" + "a" * 31,
+    "",
+    " " + "a" * 63,
+    "a" * 63 + "\n",
+]
+
+
+def all_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+# Local store ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_local_round_trip_and_layout(tmp_path: Path, fsync: bool) -> None:
+    store = LocalBlobStore(tmp_path / "blobs", fsync=fsync)
+    data = b"\x89PNG\r\n\x1a\n" + os.urandom(1000)
+    key = store.put(data)
+    assert key == hashlib.sha256(data).hexdigest()
+    assert store.get(key) == data
+    assert store.exists(key)
+    assert all_files(tmp_path / "blobs") == [tmp_path / "blobs" / key[:2] / key[2:4] / key]
+    assert store.get(key.upper()) == data
+    store.delete(key)
+    assert not store.exists(key)
+    store.delete(key)
+
+
+def test_local_put_is_idempotent(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    key = store.put(b"same bytes")
+    path = store.path_for(key)
+    before = path.stat()
+    assert store.put(b"same bytes") == key
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert store.put(b"other bytes") != key
+    assert len(all_files(tmp_path)) == 2
+
+
+def test_local_put_repairs_truncated_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    key = store.put(b"complete content")
+    store.path_for(key).write_bytes(b"compl")
+    assert store.put(b"complete content") == key
+    assert store.get(key) == b"complete content"
+
+
+def test_local_empty_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    key = store.put(b"")
+    assert key == hashlib.sha256(b"").hexdigest()
+    assert store.get(key) == b""
+
+
+def test_local_missing_blob_is_not_found(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    missing = hashlib.sha256(b"never stored").hexdigest()
+    assert not store.exists(missing)
+    with pytest.raises(NotFound):
+        store.get(missing)
+
+
+@pytest.mark.parametrize("bad", BAD_KEYS)
+def test_local_rejects_non_digest_keys(tmp_path: Path, bad: str) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"do not touch")
+    for operation in (store.get, store.exists, store.delete, store.path_for):
+        with pytest.raises(InvalidInput):
+            operation(bad)
+    assert secret.read_bytes() == b"do not touch"
+
+
+def test_local_concurrent_put_of_same_data(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(256 * 1024)
+    threads_count = 16
+    barrier = threading.Barrier(threads_count)
+    keys: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            for _ in range(5):
+                keys.append(store.put(data))
+                assert store.get(hashlib.sha256(data).hexdigest()) == data
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(threads_count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert set(keys) == {hashlib.sha256(data).hexdigest()}
+    assert len(keys) == threads_count * 5
+    # No temp files left behind, only the blob itself.
+    assert all_files(tmp_path / "blobs") == [store.path_for(keys[0])]
+
+
+def test_local_check(tmp_path: Path) -> None:
+    LocalBlobStore(tmp_path / "new" / "root").check()
+    assert (tmp_path / "new" / "root").is_dir()
+    assert all_files(tmp_path) == []
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    with pytest.raises(BlobStoreError):
+        LocalBlobStore(blocker / "blobs").check()
+    with pytest.raises(BlobStoreError):
+        LocalBlobStore(blocker).put(b"x")
+
+
+def test_blob_store_from_settings(tmp_path: Path) -> None:
+    local = blob_store_from_settings(Settings(blob_backend="local", blob_dir=tmp_path, blob_fsync=False))
+    assert isinstance(local, LocalBlobStore)
+    assert (local.root, local.fsync) == (tmp_path, False)
+    default_dir = blob_store_from_settings(Settings(blob_backend="local", blob_dir=None, data_dir=tmp_path))
+    assert isinstance(default_dir, LocalBlobStore)
+    assert default_dir.root == tmp_path / "blobs"
+    s3 = blob_store_from_settings(
+        Settings(
+            blob_backend="s3",
+            s3_bucket="b",
+            s3_prefix="p/",
+            s3_endpoint_url="http://127.0.0.1:1",
+            s3_access_key_id="k",
+            s3_secret_access_key="s",
+        )
+    )
+    assert isinstance(s3, S3BlobStore)
+    assert (s3.bucket, s3.prefix) == ("b", "p/")
+    assert isinstance(s3, BlobStore)
+
+
+# S3 store against moto's server ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Keep botocore away from the instance metadata service and any developer profile.
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("AWS_CONFIG_FILE", os.devnull)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "HTTP_PROXY", "HTTPS_PROXY"):
+            patch.delenv(name, raising=False)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+
+
+def make_s3(endpoint: str, bucket: str, prefix: str = "images/", region: str = "us-east-1") -> S3BlobStore:
+    return S3BlobStore(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=endpoint,
+        region=region,
+        access_key_id="testing",
+        secret_access_key="testing",
+    )
+
+
+def raw_client(endpoint: str) -> Any:
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def s3_store(moto_endpoint: str) -> S3BlobStore:
+    store = make_s3(moto_endpoint, f"blobs-{uuid.uuid4().hex[:12]}")
+    store.ensure_bucket()
+    return store
+
+
+def test_s3_ensure_bucket_and_check(moto_endpoint: str) -> None:
+    for region in ("us-east-1", "eu-west-1"):
+        store = make_s3(moto_endpoint, f"fresh-{uuid.uuid4().hex[:12]}", region=region)
+        with pytest.raises(BlobStoreError):
+            store.check()
+        store.ensure_bucket()
+        store.ensure_bucket()
+        store.check()
+
+
+def test_s3_round_trip_and_key_layout(s3_store: S3BlobStore, moto_endpoint: str) -> None:
+    data = os.urandom(2048)
+    key = s3_store.put(data)
+    assert key == hashlib.sha256(data).hexdigest()
+    assert s3_store.get(key) == data
+    assert s3_store.exists(key)
+    listing = raw_client(moto_endpoint).list_objects_v2(Bucket=s3_store.bucket)
+    assert [obj["Key"] for obj in listing["Contents"]] == [f"images/{key}"]
+    s3_store.delete(key)
+    assert not s3_store.exists(key)
+    s3_store.delete(key)
+    with pytest.raises(NotFound):
+        s3_store.get(key)
+
+
+def test_s3_put_skips_upload_when_object_exists(s3_store: S3BlobStore, moto_endpoint: str) -> None:
+    key = s3_store.put(b"original")
+    # Overwrite behind the store's back: a second put must not upload again.
+    raw_client(moto_endpoint).put_object(Bucket=s3_store.bucket, Key=f"images/{key}", Body=b"marker")
+    assert s3_store.put(b"original") == key
+    assert s3_store.get(key) == b"marker"
+
+
+def test_s3_rejects_non_digest_keys(s3_store: S3BlobStore) -> None:
+    for bad in BAD_KEYS:
+        for operation in (s3_store.get, s3_store.exists, s3_store.delete):
+            with pytest.raises(InvalidInput):
+                operation(bad)
+
+
+def test_s3_missing_bucket_and_unreachable_endpoint(moto_endpoint: str) -> None:
+    missing = make_s3(moto_endpoint, f"absent-{uuid.uuid4().hex[:12]}")
+    with pytest.raises(BlobStoreError):
+        missing.put(b"data")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = make_s3(f"http://127.0.0.1:{port}", "whatever")
+    with pytest.raises(BlobStoreError, match="unreachable"):
+        dead.check()
