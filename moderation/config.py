@@ -9,11 +9,9 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DATA_DIR = Path(".data")
-
 
 class Settings(BaseSettings):
-    """All settings of the service; each one is documented in the README's settings table."""
+    """All settings of the service; the README's settings table is generated from these descriptions."""
 
     model_config = SettingsConfigDict(env_prefix="MODERATION_", env_file=".env", extra="ignore")
 
@@ -21,77 +19,96 @@ class Settings(BaseSettings):
     database_url: str = Field(
         default="postgresql+psycopg://postgres@127.0.0.1:5432/moderation",
         validation_alias=AliasChoices("MODERATION_DATABASE_URL", "DATABASE_URL"),
+        description="Postgres URL (SQLAlchemy form, psycopg 3 driver). `DATABASE_URL` is accepted too.",
     )
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("MODERATION_REDIS_URL", "REDIS_URL"),
+        description="Redis URL: Celery broker (unless `BROKER_URL` is set) and rate limiter. `REDIS_URL` works too.",
     )
-    broker_url: str | None = None
-    data_dir: Path = DEFAULT_DATA_DIR
-    public_base_url: str = "http://127.0.0.1:8000"
+    broker_url: str | None = Field(default=None, description="Celery broker URL, if not the Redis above.")
+    data_dir: Path = Field(default=Path(".data"), description="Folder for local state (blobs by default).")
 
     # Blob store
-    blob_backend: Literal["local", "s3"] = "local"
-    blob_dir: Path | None = None
-    blob_fsync: bool = True
-    s3_bucket: str = "moderation-images"
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
-    s3_prefix: str = "images/"
+    blob_backend: Literal["local", "s3"] = Field(default="local", description="Where image bytes live.")
+    blob_dir: Path | None = Field(default=None, description="Folder of the local blob store; `DATA_DIR/blobs` if unset.")
+    blob_fsync: bool = Field(default=True, description="fsync each new blob before the submission commits.")
+    s3_bucket: str = Field(default="moderation-images", description="S3 bucket of the s3 blob store.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, R2, …); AWS if unset.")
+    s3_region: str = Field(default="us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(default=None, description="S3 access key; the AWS default chain if unset.")
+    s3_secret_access_key: str | None = Field(default=None, description="S3 secret key.")
+    s3_prefix: str = Field(default="images/", description="Key prefix of blobs in the bucket.")
 
     # Intake limits
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    max_caption_chars: int = 4000
-    allowed_image_formats: list[str] = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"]
-    rate_limit_per_minute: int = 600
-    rate_limit_burst: int = 100
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, description="Largest accepted image (413 above).")
+    max_image_pixels: int = Field(default=50_000_000, description="Most pixels an image may have (422 above).")
+    max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
+    allowed_image_formats: list[str] = Field(
+        default=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Accepted formats (415 otherwise)."
+    )
+    rate_limit_per_minute: int = Field(
+        default=600, description="Default submissions per minute per tenant (a tenant may override it); 0 = off."
+    )
+    rate_limit_burst: int = Field(default=100, description="Requests a tenant may send at once above its rate.")
 
     # Outbound HTTP (image_url fetches and webhooks)
-    allow_private_network: bool = False
-    fetch_allowed_cidrs: list[str] = []
-    fetch_timeout_seconds: float = 10.0
-    fetch_max_redirects: int = 5
+    allow_private_network: bool = Field(
+        default=False,
+        description="Let image_url fetches and webhooks reach private/loopback addresses. Development only.",
+    )
+    fetch_allowed_cidrs: list[str] = Field(
+        default=[], description="Networks always reachable by outbound requests (JSON list, e.g. an internal CDN)."
+    )
+    fetch_timeout_seconds: float = Field(default=10.0, description="Overall deadline of an image_url fetch.")
+    fetch_max_redirects: int = Field(default=5, description="Redirects an image_url fetch may follow.")
 
     # Model and engine
     model: str = Field(
         default="Qwen/Qwen3-VL-8B-Instruct",
         validation_alias=AliasChoices("MODERATION_MODEL", "MODERATION_MODEL_PATH"),
+        description="Hugging Face id or local folder of the Qwen3-VL model (`make run` uses the fixture if unset).",
     )
-    model_revision: str | None = None
-    engine_backend: Literal["transformers"] = "transformers"
-    device: str = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: Literal["none", "int8", "nf4"] = "none"
-    attn_implementation: str = "sdpa"
-    max_new_tokens: int = 96
-    image_max_pixels: int = 512 * 512
-    image_min_pixels: int = 32 * 32
-    warmup: bool = True
+    model_revision: str | None = Field(default=None, description="Model revision (commit) to load.")
+    engine_backend: Literal["transformers"] = Field(default="transformers", description="Inference backend.")
+    device: str = Field(default="auto", description="`auto` (CUDA if present), `cuda`, `cuda:1`, `cpu`.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights dtype; `auto` is bfloat16 on GPU, float32 on CPU."
+    )
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        default="none", description="bitsandbytes quantization of the weights (GPU only)."
+    )
+    attn_implementation: str = Field(default="sdpa", description="transformers attention implementation.")
+    max_new_tokens: int = Field(default=96, description="Cap on generated tokens (description and explanation).")
+    image_max_pixels: int = Field(default=512 * 512, description="Pixel budget per image (512×512 = 256 visual tokens).")
+    image_min_pixels: int = Field(default=32 * 32, description="Smallest size an image is scaled up to.")
+    warmup: bool = Field(default=True, description="Run a warm-up batch when a GPU worker starts.")
 
     # Batching and pipeline
-    batch_max_size: int = 8
-    batch_wait_ms: int = 50
-    processing_lease_seconds: int = 300
-    queue_redeliver_seconds: int = 120
-    max_attempts: int = 3
-    sweep_interval_seconds: float = 15.0
+    batch_max_size: int = Field(default=8, description="Most submissions a GPU worker judges in one batch.")
+    batch_wait_ms: int = Field(default=50, description="How long a batch waits for more submissions to arrive.")
+    processing_lease_seconds: int = Field(
+        default=300, description="A worker's lease on a batch; after it expires the sweeper re-enqueues the work."
+    )
+    queue_redeliver_seconds: int = Field(
+        default=120, description="A queued submission whose job is older than this is re-enqueued (lost broker)."
+    )
+    max_attempts: int = Field(default=3, description="Processing attempts before a submission ends as failed.")
+    sweep_interval_seconds: float = Field(default=15.0, description="How often beat runs the sweeper.")
 
     # Routing defaults for new tenants
-    default_block_threshold: float = 0.8
-    default_allow_threshold: float = 0.3
-    default_min_confidence: float = 0.6
+    default_block_threshold: float = Field(default=0.8, description="New tenants: conflict score that blocks.")
+    default_allow_threshold: float = Field(default=0.3, description="New tenants: conflict score that allows.")
+    default_min_confidence: float = Field(default=0.6, description="New tenants: confidence below which to review.")
 
     # Webhooks
-    webhook_timeout_seconds: float = 10.0
-    webhook_max_attempts: int = 8
-    webhook_backoff_base_seconds: float = 2.0
-    webhook_backoff_max_seconds: float = 3600.0
+    webhook_timeout_seconds: float = Field(default=10.0, description="Timeout of one webhook delivery attempt.")
+    webhook_max_attempts: int = Field(default=8, description="Delivery attempts before a webhook is given up.")
+    webhook_backoff_base_seconds: float = Field(default=2.0, description="First retry delay; doubles each attempt.")
+    webhook_backoff_max_seconds: float = Field(default=3600.0, description="Longest retry delay.")
 
     # Review
-    review_lease_seconds: int = 600
+    review_lease_seconds: int = Field(default=600, description="How long a reviewer holds a claimed item.")
 
     @property
     def effective_broker_url(self) -> str:
@@ -108,3 +125,13 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Process-wide settings, read once."""
     return Settings()
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting: environment variable, default and meaning."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "" if default is None else (", ".join(default) if isinstance(default, list) else str(default))
+        rows.append(f"| `MODERATION_{name.upper()}` | `{shown}` | {field.description} |")
+    return "\n".join(rows)

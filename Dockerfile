@@ -1,0 +1,31 @@
+# One image for every role (api, worker-gpu, worker-cpu, beat, migrate); the command picks the role.
+# CUDA wheels of torch bring their own CUDA runtime; the host needs only the NVIDIA driver and container toolkit.
+FROM python:3.11-slim AS base
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HOME=/models/hf
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libjpeg62-turbo libwebp7 curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 app
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY moderation ./moderation
+COPY api ./api
+COPY workers ./workers
+COPY alembic ./alembic
+COPY alembic.ini ./
+RUN pip install torch==2.14.1 torchvision==0.29.1 \
+    && pip install '.[quantization]'
+
+RUN mkdir -p /data /models && chown app:app /data /models
+USER app
+ENV MODERATION_DATA_DIR=/data
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--proxy-headers"]
