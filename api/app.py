@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import redis
 from fastapi import FastAPI
+from sqlalchemy.orm import sessionmaker
 
 from api.deps import TenantCache
 from api.errors import install_error_handlers
@@ -15,8 +16,6 @@ from api.routes import health, submissions, webhooks
 from moderation import jobs
 from moderation.blobs import blob_store_from_settings
 from moderation.config import Settings, get_settings
-from sqlalchemy.orm import sessionmaker
-
 from moderation.db import make_engine
 from moderation.ratelimit import RateLimiter
 
@@ -38,7 +37,9 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
 
             jobs.set_dispatcher(CeleryDispatcher(make_celery(settings)))
         if settings.allow_private_network:
-            logger.warning("DEVELOPMENT MODE: image_url fetches and webhooks may reach private and loopback addresses")
+            logger.warning(
+                "DEVELOPMENT MODE: image_url fetches and webhooks may reach private and loopback addresses"
+            )
         yield
         app.state.redis.close()
 

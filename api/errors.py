@@ -26,7 +26,9 @@ _HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """A JSON error response."""
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 

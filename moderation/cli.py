@@ -6,14 +6,18 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moderation.config import get_settings
 from moderation.errors import ModerationError
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def alembic_config(database_url: str | None = None):  # type: ignore[no-untyped-def]
+def alembic_config(database_url: str | None = None) -> Config:
     """Alembic configuration pointing at this project's migrations."""
     from alembic.config import Config
 

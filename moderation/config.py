@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """All settings of the service; the README's settings table is generated from these descriptions."""
 
-    model_config = SettingsConfigDict(env_prefix="MODERATION_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MODERATION_", env_file=".env", extra="ignore", populate_by_name=True
+    )
 
     # Infrastructure
     database_url: str = Field(
@@ -31,26 +33,37 @@ class Settings(BaseSettings):
 
     # Blob store
     blob_backend: Literal["local", "s3"] = Field(default="local", description="Where image bytes live.")
-    blob_dir: Path | None = Field(default=None, description="Folder of the local blob store; `DATA_DIR/blobs` if unset.")
+    blob_dir: Path | None = Field(
+        default=None, description="Folder of the local blob store; `DATA_DIR/blobs` if unset."
+    )
     blob_fsync: bool = Field(default=True, description="fsync each new blob before the submission commits.")
     s3_bucket: str = Field(default="moderation-images", description="S3 bucket of the s3 blob store.")
-    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, R2, …); AWS if unset.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, R2, …); AWS if unset."
+    )
     s3_region: str = Field(default="us-east-1", description="S3 region.")
-    s3_access_key_id: str | None = Field(default=None, description="S3 access key; the AWS default chain if unset.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key; the AWS default chain if unset."
+    )
     s3_secret_access_key: str | None = Field(default=None, description="S3 secret key.")
     s3_prefix: str = Field(default="images/", description="Key prefix of blobs in the bucket.")
 
     # Intake limits
     max_image_bytes: int = Field(default=10 * 1024 * 1024, description="Largest accepted image (413 above).")
-    max_image_pixels: int = Field(default=50_000_000, description="Most pixels an image may have (422 above).")
+    max_image_pixels: int = Field(
+        default=50_000_000, description="Most pixels an image may have (422 above)."
+    )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
         default=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Accepted formats (415 otherwise)."
     )
     rate_limit_per_minute: int = Field(
-        default=600, description="Default submissions per minute per tenant (a tenant may override it); 0 = off."
+        default=600,
+        description="Default submissions per minute per tenant (a tenant may override it); 0 = off.",
     )
-    rate_limit_burst: int = Field(default=100, description="Requests a tenant may send at once above its rate.")
+    rate_limit_burst: int = Field(
+        default=100, description="Requests a tenant may send at once above its rate."
+    )
 
     # Outbound HTTP (image_url fetches and webhooks)
     allow_private_network: bool = Field(
@@ -58,7 +71,8 @@ class Settings(BaseSettings):
         description="Let image_url fetches and webhooks reach private/loopback addresses. Development only.",
     )
     fetch_allowed_cidrs: list[str] = Field(
-        default=[], description="Networks always reachable by outbound requests (JSON list, e.g. an internal CDN)."
+        default=[],
+        description="Networks always reachable by outbound requests (JSON list, e.g. an internal CDN).",
     )
     fetch_timeout_seconds: float = Field(default=10.0, description="Overall deadline of an image_url fetch.")
     fetch_max_redirects: int = Field(default=5, description="Redirects an image_url fetch may follow.")
@@ -79,32 +93,54 @@ class Settings(BaseSettings):
         default="none", description="bitsandbytes quantization of the weights (GPU only)."
     )
     attn_implementation: str = Field(default="sdpa", description="transformers attention implementation.")
-    max_new_tokens: int = Field(default=96, description="Cap on generated tokens (description and explanation).")
-    image_max_pixels: int = Field(default=512 * 512, description="Pixel budget per image (512×512 = 256 visual tokens).")
+    max_new_tokens: int = Field(
+        default=96, description="Cap on generated tokens (description and explanation)."
+    )
+    image_max_pixels: int = Field(
+        default=512 * 512, description="Pixel budget per image (512×512 = 256 visual tokens)."
+    )
     image_min_pixels: int = Field(default=32 * 32, description="Smallest size an image is scaled up to.")
     warmup: bool = Field(default=True, description="Run a warm-up batch when a GPU worker starts.")
 
     # Batching and pipeline
     batch_max_size: int = Field(default=8, description="Most submissions a GPU worker judges in one batch.")
-    batch_wait_ms: int = Field(default=50, description="How long a batch waits for more submissions to arrive.")
+    batch_wait_ms: int = Field(
+        default=50, description="How long a batch waits for more submissions to arrive."
+    )
     processing_lease_seconds: int = Field(
-        default=300, description="A worker's lease on a batch; after it expires the sweeper re-enqueues the work."
+        default=300,
+        description="A worker's lease on a batch; after it expires the sweeper re-enqueues the work.",
     )
     queue_redeliver_seconds: int = Field(
-        default=120, description="A queued submission whose job is older than this is re-enqueued (lost broker)."
+        default=120,
+        description="A queued submission whose job is older than this is re-enqueued (lost broker).",
     )
-    max_attempts: int = Field(default=3, description="Processing attempts before a submission ends as failed.")
+    max_attempts: int = Field(
+        default=3, description="Processing attempts before a submission ends as failed."
+    )
     sweep_interval_seconds: float = Field(default=15.0, description="How often beat runs the sweeper.")
 
     # Routing defaults for new tenants
-    default_block_threshold: float = Field(default=0.8, description="New tenants: conflict score that blocks.")
-    default_allow_threshold: float = Field(default=0.3, description="New tenants: conflict score that allows.")
-    default_min_confidence: float = Field(default=0.6, description="New tenants: confidence below which to review.")
+    default_block_threshold: float = Field(
+        default=0.8, description="New tenants: conflict score that blocks."
+    )
+    default_allow_threshold: float = Field(
+        default=0.3, description="New tenants: conflict score that allows."
+    )
+    default_min_confidence: float = Field(
+        default=0.6, description="New tenants: confidence below which to review."
+    )
 
     # Webhooks
-    webhook_timeout_seconds: float = Field(default=10.0, description="Timeout of one webhook delivery attempt.")
-    webhook_max_attempts: int = Field(default=8, description="Delivery attempts before a webhook is given up.")
-    webhook_backoff_base_seconds: float = Field(default=2.0, description="First retry delay; doubles each attempt.")
+    webhook_timeout_seconds: float = Field(
+        default=10.0, description="Timeout of one webhook delivery attempt."
+    )
+    webhook_max_attempts: int = Field(
+        default=8, description="Delivery attempts before a webhook is given up."
+    )
+    webhook_backoff_base_seconds: float = Field(
+        default=2.0, description="First retry delay; doubles each attempt."
+    )
     webhook_backoff_max_seconds: float = Field(default=3600.0, description="Longest retry delay.")
 
     # Review

@@ -42,7 +42,9 @@ class JobDispatcher(Protocol):
 
 class _NullDispatcher:
     def dispatch(self, job: Job) -> None:
-        logger.warning("no job dispatcher configured; dropping %s%s (the sweeper will recover it)", job.task, job.args)
+        logger.warning(
+            "no job dispatcher configured; dropping %s%s (the sweeper will recover it)", job.task, job.args
+        )
 
 
 _dispatcher: JobDispatcher = _NullDispatcher()

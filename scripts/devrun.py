@@ -27,7 +27,10 @@ def ensure_dev_tenant() -> str:
     if record.exists():
         return str(json.loads(record.read_text())["api_key"])
     out = subprocess.run(  # noqa: S603
-        [str(BIN / "moderation"), "tenants", "create", "dev", "--json"], check=True, capture_output=True, text=True
+        [str(BIN / "moderation"), "tenants", "create", "dev", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     record.write_text(out.stdout)
     record.chmod(0o600)
@@ -66,12 +69,46 @@ def main() -> int:
     celery = str(BIN / "celery")
     commands = {
         "api": [str(BIN / "uvicorn"), "api.main:app", "--host", host, "--port", port],
-        "worker-gpu": [celery, "-A", "workers.celery_app", "worker", "-Q", "gpu", "--pool", "solo",
-                       "-n", "gpu@%h", "--loglevel", "INFO"],
-        "worker-cpu": [celery, "-A", "workers.celery_app", "worker", "-Q", "webhooks,maintenance",
-                       "--pool", "threads", "--concurrency", "8", "-n", "cpu@%h", "--loglevel", "INFO"],
-        "beat": [celery, "-A", "workers.celery_app", "beat", "--schedule", str(DATA / "celerybeat-schedule"),
-                 "--loglevel", "INFO"],
+        "worker-gpu": [
+            celery,
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            "gpu",
+            "--pool",
+            "solo",
+            "-n",
+            "gpu@%h",
+            "--loglevel",
+            "INFO",
+        ],
+        "worker-cpu": [
+            celery,
+            "-A",
+            "workers.celery_app",
+            "worker",
+            "-Q",
+            "webhooks,maintenance",
+            "--pool",
+            "threads",
+            "--concurrency",
+            "8",
+            "-n",
+            "cpu@%h",
+            "--loglevel",
+            "INFO",
+        ],
+        "beat": [
+            celery,
+            "-A",
+            "workers.celery_app",
+            "beat",
+            "--schedule",
+            str(DATA / "celerybeat-schedule"),
+            "--loglevel",
+            "INFO",
+        ],
     }
     procs = {name: subprocess.Popen(cmd, env=env) for name, cmd in commands.items()}  # noqa: S603
 

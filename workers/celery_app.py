@@ -40,7 +40,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         broker_transport_options={"visibility_timeout": max(3600, settings.processing_lease_seconds * 2)},
         worker_hijack_root_logger=False,
         beat_schedule={
-            "sweep": {"task": TASK_SWEEP, "schedule": settings.sweep_interval_seconds, "options": {"expires": 60}},
+            "sweep": {
+                "task": TASK_SWEEP,
+                "schedule": settings.sweep_interval_seconds,
+                "options": {"expires": 60},
+            },
         },
         timezone="UTC",
     )
@@ -55,7 +59,9 @@ class CeleryDispatcher:
 
     def dispatch(self, job: Job) -> None:
         """Send one job to its queue."""
-        self.app.send_task(job.task, args=list(job.args), queue=job.queue, countdown=job.countdown, **job.options)
+        self.app.send_task(
+            job.task, args=list(job.args), queue=job.queue, countdown=job.countdown, **job.options
+        )
 
 
 celery_app = make_celery()

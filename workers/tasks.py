@@ -76,7 +76,9 @@ def _configure(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _preload_engine(sender: Any = None, **_: Any) -> None:
-    queues = {q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])} if sender else set()
+    queues = (
+        {q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])} if sender else set()
+    )
     if jobs.QUEUE_GPU in queues:
         get_engine()
 

@@ -52,7 +52,9 @@ async def readyz(request: Request) -> JSONResponse:
 
     await run_in_threadpool(_check)
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+    return JSONResponse(
+        {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
+    )
 
 
 class QueueDepthCollector(Collector):
@@ -64,8 +66,12 @@ class QueueDepthCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield the gauges."""
         by_status = GaugeMetricFamily("moderation_submissions", "Submissions by status", labels=["status"])
-        by_decision = GaugeMetricFamily("moderation_verdicts", "Stored verdicts by decision", labels=["decision"])
-        broker = GaugeMetricFamily("moderation_broker_queue_depth", "Messages waiting per queue", labels=["queue"])
+        by_decision = GaugeMetricFamily(
+            "moderation_verdicts", "Stored verdicts by decision", labels=["decision"]
+        )
+        broker = GaugeMetricFamily(
+            "moderation_broker_queue_depth", "Messages waiting per queue", labels=["queue"]
+        )
         try:
             with self.state.sessions() as session:
                 repo = SubmissionRepository(session)
@@ -92,7 +98,7 @@ async def metrics(request: Request) -> Response:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             MultiProcessCollector(registry)
         else:
-            for collector in list(REGISTRY._collector_to_names):  # noqa: SLF001 - reuse the default collectors
+            for collector in list(REGISTRY._collector_to_names):
                 registry.register(collector)
         registry.register(QueueDepthCollector(request))
         return generate_latest(registry)

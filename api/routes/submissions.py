@@ -122,11 +122,15 @@ async def create_submission(
     outcome = "error"
     try:
         request.app.state.rate_limiter.enforce(
-            str(tenant.id), tenant.rate_limit_per_minute or settings.rate_limit_per_minute, settings.rate_limit_burst
+            str(tenant.id),
+            tenant.rate_limit_per_minute or settings.rate_limit_per_minute,
+            settings.rate_limit_burst,
         )
         length = _content_length(request)
         if length is not None and length > settings.max_image_bytes * 4 // 3 + _FORM_OVERHEAD:
-            raise PayloadTooLarge(f"request is larger than the {settings.max_image_bytes}-byte image limit allows")
+            raise PayloadTooLarge(
+                f"request is larger than the {settings.max_image_bytes}-byte image limit allows"
+            )
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
             fields = await _parse_multipart(request, settings)
@@ -158,7 +162,9 @@ async def create_submission(
         metrics.INTAKE_REQUESTS.labels(outcome).inc()
         metrics.INTAKE_LATENCY.observe(time.perf_counter() - started)
     submission = result.submission
-    body = SubmissionAccepted(id=submission.id, status=str(submission.status), created_at=submission.created_at)
+    body = SubmissionAccepted(
+        id=submission.id, status=str(submission.status), created_at=submission.created_at
+    )
     headers = {"Location": f"/v1/submissions/{submission.id}"}
     if not result.created:
         headers["Idempotent-Replayed"] = "true"

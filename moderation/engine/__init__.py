@@ -1,0 +1,37 @@
+"""Moderation engines: the interface, and a factory that loads the configured backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from moderation.engine.base import (
+    CategorySpec,
+    EngineHealth,
+    EngineRequest,
+    EngineResult,
+    ModelInfo,
+    ModerationEngine,
+)
+
+if TYPE_CHECKING:
+    from moderation.config import Settings
+
+
+def load_engine(settings: Settings) -> ModerationEngine:
+    """Load the engine named by ``settings.engine_backend`` (torch/transformers are imported only here)."""
+    if settings.engine_backend == "transformers":
+        from moderation.engine.transformers_engine import TransformersEngine
+
+        return TransformersEngine.load(settings)
+    raise ValueError(f"unknown engine backend {settings.engine_backend!r}")
+
+
+__all__ = [
+    "CategorySpec",
+    "EngineHealth",
+    "EngineRequest",
+    "EngineResult",
+    "ModelInfo",
+    "ModerationEngine",
+    "load_engine",
+]

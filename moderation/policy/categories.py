@@ -42,7 +42,9 @@ def validate_custom_categories(items: list[dict[str, str]]) -> list[dict[str, st
         name = str(item.get("name", "")).strip()
         definition = " ".join(str(item.get("definition", "")).split())
         if not CATEGORY_NAME.match(name):
-            raise InvalidInput(f"category name {name!r} must be snake_case, 2-40 characters", code="invalid_categories")
+            raise InvalidInput(
+                f"category name {name!r} must be snake_case, 2-40 characters", code="invalid_categories"
+            )
         if name in builtin or name in seen:
             raise InvalidInput(f"category {name!r} already exists", code="invalid_categories")
         if not 3 <= len(definition) <= 300:

@@ -40,10 +40,14 @@ def route(
         if thresholds.category_review_threshold <= score < thresholds.category_block_threshold
     )
     if conflict_score >= thresholds.block_threshold:
-        reasons.append(f"conflict_score {conflict_score:.2f} >= block threshold {thresholds.block_threshold:.2f}")
+        reasons.append(
+            f"conflict_score {conflict_score:.2f} >= block threshold {thresholds.block_threshold:.2f}"
+        )
         decision = Decision.block
     elif conflict_score <= thresholds.allow_threshold:
-        reasons.append(f"conflict_score {conflict_score:.2f} <= allow threshold {thresholds.allow_threshold:.2f}")
+        reasons.append(
+            f"conflict_score {conflict_score:.2f} <= allow threshold {thresholds.allow_threshold:.2f}"
+        )
         decision = Decision.allow
     else:
         reasons.append(f"conflict_score {conflict_score:.2f} lies between the thresholds")

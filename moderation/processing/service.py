@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from moderation import metrics
 from moderation.blobs import BlobStore
 from moderation.config import Settings
 from moderation.db import new_id, utcnow
-from moderation.engine.base import CategorySpec, EngineRequest, EngineResult, ModerationEngine
+from moderation.engine.base import EngineRequest, EngineResult, ModerationEngine
 from moderation.jobs import Job, enqueue_after_commit
 from moderation.policy.categories import categories_for
 from moderation.policy.routing import Thresholds, route
@@ -64,7 +64,7 @@ class _Leased:
 def review_priority(conflict_score: float, category_scores: dict[str, float]) -> int:
     """Queue priority of a review item (lower is sooner): items leaning to block come first."""
     risk = max([conflict_score, *category_scores.values()])
-    return int(round(100 - 50 * risk))
+    return round(100 - 50 * risk)
 
 
 class BatchProcessor:
@@ -156,7 +156,9 @@ class BatchProcessor:
         with self.sessions() as session:
             tenants = {
                 t.id: t
-                for t in (TenantRepository(session).get(tid) for tid in {i.submission.tenant_id for i in leased})
+                for t in (
+                    TenantRepository(session).get(tid) for tid in {i.submission.tenant_id for i in leased}
+                )
                 if t is not None
             }
             for tenant in tenants.values():
@@ -178,13 +180,18 @@ class BatchProcessor:
         except Exception as exc:
             logger.exception("engine failed on a batch of %d", len(ready))
             metrics.PROCESSING_FAILURES.labels("engine_error").inc(len(ready))
-            self._retry_or_fail([item for item, _ in ready], f"engine error: {type(exc).__name__}: {exc}", report)
+            self._retry_or_fail(
+                [item for item, _ in ready], f"engine error: {type(exc).__name__}: {exc}", report
+            )
             return report
         report.inference_seconds = time.perf_counter() - started
         metrics.INFERENCE_SECONDS.observe(report.inference_seconds)
         per_item_ms = report.inference_seconds * 1000 / len(ready)
         self._write_verdicts(
-            [(item, result) for (item, _), result in zip(ready, results, strict=True)], tenants, per_item_ms, report
+            [(item, result) for (item, _), result in zip(ready, results, strict=True)],
+            tenants,
+            per_item_ms,
+            report,
         )
         return report
 
@@ -236,7 +243,8 @@ class BatchProcessor:
                     conflict_score=_unit(result.conflict_score),
                     confidence=_unit(result.confidence),
                     categories=[
-                        {"name": name, "score": _unit(score)} for name, score in result.category_scores.items()
+                        {"name": name, "score": _unit(score)}
+                        for name, score in result.category_scores.items()
                     ],
                     description=result.description,
                     visible_text=result.visible_text,
@@ -249,7 +257,9 @@ class BatchProcessor:
                     decided_at=utcnow(),
                 )
                 if not repo.add_verdict(verdict):
-                    raise RuntimeError(f"submission {item.submission.id} already has a verdict despite its lease")
+                    raise RuntimeError(
+                        f"submission {item.submission.id} already has a verdict despite its lease"
+                    )
                 review = None
                 if in_review:
                     review = ReviewRepository(session).add(
@@ -296,10 +306,14 @@ class BatchProcessor:
                 if repo.finish_fenced(
                     item.submission.id,
                     item.token,
-                    {"status": SubmissionStatus.queued, "last_error": error[:MAX_ERROR_CHARS], "enqueued_at": utcnow()},
+                    {
+                        "status": SubmissionStatus.queued,
+                        "last_error": error[:MAX_ERROR_CHARS],
+                        "enqueued_at": utcnow(),
+                    },
                 ):
                     repo.finish_attempt(item.submission.id, item.token, "error", error[:MAX_ERROR_CHARS])
-                    delay = min(60.0, 2.0 ** item.submission.attempts)
+                    delay = min(60.0, 2.0**item.submission.attempts)
                     job = process_job(item.submission.id)
                     enqueue_after_commit(session, Job(job.task, job.args, job.queue, countdown=delay))
                     report.requeued.append(item.submission.id)

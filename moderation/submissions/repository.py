@@ -23,7 +23,9 @@ class SubmissionRepository:
 
     def get(self, submission_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None) -> Submission | None:
         """A submission with its verdict loaded, optionally only if it belongs to the tenant."""
-        stmt = select(Submission).options(selectinload(Submission.verdict)).where(Submission.id == submission_id)
+        stmt = (
+            select(Submission).options(selectinload(Submission.verdict)).where(Submission.id == submission_id)
+        )
         if tenant_id is not None:
             stmt = stmt.where(Submission.tenant_id == tenant_id)
         return self.session.scalar(stmt)
@@ -59,7 +61,12 @@ class SubmissionRepository:
         return self.session.scalar(stmt)
 
     def page(
-        self, tenant_id: uuid.UUID, *, status: SubmissionStatus | None, limit: int, before_id: uuid.UUID | None
+        self,
+        tenant_id: uuid.UUID,
+        *,
+        status: SubmissionStatus | None,
+        limit: int,
+        before_id: uuid.UUID | None,
     ) -> list[Submission]:
         """A page of the tenant's submissions, newest first (ids are time-ordered)."""
         stmt = (
@@ -100,7 +107,10 @@ class SubmissionRepository:
         candidates = (
             select(Submission.id)
             .where(claimable, Submission.attempts < max_attempts)
-            .order_by((Submission.id == first_id).desc() if first_id else Submission.created_at, Submission.created_at)
+            .order_by(
+                (Submission.id == first_id).desc() if first_id else Submission.created_at,
+                Submission.created_at,
+            )
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
@@ -133,9 +143,7 @@ class SubmissionRepository:
         """The submission if it exists, for deciding what a task for it should do."""
         return self.session.get(Submission, first_id)
 
-    def finish_fenced(
-        self, submission_id: uuid.UUID, lease_token: uuid.UUID, values: dict[str, Any]
-    ) -> bool:
+    def finish_fenced(self, submission_id: uuid.UUID, lease_token: uuid.UUID, values: dict[str, Any]) -> bool:
         """Move a leased submission on, only if this worker still holds its lease (fencing)."""
         result = self.session.execute(
             update(Submission)
@@ -151,7 +159,9 @@ class SubmissionRepository:
     def add_verdict(self, verdict: Verdict) -> bool:
         """Insert a verdict unless the submission already has one; True when inserted."""
         values = {
-            c.key: getattr(verdict, c.key) for c in Verdict.__table__.columns if getattr(verdict, c.key) is not None
+            c.key: getattr(verdict, c.key)
+            for c in Verdict.__table__.columns
+            if getattr(verdict, c.key) is not None
         }
         values.setdefault("id", new_id())
         stmt = (
@@ -173,7 +183,9 @@ class SubmissionRepository:
         """Record how a processing attempt ended."""
         self.session.execute(
             update(ProcessingAttempt)
-            .where(ProcessingAttempt.submission_id == submission_id, ProcessingAttempt.lease_token == lease_token)
+            .where(
+                ProcessingAttempt.submission_id == submission_id, ProcessingAttempt.lease_token == lease_token
+            )
             .values(finished_at=utcnow(), outcome=outcome, error=error)
         )
 

@@ -55,7 +55,11 @@ class VerdictOut(BaseModel):
             visible_text=verdict.visible_text,
             explanation=verdict.explanation,
             reasons=list(verdict.reasons or []),
-            model=ModelRef(name=verdict.model_name, revision=verdict.model_revision, prompt_version=verdict.prompt_version),
+            model=ModelRef(
+                name=verdict.model_name,
+                revision=verdict.model_revision,
+                prompt_version=verdict.prompt_version,
+            ),
             decided_at=verdict.decided_at,
         )
 

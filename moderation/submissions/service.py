@@ -47,7 +47,9 @@ def decode_base64_image(value: str, settings: Settings) -> bytes:
         _, _, value = value.partition(",")
     # Base64 inflates by 4/3; refuse obviously oversized input before decoding it.
     if len(value) > settings.max_image_bytes * 4 // 3 + 16:
-        raise PayloadTooLarge(f"image is larger than {settings.max_image_bytes} bytes", code="image_too_large")
+        raise PayloadTooLarge(
+            f"image is larger than {settings.max_image_bytes} bytes", code="image_too_large"
+        )
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -148,7 +150,9 @@ def list_submissions(
             allowed = ", ".join(s.value for s in SubmissionStatus)
             raise InvalidInput(f"status must be one of {allowed}", code="invalid_status") from exc
     before = decode_cursor(cursor) if cursor else None
-    rows = SubmissionRepository(session).page(tenant.id, status=status_value, limit=limit + 1, before_id=before)
+    rows = SubmissionRepository(session).page(
+        tenant.id, status=status_value, limit=limit + 1, before_id=before
+    )
     has_more = len(rows) > limit
     rows = rows[:limit]
     reviews = ReviewRepository(session).latest_for_submissions([r.id for r in rows])

@@ -59,7 +59,8 @@ def validate_image(data: bytes, settings: Settings) -> ImageInfo:
     sniffed = sniff_format(data)
     if sniffed is None or sniffed not in allowed:
         raise UnsupportedMediaType(
-            f"not an accepted image format; accepted: {', '.join(sorted(allowed))}", code="unsupported_image_format"
+            f"not an accepted image format; accepted: {', '.join(sorted(allowed))}",
+            code="unsupported_image_format",
         )
     try:
         with warnings.catch_warnings():
@@ -119,7 +120,9 @@ def validate_identifier(value: str | None, field: str) -> str | None:
     if value is None:
         return None
     if not value or len(value) > MAX_ID_CHARS or "\x00" in value or not value.isprintable():
-        raise InvalidInput(f"{field} must be 1 to {MAX_ID_CHARS} printable characters", code=f"invalid_{field}")
+        raise InvalidInput(
+            f"{field} must be 1 to {MAX_ID_CHARS} printable characters", code=f"invalid_{field}"
+        )
     return value
 
 

@@ -58,7 +58,9 @@ def issue_api_key(session: Session, tenant: Tenant, label: str | None = None) ->
     """Issue a new API key for a tenant and return it; only its hash is stored."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     TenantRepository(session).add_key(
-        ApiKey(tenant_id=tenant.id, prefix=key[:12], key_hash=hash_api_key(key), label=label, created_at=utcnow())
+        ApiKey(
+            tenant_id=tenant.id, prefix=key[:12], key_hash=hash_api_key(key), label=label, created_at=utcnow()
+        )
     )
     return key
 

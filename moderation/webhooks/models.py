@@ -68,7 +68,8 @@ class WebhookDelivery(TimestampMixin, Base):
     message_id: Mapped[str] = mapped_column(String(64), unique=True)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     status: Mapped[DeliveryStatus] = mapped_column(
-        Enum(DeliveryStatus, name="delivery_status", native_enum=False, length=20), default=DeliveryStatus.pending
+        Enum(DeliveryStatus, name="delivery_status", native_enum=False, length=20),
+        default=DeliveryStatus.pending,
     )
     attempt_count: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

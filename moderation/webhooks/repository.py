@@ -32,7 +32,9 @@ class WebhookRepository:
 
     def list_endpoints(self, tenant_id: uuid.UUID) -> list[WebhookEndpoint]:
         """All the tenant's endpoints, oldest first."""
-        stmt = select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id).order_by(WebhookEndpoint.id)
+        stmt = (
+            select(WebhookEndpoint).where(WebhookEndpoint.tenant_id == tenant_id).order_by(WebhookEndpoint.id)
+        )
         return list(self.session.scalars(stmt))
 
     def get_endpoint(self, endpoint_id: uuid.UUID, tenant_id: uuid.UUID) -> WebhookEndpoint | None:
@@ -95,12 +97,18 @@ class WebhookRepository:
 
     def attempts_for(self, delivery_id: uuid.UUID) -> list[WebhookAttempt]:
         """Every attempt at a delivery, in order."""
-        stmt = select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id).order_by(WebhookAttempt.attempt)
+        stmt = (
+            select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id == delivery_id)
+            .order_by(WebhookAttempt.attempt)
+        )
         return list(self.session.scalars(stmt))
 
     def deliveries_for_submission(self, submission_id: uuid.UUID) -> list[WebhookDelivery]:
         """Every delivery about a submission."""
-        stmt = select(WebhookDelivery).where(WebhookDelivery.submission_id == submission_id).order_by(
-            WebhookDelivery.created_at
+        stmt = (
+            select(WebhookDelivery)
+            .where(WebhookDelivery.submission_id == submission_id)
+            .order_by(WebhookDelivery.created_at)
         )
         return list(self.session.scalars(stmt))

@@ -17,9 +17,9 @@ from moderation.db import new_id, utcnow
 from moderation.errors import InvalidInput, ModerationError, NotFound
 from moderation.jobs import QUEUE_WEBHOOKS, TASK_DELIVER_WEBHOOK, Job, enqueue_after_commit
 from moderation.net.safe_http import OutboundPolicy, SafeHttpClient, validate_url
+from moderation.review.models import ReviewItem
 from moderation.submissions.models import Submission
 from moderation.submissions.schemas import SubmissionOut
-from moderation.review.models import ReviewItem
 from moderation.tenants.models import Tenant
 from moderation.webhooks import signing
 from moderation.webhooks.models import (
@@ -106,8 +106,10 @@ def emit_submission_event(
 
 def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None = None) -> float:
     """Delay before retry ``attempt + 1``: exponential in the attempt, with equal jitter."""
-    rng = rng or random.Random()  # noqa: S311 - jitter, not security
-    ceiling = min(settings.webhook_backoff_max_seconds, settings.webhook_backoff_base_seconds * 2 ** (attempt - 1))
+    rng = rng or random.Random()
+    ceiling = min(
+        settings.webhook_backoff_max_seconds, settings.webhook_backoff_base_seconds * 2 ** (attempt - 1)
+    )
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
@@ -185,6 +187,10 @@ def attempt_delivery(
             enqueue_after_commit(session, delivery_job(delivery_id, countdown=delay))
             outcome = DeliveryOutcome(status=DeliveryStatus.pending, retry_in=delay, status_code=status_code)
     logger.info(
-        "webhook delivery %s attempt %d to %s: %s", delivery_id, attempt_no, url, error or f"HTTP {status_code}"
+        "webhook delivery %s attempt %d to %s: %s",
+        delivery_id,
+        attempt_no,
+        url,
+        error or f"HTTP {status_code}",
     )
     return outcome

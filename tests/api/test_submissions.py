@@ -14,16 +14,27 @@ from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg, make_png
 
 
-def _post(client: TestClient, tenant: ApiTenant, image: bytes, caption: str = "a red square", **extra: object):  # type: ignore[no-untyped-def]
+def _post(
+    client: TestClient, tenant: ApiTenant, image: bytes, caption: str = "a red square", **extra: object
+):  # type: ignore[no-untyped-def]
     data = {"caption": caption, **{k: v for k, v in extra.items() if k != "headers"}}
     headers = {**tenant.headers, **extra.get("headers", {})}  # type: ignore[dict-item]
-    return client.post("/v1/submissions", files={"image": ("x.jpg", image, "image/jpeg")}, data=data, headers=headers)
+    return client.post(
+        "/v1/submissions", files={"image": ("x.jpg", image, "image/jpeg")}, data=data, headers=headers
+    )
 
 
 def test_multipart_submission_is_accepted_and_queued(
     client: TestClient, tenant: ApiTenant, dispatched: RecordingDispatcher
 ) -> None:
-    res = _post(client, tenant, make_jpeg(), caption="一只猫坐在沙发上", external_id="post-1", metadata='{"lang": "zh"}')
+    res = _post(
+        client,
+        tenant,
+        make_jpeg(),
+        caption="一只猫坐在沙发上",
+        external_id="post-1",
+        metadata='{"lang": "zh"}',
+    )
     assert res.status_code == 202, res.text
     body = res.json()
     assert body["status"] == "queued" and set(body) == {"id", "status", "created_at"}
@@ -39,7 +50,11 @@ def test_multipart_submission_is_accepted_and_queued(
 
 
 def test_json_submission_with_base64(client: TestClient, tenant: ApiTenant) -> None:
-    payload = {"caption": "green", "image_base64": base64.b64encode(make_png()).decode(), "metadata": {"k": "v"}}
+    payload = {
+        "caption": "green",
+        "image_base64": base64.b64encode(make_png()).decode(),
+        "metadata": {"k": "v"},
+    }
     res = client.post("/v1/submissions", json=payload, headers=tenant.headers)
     assert res.status_code == 202, res.text
     got = client.get(res.headers["location"], headers=tenant.headers).json()
@@ -68,7 +83,9 @@ def test_tenants_are_isolated(client: TestClient, tenant: ApiTenant, other_tenan
     # The same external id is a different submission for another tenant.
     other = _post(client, other_tenant, make_jpeg(), external_id="same").json()["id"]
     assert other != sid
-    assert [s["id"] for s in client.get("/v1/submissions", headers=other_tenant.headers).json()["data"]] == [other]
+    assert [s["id"] for s in client.get("/v1/submissions", headers=other_tenant.headers).json()["data"]] == [
+        other
+    ]
 
 
 def test_auth_is_required(client: TestClient, tenant: ApiTenant) -> None:
@@ -116,7 +133,10 @@ def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(
     assert _error(_post(client, tenant, make_jpeg(), caption="x" * 4001)) == (422, "caption_too_long")
     res = client.post(
         "/v1/submissions",
-        files={"image": ("x.jpg", make_jpeg(), "image/jpeg"), "caption": ("c.txt", b"\xff\xfe\xfa", "text/plain")},
+        files={
+            "image": ("x.jpg", make_jpeg(), "image/jpeg"),
+            "caption": ("c.txt", b"\xff\xfe\xfa", "text/plain"),
+        },
         headers=tenant.headers,
     )
     assert _error(res) == (422, "caption_not_utf8")
@@ -124,20 +144,44 @@ def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(
     assert _error(res) == (422, "image_missing")
     res = client.post("/v1/submissions", data={"caption": "urlencoded"}, headers=tenant.headers)
     assert _error(res) == (415, "unsupported_content_type")
-    res = client.post("/v1/submissions", content=b"caption=x", headers={**tenant.headers, "content-type": "text/plain"})
+    res = client.post(
+        "/v1/submissions", content=b"caption=x", headers={**tenant.headers, "content-type": "text/plain"}
+    )
     assert _error(res) == (415, "unsupported_content_type")
-    res = client.post("/v1/submissions", content=b"{not json", headers={**tenant.headers, "content-type": "application/json"})
+    res = client.post(
+        "/v1/submissions",
+        content=b"{not json",
+        headers={**tenant.headers, "content-type": "application/json"},
+    )
     assert _error(res) == (422, "invalid_json")
     both = {"caption": "x", "image_base64": "AAAA", "image_url": "https://example.com/a.jpg"}
     assert _error(client.post("/v1/submissions", json=both, headers=tenant.headers)) == (422, "image_missing")
     bad_b64 = {"caption": "x", "image_base64": "!!!notbase64"}
-    assert _error(client.post("/v1/submissions", json=bad_b64, headers=tenant.headers)) == (422, "invalid_base64")
+    assert _error(client.post("/v1/submissions", json=bad_b64, headers=tenant.headers)) == (
+        422,
+        "invalid_base64",
+    )
     assert _error(_post(client, tenant, make_jpeg(), metadata="[1]")) == (422, "invalid_metadata")
     ssrf = {"caption": "x", "image_url": "http://169.254.169.254/latest/meta-data/"}
-    assert _error(client.post("/v1/submissions", json=ssrf, headers=tenant.headers)) == (422, "blocked_destination")
+    assert _error(client.post("/v1/submissions", json=ssrf, headers=tenant.headers)) == (
+        422,
+        "blocked_destination",
+    )
     local = {"caption": "x", "image_url": "http://127.0.0.1:1/a.jpg"}
-    assert _error(client.post("/v1/submissions", json=local, headers=tenant.headers)) == (422, "blocked_destination")
-    assert _error(client.post("/v1/submissions", json={"caption": "x", "image_url": "file:///etc/passwd"}, headers=tenant.headers))[0] == 422
+    assert _error(client.post("/v1/submissions", json=local, headers=tenant.headers)) == (
+        422,
+        "blocked_destination",
+    )
+    assert (
+        _error(
+            client.post(
+                "/v1/submissions",
+                json={"caption": "x", "image_url": "file:///etc/passwd"},
+                headers=tenant.headers,
+            )
+        )[0]
+        == 422
+    )
     # Still serving.
     assert _post(client, tenant, make_jpeg()).status_code == 202
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -155,15 +199,22 @@ def test_rate_limit_answers_429_with_retry_after(client: TestClient, tenant: Api
 
 
 def test_image_url_is_fetched_when_private_targets_are_allowed(
-    client: TestClient, tenant: ApiTenant, settings, image_server  # type: ignore[no-untyped-def]
+    client: TestClient,
+    tenant: ApiTenant,
+    settings,
+    image_server,  # type: ignore[no-untyped-def]
 ) -> None:
     settings.allow_private_network = True
-    res = client.post("/v1/submissions", json={"caption": "fetched", "image_url": image_server}, headers=tenant.headers)
+    res = client.post(
+        "/v1/submissions", json={"caption": "fetched", "image_url": image_server}, headers=tenant.headers
+    )
     assert res.status_code == 202, res.text
     got = client.get(res.headers["location"], headers=tenant.headers).json()
     assert got["image"]["format"] == "JPEG"
     missing = client.post(
-        "/v1/submissions", json={"caption": "x", "image_url": image_server + "-missing"}, headers=tenant.headers
+        "/v1/submissions",
+        json={"caption": "x", "image_url": image_server + "-missing"},
+        headers=tenant.headers,
     )
     assert _error(missing) == (422, "fetch_failed")
 

@@ -49,15 +49,50 @@ class Stack:
         """Start one named process (api, gpu, cpu, beat)."""
         celery = [str(BIN / "celery"), "-A", "workers.celery_app"]
         commands = {
-            "api": [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", self.api_url.rsplit(":", 1)[1]],
-            "gpu": [*celery, "worker", "-Q", "gpu", "--pool", "solo", "-n", f"gpu-{time.time_ns()}@%h", "-l", "INFO"],
-            "cpu": [*celery, "worker", "-Q", "webhooks,maintenance", "--pool", "threads", "-c", "4",
-                    "-n", f"cpu-{time.time_ns()}@%h", "-l", "INFO"],
+            "api": [
+                str(BIN / "uvicorn"),
+                "api.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.api_url.rsplit(":", 1)[1],
+            ],
+            "gpu": [
+                *celery,
+                "worker",
+                "-Q",
+                "gpu",
+                "--pool",
+                "solo",
+                "-n",
+                f"gpu-{time.time_ns()}@%h",
+                "-l",
+                "INFO",
+            ],
+            "cpu": [
+                *celery,
+                "worker",
+                "-Q",
+                "webhooks,maintenance",
+                "--pool",
+                "threads",
+                "-c",
+                "4",
+                "-n",
+                f"cpu-{time.time_ns()}@%h",
+                "-l",
+                "INFO",
+            ],
             "beat": [*celery, "beat", "-l", "INFO", "--schedule", str(self.log_dir / "beat-schedule")],
         }
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
-        self.procs[name] = subprocess.Popen(  # noqa: S603
-            commands[name], env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        self.procs[name] = subprocess.Popen(
+            commands[name],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -84,8 +119,13 @@ class Stack:
 
     def cli(self, *args: str) -> str:
         """Run the ``moderation`` command against this stack."""
-        return subprocess.run(  # noqa: S603
-            [str(BIN / "moderation"), *args], env=self.env, cwd=ROOT, check=True, capture_output=True, text=True
+        return subprocess.run(
+            [str(BIN / "moderation"), *args],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
 
     def wait_api(self, timeout: float = 60) -> None:

@@ -34,7 +34,9 @@ def _wait_final(stack: Stack, key: str, ids: list[str], timeout: float = 180) ->
     while time.monotonic() < deadline:
         for sid in ids:
             if sid not in results:
-                body = httpx.get(f"{stack.api_url}/v1/submissions/{sid}", headers={"Authorization": f"Bearer {key}"}).json()
+                body = httpx.get(
+                    f"{stack.api_url}/v1/submissions/{sid}", headers={"Authorization": f"Bearer {key}"}
+                ).json()
                 if body["status"] in FINAL:
                     results[sid] = body
         if len(results) == len(ids):
@@ -76,7 +78,9 @@ def test_submission_gets_a_verdict_and_a_verified_webhook(stack: Stack, api_key:
     assert "moderation_intake_requests_total" in metrics and "moderation_verdicts" in metrics
 
 
-def test_worker_killed_mid_batch_then_every_submission_is_final_with_one_verdict(stack: Stack, api_key: str) -> None:
+def test_worker_killed_mid_batch_then_every_submission_is_final_with_one_verdict(
+    stack: Stack, api_key: str
+) -> None:
     ids = [_post(stack, api_key, 100 + i, f"crash test {i}") for i in range(6)]
     assert stack.db is not None
     deadline = time.monotonic() + 120
@@ -96,11 +100,16 @@ def test_worker_killed_mid_batch_then_every_submission_is_final_with_one_verdict
     assert all(r["verdict"] is not None for r in results.values()), results
     with stack.db.connect() as conn:
         counts = conn.execute(
-            text("SELECT submission_id, count(*) FROM verdicts WHERE submission_id = ANY(:ids) GROUP BY 1"), {"ids": ids}
+            text("SELECT submission_id, count(*) FROM verdicts WHERE submission_id = ANY(:ids) GROUP BY 1"),
+            {"ids": ids},
         ).all()
-        outcomes = conn.execute(
-            text("SELECT outcome FROM processing_attempts WHERE submission_id = ANY(:ids)"), {"ids": ids}
-        ).scalars().all()
+        outcomes = (
+            conn.execute(
+                text("SELECT outcome FROM processing_attempts WHERE submission_id = ANY(:ids)"), {"ids": ids}
+            )
+            .scalars()
+            .all()
+        )
     assert len(counts) == 6 and all(c == 1 for _, c in counts)
     assert "lease_expired" in outcomes, outcomes
 
@@ -116,7 +125,12 @@ def test_redis_flushed_with_jobs_queued_the_sweeper_recovers_them(stack: Stack, 
 
 def test_bad_input_never_stops_the_service(stack: Stack, api_key: str) -> None:
     headers = {"Authorization": f"Bearer {api_key}"}
-    bad = httpx.post(stack.api_url + "/v1/submissions", headers=headers, files={"image": ("x", b"\x89PNG\r\n\x1a\nbroken", "image/png")}, data={"caption": "x"})
+    bad = httpx.post(
+        stack.api_url + "/v1/submissions",
+        headers=headers,
+        files={"image": ("x", b"\x89PNG\r\n\x1a\nbroken", "image/png")},
+        data={"caption": "x"},
+    )
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "image_undecodable"
     assert httpx.get(stack.api_url + "/healthz").status_code == 200
     sid = _post(stack, api_key, 300, "still works")

@@ -24,7 +24,9 @@ T = Thresholds(block_threshold=0.8, allow_threshold=0.3, min_confidence=0.6)
         (0.1, 0.5, Decision.review),
     ],
 )
-def test_conflict_score_thresholds_and_confidence(conflict: float, confidence: float, expected: Decision) -> None:
+def test_conflict_score_thresholds_and_confidence(
+    conflict: float, confidence: float, expected: Decision
+) -> None:
     assert route(conflict, confidence, {}, T).decision == expected
 
 

@@ -69,19 +69,32 @@ def tenant(sessions: sessionmaker[Session], settings: Settings) -> Tenant:
     with sessions() as session, session.begin():
         tenant = create_tenant(session, "acme", settings).tenant
         session.add(
-            WebhookEndpoint(tenant_id=tenant.id, url="http://hooks.example/x", events=["submission.decided", "submission.failed"], secret="whsec_AAAA")
+            WebhookEndpoint(
+                tenant_id=tenant.id,
+                url="http://hooks.example/x",
+                events=["submission.decided", "submission.failed"],
+                secret="whsec_AAAA",
+            )
         )
         session.expunge(tenant)
     return tenant
 
 
-def _submit(sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, caption: str) -> uuid.UUID:
+def _submit(
+    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, caption: str
+) -> uuid.UUID:
     with sessions() as session, session.begin():
-        return submit(session, tenant, image=make_jpeg(64, 64), caption=caption, blob_store=store, settings=settings).submission.id
+        return submit(
+            session, tenant, image=make_jpeg(64, 64), caption=caption, blob_store=store, settings=settings
+        ).submission.id
 
 
 def test_batch_decides_routes_and_notifies(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     settings.batch_max_size = 8
     ids = [_submit(sessions, tenant, store, settings, f"post conflict={s}") for s in (0.95, 0.1, 0.5)]
@@ -113,7 +126,11 @@ def test_batch_decides_routes_and_notifies(
 
 
 def test_batch_respects_max_size(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     settings.batch_max_size = 2
     ids = [_submit(sessions, tenant, store, settings, f"c{i}") for i in range(5)]
@@ -125,7 +142,11 @@ def test_batch_respects_max_size(
 
 
 def test_engine_error_requeues_then_fails_after_max_attempts(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     settings.max_attempts = 2
     sid = _submit(sessions, tenant, store, settings, "boom")
@@ -144,7 +165,11 @@ def test_engine_error_requeues_then_fails_after_max_attempts(
 
 
 def test_lost_lease_discards_the_late_verdict(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     sid = _submit(sessions, tenant, store, settings, "slow one conflict=0.1")
 
@@ -152,7 +177,9 @@ def test_lost_lease_discards_the_late_verdict(
         def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
             # While we compute, the lease expires and another worker takes the submission.
             with sessions() as session, session.begin():
-                session.execute(update(Submission).where(Submission.id == sid).values(lease_token=uuid.uuid4()))
+                session.execute(
+                    update(Submission).where(Submission.id == sid).values(lease_token=uuid.uuid4())
+                )
             return super().moderate(requests)
 
     report = BatchProcessor(sessions, TakenOver(), store, settings).run(sid)
@@ -162,7 +189,11 @@ def test_lost_lease_discards_the_late_verdict(
 
 
 def test_unreadable_blob_fails_only_that_submission(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     good = _submit(sessions, tenant, store, settings, "good conflict=0.1")
     bad = _submit(sessions, tenant, store, settings, "bad")
@@ -173,7 +204,11 @@ def test_unreadable_blob_fails_only_that_submission(
 
 
 def test_sweeper_recovers_lost_jobs_and_expired_leases(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     settings.max_attempts = 2
     lost = _submit(sessions, tenant, store, settings, "job lost with redis")
@@ -186,7 +221,12 @@ def test_sweeper_recovers_lost_jobs_and_expired_leases(
             session.execute(
                 update(Submission)
                 .where(Submission.id == sid)
-                .values(status=SubmissionStatus.processing, attempts=attempts, lease_token=uuid.uuid4(), lease_expires_at=long_ago)
+                .values(
+                    status=SubmissionStatus.processing,
+                    attempts=attempts,
+                    lease_token=uuid.uuid4(),
+                    lease_expires_at=long_ago,
+                )
             )
     dispatched.jobs.clear()
     report = sweep(sessions, settings)
@@ -204,7 +244,11 @@ def test_sweeper_recovers_lost_jobs_and_expired_leases(
 
 
 def test_retried_submission_is_judged_alone(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, dispatched: RecordingDispatcher
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
 ) -> None:
     suspect = _submit(sessions, tenant, store, settings, "maybe a poison pill")
     for i in range(3):

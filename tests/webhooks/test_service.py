@@ -19,12 +19,19 @@ from moderation.submissions.service import submit
 from moderation.tenants.service import create_tenant
 from moderation.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEvent
 from moderation.webhooks.schemas import WebhookEndpointCreate
-from moderation.webhooks.service import attempt_delivery, backoff_seconds, create_endpoint, emit_submission_event
+from moderation.webhooks.service import (
+    attempt_delivery,
+    backoff_seconds,
+    create_endpoint,
+    emit_submission_event,
+)
 from tests.conftest import RecordingDispatcher, make_jpeg
 from tests.webhooks.conftest import Receiver
 
 
-def _setup(sessions: sessionmaker[Session], settings: Settings, url: str, tmp_path) -> tuple[str, list[WebhookDelivery]]:  # type: ignore[no-untyped-def]
+def _setup(
+    sessions: sessionmaker[Session], settings: Settings, url: str, tmp_path
+) -> tuple[str, list[WebhookDelivery]]:  # type: ignore[no-untyped-def]
     settings.allow_private_network = True
     with sessions() as session, session.begin():
         tenant = create_tenant(session, "acme", settings).tenant
@@ -32,7 +39,12 @@ def _setup(sessions: sessionmaker[Session], settings: Settings, url: str, tmp_pa
             session, tenant, WebhookEndpointCreate(url=url, events=["submission.decided"]), settings
         )
         sub = submit(
-            session, tenant, image=make_jpeg(32, 32), caption="hello", blob_store=LocalBlobStore(tmp_path), settings=settings
+            session,
+            tenant,
+            image=make_jpeg(32, 32),
+            caption="hello",
+            blob_store=LocalBlobStore(tmp_path),
+            settings=settings,
         ).submission
         session.flush()
         sub = session.get(Submission, sub.id)
@@ -45,7 +57,11 @@ def _setup(sessions: sessionmaker[Session], settings: Settings, url: str, tmp_pa
 
 
 def test_delivery_is_signed_per_standard_webhooks(
-    sessions: sessionmaker[Session], settings: Settings, receiver: Receiver, dispatched: RecordingDispatcher, tmp_path
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
 ) -> None:  # type: ignore[no-untyped-def]
     secret, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
     assert secret.startswith("whsec_")
@@ -65,7 +81,11 @@ def test_delivery_is_signed_per_standard_webhooks(
 
 
 def test_failures_retry_with_backoff_and_every_attempt_is_recorded(
-    sessions: sessionmaker[Session], settings: Settings, receiver: Receiver, dispatched: RecordingDispatcher, tmp_path
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
 ) -> None:  # type: ignore[no-untyped-def]
     settings.webhook_max_attempts = 3
     receiver.statuses = [500, 503, 500]
@@ -82,7 +102,11 @@ def test_failures_retry_with_backoff_and_every_attempt_is_recorded(
                 assert row is not None
                 if row.next_attempt_at is not None:
                     row.next_attempt_at = row.created_at
-    assert [o.status for o in outcomes] == [DeliveryStatus.pending, DeliveryStatus.pending, DeliveryStatus.failed]
+    assert [o.status for o in outcomes] == [
+        DeliveryStatus.pending,
+        DeliveryStatus.pending,
+        DeliveryStatus.failed,
+    ]
     assert all(o.retry_in and o.retry_in > 0 for o in outcomes[:2])
     retries = [j for j in dispatched.jobs if j.task == TASK_DELIVER_WEBHOOK and j.countdown]
     assert len(retries) == 2
@@ -96,20 +120,36 @@ def test_backoff_grows_exponentially_with_jitter(settings: Settings) -> None:
     rng = random.Random(1)
     delays = [backoff_seconds(n, settings, rng) for n in range(1, 8)]
     for n, delay in enumerate(delays, start=1):
-        ceiling = min(settings.webhook_backoff_max_seconds, settings.webhook_backoff_base_seconds * 2 ** (n - 1))
+        ceiling = min(
+            settings.webhook_backoff_max_seconds, settings.webhook_backoff_base_seconds * 2 ** (n - 1)
+        )
         assert ceiling / 2 <= delay <= ceiling
     assert backoff_seconds(30, settings, rng) <= settings.webhook_backoff_max_seconds
 
 
-def test_endpoint_urls_follow_the_outbound_policy(sessions: sessionmaker[Session], settings: Settings) -> None:
+def test_endpoint_urls_follow_the_outbound_policy(
+    sessions: sessionmaker[Session], settings: Settings
+) -> None:
     with sessions() as session, session.begin():
         tenant = create_tenant(session, "acme", settings).tenant
-        for url in ("http://127.0.0.1:9/x", "http://169.254.169.254/", "http://10.0.0.1/hook", "ftp://example.com/"):
+        for url in (
+            "http://127.0.0.1:9/x",
+            "http://169.254.169.254/",
+            "http://10.0.0.1/hook",
+            "ftp://example.com/",
+        ):
             with pytest.raises((BlockedDestination, InvalidInput)):
-                create_endpoint(session, tenant, WebhookEndpointCreate(url=url, events=["submission.decided"]), settings)
+                create_endpoint(
+                    session, tenant, WebhookEndpointCreate(url=url, events=["submission.decided"]), settings
+                )
         with pytest.raises(InvalidInput):
-            create_endpoint(session, tenant, WebhookEndpointCreate(url="https://example.com", events=["nope"]), settings)
+            create_endpoint(
+                session, tenant, WebhookEndpointCreate(url="https://example.com", events=["nope"]), settings
+            )
         ok = create_endpoint(
-            session, tenant, WebhookEndpointCreate(url="https://example.com/hook", events=["submission.reviewed"]), settings
+            session,
+            tenant,
+            WebhookEndpointCreate(url="https://example.com/hook", events=["submission.reviewed"]),
+            settings,
         )
         assert ok.secret.startswith("whsec_")

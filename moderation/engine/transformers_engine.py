@@ -1,0 +1,605 @@
+"""Moderation engine on Hugging Face transformers and Qwen3-VL.
+
+A batch is judged in two passes over the whole batch (left-padded, so every row ends at the same column):
+
+1. **Scoring** — one forward pass, no generation. Each request becomes a chat with the image, the quoted
+   caption and yes/no questions ("conflict", then one per category); the assistant turn is teacher-forced
+   as ``conflict: no`` / ``<category>: no`` lines. At the position that predicts each answer word the
+   engine reads the next-token distribution and sums the probabilities of every single-token spelling
+   of yes (with and without a leading space, any case: ``" yes"``, ``"yes"``, ``" Yes"``, ...) and of
+   no. The score is ``P(yes) / (P(yes) + P(no))``; scores are never parsed from generated text. Later
+   answers are conditioned on the earlier teacher-forced "no" lines, the same prefix for every
+   submission, so scores stay comparable across submissions.
+2. **Describe** — one batched greedy ``generate`` producing a labelled description, the visible text and
+   a short explanation, parsed leniently (the fixture model writes random tokens; parsing never fails).
+
+**Confidence** of a verdict::
+
+    mass       = P(yes) + P(no) at the conflict answer position (all spellings, full-vocabulary softmax)
+    confidence = mass * (1 - H(conflict_score) / ln 2)
+
+where ``H(p) = -p ln p - (1 - p) ln(1 - p)`` is the binary entropy in nats. It lies in [0, 1]: it is high
+only when the model both answers in the expected yes/no form (mass near 1) and is decisive (score near 0
+or 1), and falls to 0 for a coin-flip score or for a model that does not answer yes/no at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from moderation.engine import prompts
+from moderation.engine.base import (
+    EngineHealth,
+    EngineRequest,
+    EngineResult,
+    ModelInfo,
+    ModerationEngine,
+)
+from moderation.engine.fixture import CHAT_TEMPLATE_PATH, FIXTURE_MARKER, is_fixture_folder
+from moderation.engine.images import VISUAL_TOKEN_FACTOR, detect_language, prepare_image
+
+if TYPE_CHECKING:
+    from moderation.config import Settings
+
+logger = logging.getLogger(__name__)
+
+FIXTURE_WARNING = "FIXTURE MODEL IN USE — verdicts are random, not for production"
+
+YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
+NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
+
+MAX_DESCRIPTION_CHARS = 600
+MAX_VISIBLE_TEXT_CHARS = 500
+MAX_EXPLANATION_CHARS = 400
+
+# Tokens the describe pass must never emit: a stray vision placeholder would desynchronise M-RoPE.
+_SUPPRESSED_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+)
+_SPECIAL_TEXT_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?(?:think|tool_call|tool_response)>")
+_NONE_VISIBLE = {
+    "none",
+    "none.",
+    "n/a",
+    "no text",
+    "no visible text",
+    "无",
+    "无。",
+    "没有",
+    "(none)",
+    "“无”",
+    '"none"',
+}
+
+
+class EngineConfigError(ValueError):
+    """The engine settings cannot work on this machine (e.g. 8-bit quantization on a CPU)."""
+
+
+@dataclass(frozen=True)
+class _Scored:
+    conflict_score: float
+    conflict_mass: float
+    category_scores: dict[str, float]
+
+
+def _resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineConfigError(f"device={setting!r} requested but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
+
+
+def _quantization_config(setting: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if setting == "none":
+        return None
+    if device.type != "cuda":
+        raise EngineConfigError(
+            f"quantization={setting!r} needs a CUDA GPU (bitsandbytes); this engine runs on {device}. "
+            "Set MODERATION_QUANTIZATION=none to run unquantized."
+        )
+    from transformers import BitsAndBytesConfig
+
+    # The vision tower is small and quality-sensitive and the LM head feeds the scores: keep both unquantized.
+    skip = ["visual", "lm_head"]
+    if setting == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if setting == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
+    raise EngineConfigError(f"unknown quantization {setting!r}")
+
+
+def binary_entropy(p: float) -> float:
+    """Binary entropy of ``p`` in nats (0 at p=0 or 1, ln 2 at p=0.5)."""
+    p = min(max(p, 0.0), 1.0)
+    if p in (0.0, 1.0):
+        return 0.0
+    return -(p * math.log(p) + (1.0 - p) * math.log(1.0 - p))
+
+
+def confidence_from(conflict_score: float, mass: float) -> float:
+    """Confidence = yes/no mass at the conflict position x (1 - H(score) / ln 2), clamped to [0, 1]."""
+    value = min(max(mass, 0.0), 1.0) * (1.0 - binary_entropy(conflict_score) / math.log(2.0))
+    return min(max(value, 0.0), 1.0)
+
+
+def _clean(text: str) -> str:
+    text = _SPECIAL_TEXT_RE.sub(" ", text.replace("\ufffd", ""))
+    return re.sub(r"\s+", " ", text).strip().strip("*").strip()
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def _label_regex() -> tuple[re.Pattern[str], dict[str, str]]:
+    by_label: dict[str, str] = {}
+    for field, names in prompts.all_labels().items():
+        for name in names:
+            by_label[name.lower()] = field
+    alternatives = "|".join(re.escape(n) for n in sorted(by_label, key=len, reverse=True))
+    pattern = re.compile(rf"(?im)^[ \t>*#_-]*({alternatives})[ \t*_]*[:：]")
+    return pattern, by_label
+
+
+_LABEL_RE, _LABEL_FIELDS = _label_regex()
+
+
+def parse_description(
+    text: str, language: str, conflict_score: float, category_scores: dict[str, float]
+) -> tuple[str, str, str]:
+    """Split generated text into (description, visible text, explanation); never fails."""
+    raw = _SPECIAL_TEXT_RE.sub(" ", text or "")
+    fields: dict[str, str] = {}
+    matches = list(_LABEL_RE.finditer(raw))
+    if matches:
+        preamble = raw[: matches[0].start()]
+        for i, match in enumerate(matches):
+            end = matches[i + 1].start() if i + 1 < len(matches) else len(raw)
+            field = _LABEL_FIELDS[match.group(1).lower()]
+            fields.setdefault(field, raw[match.end() : end])
+        if "description" not in fields and _clean(preamble):
+            fields["description"] = preamble
+    else:
+        fields["description"] = raw
+    description = _cap(_clean(fields.get("description", "")), MAX_DESCRIPTION_CHARS)
+    visible = _clean(fields.get("visible_text", ""))
+    if visible.lower() in _NONE_VISIBLE:
+        visible = ""
+    visible = _cap(visible, MAX_VISIBLE_TEXT_CHARS)
+    explanation = _cap(_clean(fields.get("explanation", "")), MAX_EXPLANATION_CHARS)
+    if not explanation:
+        explanation = prompts.fallback_explanation(conflict_score, category_scores, language)
+    return description, visible, explanation
+
+
+def request_language(request: EngineRequest) -> str:
+    """Prompt language: Chinese when the request says so or the caption contains CJK, else English."""
+    if (request.language or "").lower().startswith("zh"):
+        return "zh"
+    return detect_language(request.caption)
+
+
+def _synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic colourful test image (no randomness source needed)."""
+    img = Image.new("RGB", (width, height))
+    pixels = [
+        ((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, ((x + y) * 3 + seed * 11) % 256)
+        for y in range(height)
+        for x in range(width)
+    ]
+    img.putdata(pixels)
+    return img
+
+
+class TransformersEngine(ModerationEngine):
+    """Qwen3-VL moderation engine: teacher-forced yes/no scoring plus a generated description."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        info: ModelInfo,
+        device: torch.device,
+        max_new_tokens: int,
+        image_max_pixels: int,
+        image_min_pixels: int,
+        warmup_batch_size: int = 4,
+    ) -> None:
+        self._model = model
+        self._processor = processor
+        self._tokenizer = processor.tokenizer
+        self._tokenizer.padding_side = "left"
+        self._info = info
+        self._device = device
+        self._max_new_tokens = max_new_tokens
+        self._max_pixels = image_max_pixels
+        self._min_pixels = image_min_pixels
+        self._warmup_batch_size = max(1, warmup_batch_size)
+        self._lock = threading.Lock()
+        image_processor = processor.image_processor
+        self._factor = (
+            int(image_processor.patch_size) * int(image_processor.merge_size) or VISUAL_TOKEN_FACTOR
+        )
+        self._yes_ids = self._single_token_ids(YES_VARIANTS)
+        self._no_ids = self._single_token_ids(NO_VARIANTS)
+        if not self._yes_ids or not self._no_ids:
+            raise RuntimeError("the tokenizer has no single-token spelling of yes/no; cannot score")
+        self._eos_ids = self._eos_token_ids()
+        self._pad_id = self._tokenizer.pad_token_id
+        if self._pad_id is None:
+            self._pad_id = self._eos_ids[0]
+        self._suppress_ids = [
+            tid
+            for tid in (self._tokenizer.convert_tokens_to_ids(t) for t in _SUPPRESSED_TOKENS)
+            if isinstance(tid, int) and tid != self._tokenizer.unk_token_id
+        ]
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, settings: Settings) -> TransformersEngine:
+        """Load the model and processor named by ``settings.model`` once, ready for inference."""
+        from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+        device = _resolve_device(settings.device)
+        dtype = _resolve_dtype(settings.dtype, device)
+        quantization = _quantization_config(settings.quantization, device, dtype)
+        source = settings.model
+        local = Path(source).expanduser().is_dir()
+        fixture = local and is_fixture_folder(Path(source).expanduser())
+        if local:
+            source = str(Path(source).expanduser().resolve())
+        if fixture:
+            logger.warning("%s (model folder: %s)", FIXTURE_WARNING, source)
+
+        common: dict[str, Any] = {"revision": settings.model_revision} if settings.model_revision else {}
+        if local:
+            common["local_files_only"] = True
+        model_kwargs: dict[str, Any] = {
+            **common,
+            "dtype": dtype,
+            "attn_implementation": settings.attn_implementation or "sdpa",
+        }
+        if quantization is not None:
+            model_kwargs["quantization_config"] = quantization
+        if device.type == "cuda":
+            model_kwargs["device_map"] = {"": str(device)}
+        started = time.perf_counter()
+        model: Any = Qwen3VLForConditionalGeneration.from_pretrained(source, **model_kwargs)
+        if device.type != "cuda":
+            model = model.to(device)
+        model.eval()
+        processor = Qwen3VLProcessor.from_pretrained(source, **common)
+        if not getattr(processor, "chat_template", None):
+            processor.chat_template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+        logger.info(
+            "Loaded %s on %s (%s, quantization=%s) in %.1fs",
+            source,
+            device,
+            dtype,
+            settings.quantization,
+            time.perf_counter() - started,
+        )
+
+        if fixture:
+            info = ModelInfo(
+                name=f"fixture:{Path(source).name}",
+                revision=_fixture_revision(Path(source)),
+                prompt_version=prompts.PROMPT_VERSION,
+                is_fixture=True,
+            )
+        else:
+            commit = getattr(model.config, "_commit_hash", None)
+            info = ModelInfo(
+                name=settings.model,
+                revision=settings.model_revision or commit or "unknown",
+                prompt_version=prompts.PROMPT_VERSION,
+                is_fixture=False,
+            )
+        return cls(
+            model,
+            processor,
+            info=info,
+            device=device,
+            max_new_tokens=settings.max_new_tokens,
+            image_max_pixels=settings.image_max_pixels,
+            image_min_pixels=settings.image_min_pixels,
+            warmup_batch_size=min(settings.batch_max_size, 8),
+        )
+
+    # -- interface ---------------------------------------------------------------------------------
+
+    @property
+    def info(self) -> ModelInfo:
+        """Name, revision and prompt version of the loaded model."""
+        return self._info
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model runs on."""
+        return self._device
+
+    def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        """Judge a batch: one scoring forward pass and one batched generation for all requests."""
+        if not requests:
+            return []
+        images = [
+            prepare_image(r.image, self._max_pixels, self._min_pixels, factor=self._factor) for r in requests
+        ]
+        languages = [request_language(r) for r in requests]
+        with self._lock, torch.inference_mode():
+            scored = self._score(requests, images, languages)
+            texts, token_counts = self._describe(requests, images, languages)
+        results: list[EngineResult] = []
+        for s, text, count, language in zip(scored, texts, token_counts, languages, strict=True):
+            description, visible, explanation = parse_description(
+                text, language, s.conflict_score, s.category_scores
+            )
+            results.append(
+                EngineResult(
+                    description=description,
+                    visible_text=visible,
+                    explanation=explanation,
+                    conflict_score=s.conflict_score,
+                    confidence=confidence_from(s.conflict_score, s.conflict_mass),
+                    category_scores=dict(s.category_scores),
+                    generated_tokens=count,
+                )
+            )
+        return results
+
+    def health(self) -> EngineHealth:
+        """Run a 1-item inference on a small synthetic image and report the outcome."""
+        started = time.perf_counter()
+        request = EngineRequest(
+            image=_synthetic_image(64, 64),
+            caption="Health check: a colourful gradient.",
+            categories=prompts.DEFAULT_CATEGORIES[:2],
+        )
+        try:
+            [result] = self.moderate([request])
+        except Exception as exc:  # health reports failures instead of raising them
+            logger.exception("engine health check failed")
+            return EngineHealth(
+                ok=False, detail=f"inference failed: {type(exc).__name__}: {exc}", device=str(self._device)
+            )
+        scores = [result.conflict_score, result.confidence, *result.category_scores.values()]
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in scores):
+            return EngineHealth(ok=False, detail=f"scores out of range: {scores}", device=str(self._device))
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        detail = f"ok in {elapsed_ms:.0f} ms; model {self._info.name}"
+        if self._info.is_fixture:
+            detail += f"; {FIXTURE_WARNING}"
+        return EngineHealth(ok=True, detail=detail, device=str(self._device))
+
+    def warmup(self) -> None:
+        """Run one representative batch (full-budget and small images, English and Chinese captions)."""
+        side = max(self._factor, math.isqrt(self._max_pixels))
+        requests = []
+        for i in range(self._warmup_batch_size):
+            size = (side, side) if i % 2 == 0 else (max(self._factor, side // 2), side)
+            caption = (
+                "A street market at dusk with fruit stalls." if i % 2 == 0 else "傍晚的街头市场，有水果摊。"
+            )
+            requests.append(
+                EngineRequest(
+                    image=_synthetic_image(*size, seed=i),
+                    caption=caption,
+                    categories=prompts.DEFAULT_CATEGORIES,
+                )
+            )
+        started = time.perf_counter()
+        self.moderate(requests)
+        logger.info("warm-up batch of %d done in %.1fs", len(requests), time.perf_counter() - started)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _single_token_ids(self, variants: Sequence[str]) -> list[int]:
+        ids: set[int] = set()
+        for variant in variants:
+            encoded = self._tokenizer.encode(variant, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.add(int(encoded[0]))
+        return sorted(ids)
+
+    def _eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        configured = getattr(self._model.generation_config, "eos_token_id", None)
+        if isinstance(configured, int):
+            ids.append(configured)
+        elif configured:
+            ids.extend(int(i) for i in configured)
+        for token in ("<|im_end|>", "<|endoftext|>"):
+            tid = self._tokenizer.convert_tokens_to_ids(token)
+            if isinstance(tid, int) and tid not in ids and tid != self._tokenizer.unk_token_id:
+                ids.append(tid)
+        if self._tokenizer.eos_token_id is not None and self._tokenizer.eos_token_id not in ids:
+            ids.append(int(self._tokenizer.eos_token_id))
+        return ids
+
+    def _chat_texts(
+        self, images: Sequence[Image.Image], questions: Sequence[str], languages: Sequence[str]
+    ) -> list[str]:
+        conversations = [
+            [
+                {"role": "system", "content": [{"type": "text", "text": prompts.system_prompt(language)}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            ]
+            for question, language in zip(questions, languages, strict=True)
+        ]
+        texts = self._processor.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+        return [texts] if isinstance(texts, str) else list(texts)
+
+    def _encode(self, texts: list[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        # prepare_image already sized every image to multiples of the patch-merge factor within our budget,
+        # so the processor must not resize again (its own defaults differ from our settings).
+        batch = self._processor(
+            text=texts, images=list(images), padding=True, return_tensors="pt", do_resize=False
+        )
+        return {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _score(
+        self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
+    ) -> list[_Scored]:
+        keys_per_request: list[list[str]] = []
+        answers: list[str] = []
+        answer_ids: list[list[int]] = []
+        answer_token_index: list[list[int]] = []
+        questions: list[str] = []
+        for request, language in zip(requests, languages, strict=True):
+            keys = [prompts.CONFLICT_KEY, *(prompts.answer_key(c) for c in request.categories)]
+            answer, spans = prompts.scoring_answer(keys)
+            answers.append(answer)
+            encoded = self._tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+            ids = [int(i) for i in encoded["input_ids"]]
+            offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+            answer_ids.append(ids)
+            answer_token_index.append([_token_at(offsets, span) for span in spans])
+            keys_per_request.append(keys)
+            questions.append(prompts.scoring_question(request.caption, request.categories, language))
+
+        prompt_texts = self._chat_texts(images, questions, languages)
+        texts = [p + a for p, a in zip(prompt_texts, answers, strict=True)]
+        batch = self._encode(texts, images)
+        input_ids = batch["input_ids"]
+        seq_len = input_ids.shape[1]
+
+        rows: list[int] = []
+        cols: list[int] = []
+        for row, (ids, token_index) in enumerate(zip(answer_ids, answer_token_index, strict=True)):
+            tail = input_ids[row, seq_len - len(ids) :].tolist()
+            if tail != ids:
+                raise RuntimeError(
+                    "scoring answer was tokenised differently inside the prompt; cannot locate answers"
+                )
+            start = seq_len - len(ids)
+            for j in token_index:
+                rows.append(row)
+                cols.append(start + j - 1)  # the logits one step earlier predict the answer token
+
+        outputs = self._model.model(**batch, use_cache=False)
+        hidden = outputs.last_hidden_state[
+            torch.tensor(rows, device=self._device), torch.tensor(cols, device=self._device)
+        ]
+        logits = self._model.lm_head(hidden).float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        lse_yes = torch.logsumexp(log_probs[:, self._yes_ids], dim=-1)
+        lse_no = torch.logsumexp(log_probs[:, self._no_ids], dim=-1)
+        score = torch.sigmoid(lse_yes - lse_no).cpu().tolist()
+        mass = torch.exp(torch.logaddexp(lse_yes, lse_no)).clamp(0.0, 1.0).cpu().tolist()
+
+        results: list[_Scored] = []
+        k = 0
+        for request, keys in zip(requests, keys_per_request, strict=True):
+            conflict = float(score[k])
+            conflict_mass = float(mass[k])
+            category_scores: dict[str, float] = {}
+            for category, offset in zip(request.categories, range(1, len(keys)), strict=True):
+                category_scores[category.name] = float(score[k + offset])
+            k += len(keys)
+            results.append(_Scored(conflict, conflict_mass, category_scores))
+        return results
+
+    def _describe(
+        self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
+    ) -> tuple[list[str], list[int]]:
+        from transformers import GenerationConfig
+
+        questions = [
+            prompts.describe_question(r.caption, r.categories, language)
+            for r, language in zip(requests, languages, strict=True)
+        ]
+        batch = self._encode(self._chat_texts(images, questions, languages), images)
+        prompt_len = batch["input_ids"].shape[1]
+        generation_config = GenerationConfig(
+            max_new_tokens=self._max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            # Neutral sampling values: keeps the checkpoint's sampling defaults from being merged in.
+            temperature=1.0,
+            top_p=1.0,
+            top_k=50,
+            eos_token_id=self._eos_ids,
+            pad_token_id=self._pad_id,
+            suppress_tokens=self._suppress_ids or None,
+        )
+        output = self._model.generate(**batch, generation_config=generation_config)
+        new_tokens = output[:, prompt_len:].tolist()
+        eos = set(self._eos_ids)
+        texts: list[str] = []
+        counts: list[int] = []
+        for row in new_tokens:
+            end = next((i for i, t in enumerate(row) if t in eos), None)
+            kept = row if end is None else row[:end]
+            counts.append(len(row) if end is None else end + 1)
+            texts.append(self._tokenizer.decode(kept, skip_special_tokens=True))
+        return texts, counts
+
+
+def _token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> int:
+    """Index of the token whose character range ends exactly at the answer word's end and covers its start."""
+    start, end = span
+    for index, (a, b) in enumerate(offsets):
+        if a <= start < b:
+            if b != end:
+                raise RuntimeError(f"answer word at {span} is not a single token (token covers {a}..{b})")
+            return index
+    raise RuntimeError(f"no token covers answer span {span}")
+
+
+def _fixture_revision(path: Path) -> str:
+    import json
+
+    try:
+        marker = json.loads((path / FIXTURE_MARKER).read_text(encoding="utf-8"))
+        return f"fixture-seed-{int(marker.get('seed', 0))}"
+    except (OSError, ValueError, TypeError):
+        return "fixture"
+
+
+__all__ = [
+    "FIXTURE_WARNING",
+    "EngineConfigError",
+    "TransformersEngine",
+    "binary_entropy",
+    "confidence_from",
+    "parse_description",
+    "request_language",
+]
