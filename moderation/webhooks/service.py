@@ -12,6 +12,7 @@ from datetime import timedelta
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
 
+from moderation import metrics
 from moderation.config import Settings
 from moderation.db import new_id, utcnow
 from moderation.errors import InvalidInput, ModerationError, NotFound
@@ -153,6 +154,7 @@ def attempt_delivery(
         except Exception as exc:  # network failures of every kind count as a failed attempt
             error = f"{type(exc).__name__}: {exc}"
     duration_ms = (time.perf_counter() - started) * 1000
+    metrics.WEBHOOK_ATTEMPTS.labels("success" if error is None else "failure").inc()
     with sessions() as session, session.begin():
         repo = WebhookRepository(session)
         repo.add(
