@@ -12,7 +12,7 @@ from sqlalchemy.orm import sessionmaker
 
 from api.deps import TenantCache
 from api.errors import install_error_handlers
-from api.routes import health, submissions, webhooks
+from api.routes import health, submissions, tenant, webhooks
 from moderation import jobs
 from moderation.blobs import blob_store_from_settings
 from moderation.config import Settings, get_settings
@@ -57,4 +57,5 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     app.include_router(health.router)
     app.include_router(submissions.router)
     app.include_router(webhooks.router)
+    app.include_router(tenant.router)
     return app

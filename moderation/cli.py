@@ -78,6 +78,29 @@ def _tenants_list(_: argparse.Namespace) -> int:
     return 0
 
 
+def _tenants_set(args: argparse.Namespace) -> int:
+    from moderation.db import session_scope
+    from moderation.tenants.repository import TenantRepository
+    from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
+    from moderation.tenants.service import update_settings
+
+    with session_scope() as session:
+        tenant = TenantRepository(session).get_by_name(args.name)
+        if tenant is None:
+            print(f"no tenant named {args.name!r}", file=sys.stderr)
+            return 1
+        update = TenantSettingsUpdate(
+            block_threshold=args.block_threshold,
+            allow_threshold=args.allow_threshold,
+            min_confidence=args.min_confidence,
+        )
+        update_settings(tenant, update)
+        if args.rate_limit is not None:
+            tenant.rate_limit_per_minute = args.rate_limit
+        print(TenantSettingsOut.from_model(tenant).model_dump_json(indent=2))
+    return 0
+
+
 def _migrate(_: argparse.Namespace) -> int:
     migrate()
     print("database is at the newest schema revision")
@@ -109,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--label")
     key.set_defaults(func=_tenants_key)
     tenants.add_parser("list", help="list tenants").set_defaults(func=_tenants_list)
+    setter = tenants.add_parser("set", help="change a tenant's thresholds or rate limit")
+    setter.add_argument("name")
+    setter.add_argument("--block-threshold", type=float)
+    setter.add_argument("--allow-threshold", type=float)
+    setter.add_argument("--min-confidence", type=float)
+    setter.add_argument("--rate-limit", type=int, help="submissions per minute")
+    setter.set_defaults(func=_tenants_set)
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=_migrate)
 

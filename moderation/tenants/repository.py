@@ -16,9 +16,9 @@ class TenantRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def get(self, tenant_id: uuid.UUID) -> Tenant | None:
-        """The tenant with this id, if any."""
-        return self.session.get(Tenant, tenant_id)
+    def get(self, tenant_id: uuid.UUID, *, for_update: bool = False) -> Tenant | None:
+        """The tenant with this id, if any, optionally row-locked."""
+        return self.session.get(Tenant, tenant_id, with_for_update=for_update, populate_existing=for_update)
 
     def get_by_name(self, name: str) -> Tenant | None:
         """The tenant with this name, if any."""

@@ -13,6 +13,7 @@ from moderation.db import utcnow
 from moderation.errors import Conflict, InvalidInput, Unauthorized
 from moderation.tenants.models import ApiKey, Tenant
 from moderation.tenants.repository import TenantRepository
+from moderation.tenants.schemas import TenantSettingsUpdate
 
 KEY_PREFIX = "mod_"
 
@@ -79,22 +80,29 @@ def authenticate(session: Session, authorization: str | None) -> Tenant:
     return tenant
 
 
-def update_thresholds(
-    tenant: Tenant,
-    *,
-    block_threshold: float | None = None,
-    allow_threshold: float | None = None,
-    min_confidence: float | None = None,
-) -> Tenant:
-    """Change a tenant's routing thresholds, keeping allow <= block and every value in [0, 1]."""
-    block = tenant.block_threshold if block_threshold is None else block_threshold
-    allow = tenant.allow_threshold if allow_threshold is None else allow_threshold
-    conf = tenant.min_confidence if min_confidence is None else min_confidence
-    for label, value in (("block_threshold", block), ("allow_threshold", allow), ("min_confidence", conf)):
-        if not 0.0 <= value <= 1.0:
-            raise InvalidInput(f"{label} must lie in [0, 1]", code="invalid_threshold")
+def update_settings(tenant: Tenant, update: TenantSettingsUpdate) -> Tenant:
+    """Apply a partial settings update, keeping allow <= block; bumps the policy version."""
+    from moderation.policy.categories import validate_custom_categories
+
+    block = _pick(update.block_threshold, tenant.block_threshold)
+    allow = _pick(update.allow_threshold, tenant.allow_threshold)
     if allow > block:
         raise InvalidInput("allow_threshold must not exceed block_threshold", code="invalid_threshold")
-    tenant.block_threshold, tenant.allow_threshold, tenant.min_confidence = block, allow, conf
+    cat_block = _pick(update.category_block_threshold, tenant.category_block_threshold)
+    cat_review = _pick(update.category_review_threshold, tenant.category_review_threshold)
+    if cat_review > cat_block:
+        raise InvalidInput(
+            "category_review_threshold must not exceed category_block_threshold", code="invalid_threshold"
+        )
+    tenant.block_threshold, tenant.allow_threshold = block, allow
+    tenant.category_block_threshold, tenant.category_review_threshold = cat_block, cat_review
+    tenant.min_confidence = _pick(update.min_confidence, tenant.min_confidence)
+    if update.categories is not None:
+        categories = validate_custom_categories([c.model_dump() for c in update.categories])
+        tenant.policy = {**(tenant.policy or {}), "categories": categories}
     tenant.policy_version += 1
     return tenant
+
+
+def _pick(new: float | None, old: float) -> float:
+    return old if new is None else new

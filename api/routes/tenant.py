@@ -1,0 +1,30 @@
+"""The calling tenant's own settings (``/v1/tenant``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import SessionDep, TenantDep
+from moderation.tenants.repository import TenantRepository
+from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
+from moderation.tenants.service import update_settings
+
+router = APIRouter(prefix="/v1/tenant", tags=["tenant"])
+
+
+@router.get("", response_model=TenantSettingsOut)
+def get_tenant_settings(tenant: TenantDep) -> TenantSettingsOut:
+    """Thresholds and custom categories of the calling tenant."""
+    return TenantSettingsOut.from_model(tenant)
+
+
+@router.patch("", response_model=TenantSettingsOut)
+def patch_tenant_settings(
+    update: TenantSettingsUpdate, tenant: TenantDep, session: SessionDep
+) -> TenantSettingsOut:
+    """Change thresholds or custom categories; new verdicts use them at once."""
+    row = TenantRepository(session).get(tenant.id, for_update=True)
+    assert row is not None
+    update_settings(row, update)
+    session.commit()
+    return TenantSettingsOut.from_model(row)

@@ -1,0 +1,37 @@
+"""A tenant reads and changes its own thresholds and categories."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from tests.api.conftest import ApiTenant
+
+
+def test_tenant_settings_round_trip(client: TestClient, tenant: ApiTenant) -> None:
+    got = client.get("/v1/tenant", headers=tenant.headers).json()
+    assert (got["block_threshold"], got["allow_threshold"], got["min_confidence"]) == (0.8, 0.3, 0.6)
+    res = client.patch(
+        "/v1/tenant",
+        json={
+            "block_threshold": 0.9,
+            "categories": [{"name": "gambling", "definition": "Promotes betting."}],
+        },
+        headers=tenant.headers,
+    )
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert body["block_threshold"] == 0.9 and body["categories"] == [
+        {"name": "gambling", "definition": "Promotes betting."}
+    ]
+    assert body["policy_version"] == got["policy_version"] + 1
+
+
+def test_bad_tenant_settings_are_refused(client: TestClient, tenant: ApiTenant) -> None:
+    res = client.patch("/v1/tenant", json={"allow_threshold": 0.95}, headers=tenant.headers)
+    assert res.status_code == 422 and res.json()["error"]["code"] == "invalid_threshold"
+    res = client.patch("/v1/tenant", json={"block_threshold": 1.5}, headers=tenant.headers)
+    assert res.status_code == 422 and res.json()["error"]["code"] == "validation_error"
+    res = client.patch(
+        "/v1/tenant", json={"categories": [{"name": "violence", "definition": "dup"}]}, headers=tenant.headers
+    )
+    assert res.status_code == 422 and res.json()["error"]["code"] == "invalid_categories"
