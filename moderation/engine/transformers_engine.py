@@ -241,6 +241,7 @@ class TransformersEngine(ModerationEngine):
         image_max_pixels: int,
         image_min_pixels: int,
         warmup_batch_size: int = 4,
+        min_new_tokens: int = 0,
     ) -> None:
         self._model = model
         self._processor = processor
@@ -249,6 +250,8 @@ class TransformersEngine(ModerationEngine):
         self._info = info
         self._device = device
         self._max_new_tokens = max_new_tokens
+        # Benchmarks force a fixed generation length (random weights stop anywhere); production leaves it 0.
+        self._min_new_tokens = min(min_new_tokens, max_new_tokens)
         self._max_pixels = image_max_pixels
         self._min_pixels = image_min_pixels
         self._warmup_batch_size = max(1, warmup_batch_size)
@@ -550,6 +553,7 @@ class TransformersEngine(ModerationEngine):
         prompt_len = batch["input_ids"].shape[1]
         generation_config = GenerationConfig(
             max_new_tokens=self._max_new_tokens,
+            min_new_tokens=self._min_new_tokens or None,
             do_sample=False,
             num_beams=1,
             # Neutral sampling values: keeps the checkpoint's sampling defaults from being merged in.

@@ -1,0 +1,298 @@
+"""GPU benchmark of the moderation engine on the real Qwen3-VL-8B architecture with random weights.
+
+Builds ``Qwen3VLForConditionalGeneration`` from the real 8B config (moderation/engine/qwen3_vl_8b) with random
+bf16 weights on the GPU, the real Qwen processor and tokenizer, and measures from image bytes to verdict:
+a 512x512 JPEG, a ~30-token caption, every category scored, 96 generated tokens (forced: random weights stop
+anywhere). In the same run it times two baselines: one ``generate`` per submission (batch 1), and plain
+``generate`` on a left-padded batch. Prints a table: submissions/s, p50/p95 latency, peak GPU memory.
+
+    python bench/gpu_engine.py --processor PATH [--batch 64] [--quantization none,int8]
+
+``--processor`` is a folder with the Qwen3-VL processor (tokenizer, image processor, chat template): the
+fixture model's folder works (``moderation fixture-model build``); its random tiny weights are not used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from moderation.engine import prompts  # noqa: E402
+from moderation.engine.base import EngineRequest, ModelInfo  # noqa: E402
+from moderation.engine.images import prepare_image  # noqa: E402
+from moderation.engine.transformers_engine import TransformersEngine  # noqa: E402
+
+CAPTION = (
+    "Brand new iPhone 15 Pro Max, sealed in box, only $199 today! DM me now, shipping worldwide from our "
+    "official store."
+)
+NEW_TOKENS = 96
+
+
+def make_jpeg(seed: int, side: int = 512) -> bytes:
+    """A noisy 512x512 JPEG (distinct per seed)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(side // 8, side // 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+    img = Image.fromarray(pixels).resize((side, side), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def build_model(config_dir: Path, device: str, quantization: str) -> Any:
+    """The 8B model with random weights (bf16), optionally int8 through bitsandbytes."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig.from_pretrained(config_dir)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration(config)
+    torch.set_default_dtype(torch.float32)
+    model.eval()
+    if quantization == "int8":
+        quantize_int8(model.model.language_model, device)
+    return model
+
+
+def quantize_int8(module: torch.nn.Module, device: str) -> None:
+    """Swap every Linear of the language model for a bitsandbytes int8 one (LLM.int8, as MODERATION_QUANTIZATION=int8).
+
+    The vision tower and the LM head stay bf16, as in the engine's BitsAndBytesConfig.
+    """
+    import bitsandbytes as bnb
+
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            new = bnb.nn.Linear8bitLt(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+            )
+            new.weight = bnb.nn.Int8Params(
+                child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False
+            )
+            if child.bias is not None:
+                new.bias = torch.nn.Parameter(child.bias.data.cpu(), requires_grad=False)
+            setattr(module, name, new.to(device))
+            del child
+        else:
+            quantize_int8(child, device)
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of fn, with the device synchronised before and after."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def row(name: str, n: int, total: float, latencies: list[float], device: str) -> dict[str, Any]:
+    """One result row."""
+    lat = sorted(latencies)
+    p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+    return {
+        "mode": name,
+        "submissions": n,
+        "subs_per_s": n / total,
+        "p50_s": statistics.median(lat),
+        "p95_s": p95,
+        "peak_gib": mem,
+    }
+
+
+def bench_naive(
+    model: Any, processor: Any, jpegs: list[bytes], device: str, max_pixels: int
+) -> dict[str, Any]:
+    """The tutorial way: one generate call per submission, batch 1."""
+    latencies = []
+
+    def one(data: bytes) -> None:
+        image = prepare_image(Image.open(io.BytesIO(data)), max_pixels, 1024)
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {
+                        "type": "text",
+                        "text": prompts.describe_question(CAPTION, prompts.DEFAULT_CATEGORIES, "en"),
+                    },
+                ],
+            }
+        ]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        inputs = processor(text=[text], images=[image], return_tensors="pt", do_resize=False).to(device)
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+    for data in jpegs:
+        latencies.append(timed(lambda d=data: one(d), device))
+    return row("naive generate, batch 1", len(jpegs), sum(latencies), latencies, device)
+
+
+def bench_plain_batch(
+    model: Any, processor: Any, jpegs: list[bytes], device: str, max_pixels: int, batch: int
+) -> dict[str, Any]:
+    """Plain generate on a left-padded batch."""
+    processor.tokenizer.padding_side = "left"
+    latencies: list[float] = []
+    total = 0.0
+    for start in range(0, len(jpegs), batch):
+        chunk = jpegs[start : start + batch]
+
+        def run(chunk: list[bytes] = chunk) -> None:
+            images = [prepare_image(Image.open(io.BytesIO(d)), max_pixels, 1024) for d in chunk]
+            messages = [
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image"},
+                            {
+                                "type": "text",
+                                "text": prompts.describe_question(CAPTION, prompts.DEFAULT_CATEGORIES, "en"),
+                            },
+                        ],
+                    }
+                ]
+                for _ in chunk
+            ]
+            texts = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            inputs = processor(text=texts, images=images, return_tensors="pt", padding=True, do_resize=False)
+            model.generate(
+                **inputs.to(device), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            )
+
+        elapsed = timed(run, device)
+        total += elapsed
+        latencies += [elapsed] * len(chunk)
+    return row(f"plain generate, batch {batch}", len(jpegs), total, latencies, device)
+
+
+def _request(data: bytes) -> EngineRequest:
+    return EngineRequest(
+        image=Image.open(io.BytesIO(data)), caption=CAPTION, categories=prompts.DEFAULT_CATEGORIES
+    )
+
+
+def bench_engine(engine: TransformersEngine, jpegs: list[bytes], device: str, batch: int) -> dict[str, Any]:
+    """The engine end to end: JPEG bytes → decoded image → verdict scores and texts."""
+    latencies: list[float] = []
+    total = 0.0
+    for start in range(0, len(jpegs), batch):
+        chunk = jpegs[start : start + batch]
+
+        def run(chunk: list[bytes] = chunk) -> None:
+            requests = [_request(d) for d in chunk]
+            results = engine.moderate(requests)
+            assert len(results) == len(chunk)
+
+        elapsed = timed(run, device)
+        total += elapsed
+        latencies += [elapsed] * len(chunk)
+    return row(f"engine, batch {batch}", len(jpegs), total, latencies, device)
+
+
+def main() -> int:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(ROOT / "moderation/engine/qwen3_vl_8b"))
+    parser.add_argument("--processor", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="batches per batched mode")
+    parser.add_argument("--naive", type=int, default=4, help="submissions in the naive baseline")
+    parser.add_argument("--single", type=int, default=8, help="submissions judged alone")
+    parser.add_argument("--modes", default="naive,plain,engine,single")
+    parser.add_argument("--quantization", default="none", help="comma list of none,int8")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    from transformers import Qwen3VLProcessor
+
+    device = args.device
+    processor = Qwen3VLProcessor.from_pretrained(args.processor)
+    caption_tokens = len(processor.tokenizer.encode(CAPTION))
+    modes = set(args.modes.split(","))
+    n = args.batch * args.rounds
+    jpegs = [make_jpeg(i) for i in range(max(n, args.naive, args.single))]
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"device: {name}; torch {torch.__version__}")
+    print(
+        f"caption tokens: {caption_tokens}; image 512x512 (256 visual tokens); {NEW_TOKENS} new tokens forced"
+    )
+    rows: list[dict[str, Any]] = []
+    for quantization in args.quantization.split(","):
+        model = build_model(Path(args.config), device, quantization)
+        label = "bf16" if quantization == "none" else quantization
+        engine = TransformersEngine(
+            model,
+            processor,
+            info=ModelInfo(name="random-8b", revision="bench", prompt_version=prompts.PROMPT_VERSION),
+            device=torch.device(device),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            image_max_pixels=512 * 512,
+            image_min_pixels=32 * 32,
+        )
+        # Warm-up: kernels, allocator, cuBLAS handles.
+        engine.moderate([_request(jpegs[0])] * 2)
+        reset = torch.cuda.reset_peak_memory_stats if device.startswith("cuda") else (lambda: None)
+        if "naive" in modes:
+            reset()
+            rows.append(
+                bench_naive(model, processor, jpegs[: args.naive], device, 512 * 512) | {"dtype": label}
+            )
+        if "plain" in modes:
+            reset()
+            rows.append(
+                bench_plain_batch(model, processor, jpegs[:n], device, 512 * 512, args.batch)
+                | {"dtype": label}
+            )
+        if "engine" in modes:
+            reset()
+            rows.append(bench_engine(engine, jpegs[:n], device, args.batch) | {"dtype": label})
+        if "single" in modes:
+            reset()
+            rows.append(bench_engine(engine, jpegs[: args.single], device, 1) | {"dtype": label})
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        del engine, model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    print()
+    print(f"{'mode':34} {'dtype':>6} {'subs/s':>8} {'p50 s':>8} {'p95 s':>8} {'peak GiB':>9}")
+    for r in rows:
+        print(
+            f"{r['mode']:34} {r['dtype']:>6} {r['subs_per_s']:8.2f} {r['p50_s']:8.3f} {r['p95_s']:8.3f} "
+            f"{r['peak_gib']:9.1f}"
+        )
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
