@@ -198,6 +198,11 @@ def _request(data: bytes) -> EngineRequest:
 
 def bench_engine(engine: TransformersEngine, jpegs: list[bytes], device: str, batch: int) -> dict[str, Any]:
     """The engine end to end: JPEG bytes → decoded image → verdict scores and texts."""
+    engine.profile = True
+    engine.moderate([_request(d) for d in jpegs[:batch]])
+    stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in engine.timings.items())
+    print(f"engine stages at batch {batch}: {stages}", flush=True)
+    engine.profile = False
     latencies: list[float] = []
     total = 0.0
     for start in range(0, len(jpegs), batch):
@@ -224,6 +229,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="batches per batched mode")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step before capture")
+    parser.add_argument("--plain-rounds", type=int, default=1, help="batches in the plain generate baseline")
     parser.add_argument("--naive", type=int, default=4, help="submissions in the naive baseline")
     parser.add_argument("--single", type=int, default=8, help="submissions judged alone")
     parser.add_argument("--modes", default="naive,plain,engine,single")
@@ -256,9 +263,14 @@ def main() -> int:
             min_new_tokens=NEW_TOKENS,
             image_max_pixels=512 * 512,
             image_min_pixels=32 * 32,
+            use_cuda_graphs=quantization == "none",
+            compile_decode=args.compile,
         )
-        # Warm-up: kernels, allocator, cuBLAS handles.
-        engine.moderate([_request(jpegs[0])] * 2)
+        # Warm-up: kernels, allocator, cuBLAS handles, and the CUDA graphs of both batch sizes.
+        started = time.perf_counter()
+        engine.moderate([_request(jpegs[0])])
+        engine.moderate([_request(d) for d in jpegs[: args.batch]])
+        print(f"{label}: engine warm-up (graph capture) {time.perf_counter() - started:.1f}s", flush=True)
         reset = torch.cuda.reset_peak_memory_stats if device.startswith("cuda") else (lambda: None)
         if "naive" in modes:
             reset()

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     )
     image_min_pixels: int = Field(default=32 * 32, description="Smallest size an image is scaled up to.")
     warmup: bool = Field(default=True, description="Run a warm-up batch when a GPU worker starts.")
+    cuda_graphs: bool = Field(
+        default=True, description="Replay each decode step as a CUDA graph (GPU, unquantized)."
+    )
+    compile_decode: bool = Field(
+        default=False,
+        description="torch.compile the decode step before graph capture: faster tokens, ~70 s compile per batch size.",
+    )
 
     # Batching and pipeline
     batch_max_size: int = Field(default=8, description="Most submissions a GPU worker judges in one batch.")
@@ -145,6 +152,51 @@ class Settings(BaseSettings):
 
     # Review
     review_lease_seconds: int = Field(default=600, description="How long a reviewer holds a claimed item.")
+
+    # Policy: blocklists, known images, verdict cache
+    blocklist_max_terms: int = Field(default=1000, description="Most blocklist terms a tenant may have.")
+    blocklist_max_patterns: int = Field(
+        default=100, description="Most blocklist regular expressions a tenant may have."
+    )
+    blocklist_pattern_max_chars: int = Field(
+        default=200, description="Longest accepted blocklist regular expression, in characters."
+    )
+    blocklist_regex_timeout_ms: int = Field(
+        default=25,
+        description="Time limit of one blocklist regular expression on one text; a slower match is skipped.",
+    )
+    known_image_max_distance: int = Field(
+        default=10,
+        description="Largest pHash Hamming distance (of 64 bits) for a near-duplicate of a known image.",
+    )
+    known_image_dhash_max_distance: int = Field(
+        default=12,
+        description="Largest dHash Hamming distance that must also hold for a known-image match.",
+    )
+    verdict_cache_enabled: bool = Field(
+        default=True,
+        description="Reuse the verdict of the same image bytes, caption, tenant policy version and model.",
+    )
+    verdict_cache_max_age_seconds: int = Field(
+        default=30 * 24 * 3600, description="Oldest stored verdict the verdict cache reuses."
+    )
+    review_session_hours: float = Field(
+        default=12.0, description="How long a reviewer's login session lasts before signing in again."
+    )
+    review_max_failed_logins: int = Field(
+        default=5, description="Failed password attempts in a row that lock a reviewer account."
+    )
+    review_lockout_seconds: int = Field(
+        default=900, description="How long a locked reviewer account stays locked."
+    )
+    review_blur_threshold: float = Field(
+        default=0.5,
+        description="Review screen: blur the image when its sexual, violence or self-harm score reaches this.",
+    )
+    review_cookie_secure: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="`Secure` flag of the review session cookie; `auto` sets it except on http://localhost.",
+    )
 
     @property
     def effective_broker_url(self) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from moderation.engine.base import CategorySpec
 
-PROMPT_VERSION = "moderation-prompt-v1"
+PROMPT_VERSION = "moderation-prompt-v2"
 
 #: Answer key of the caption/image conflict question; always the first answer line.
 CONFLICT_KEY = "conflict"
@@ -106,6 +106,7 @@ class _Texts:
     conflict_question: str
     categories_intro: str
     describe_format: str
+    judge_then: str
     label_description: str
     label_visible_text: str
     label_explanation: str
@@ -131,11 +132,15 @@ _EN = _Texts(
     ),
     categories_intro="For each key below: does the image or the caption contain the following?",
     describe_format=(
-        "Reply in English in exactly this format, three lines, nothing else:\n"
+        "Reply in English, beginning with exactly these three lines:\n"
         "Description: <objective description of the image, at most 60 words>\n"
         'Visible text: <the text visible in the image, verbatim, or "none">\n'
         "Explanation: <one or two sentences: does the caption match the image, and does anything in "
         "the image or caption fall under these categories: {categories}?>"
+    ),
+    judge_then=(
+        "After those three lines, leave one blank line and answer every question below with exactly one "
+        'word, yes or no, one line per question in the given order, in the form "key: yes" or "key: no".'
     ),
     label_description="Description",
     label_visible_text="Visible text",
@@ -156,10 +161,14 @@ _ZH = _Texts(
     conflict_question="配文是否与图片的实际内容相矛盾、歪曲图片内容或与图片不符？",
     categories_intro="对下面每个 key：图片或配文中是否包含以下内容？",
     describe_format=(
-        "请用中文严格按以下格式回复，共三行，不要写其他内容：\n"
+        "请用中文回复，开头严格按以下格式写三行：\n"
         "描述：<对图片的客观描述，不超过 60 个字>\n"
         "图中文字：<图片中可见的文字，原样照录；没有则写“无”>\n"
         "说明：<一到两句话：配文是否与图片相符，图片或配文中是否有内容属于以下类别：{categories}？>"
+    ),
+    judge_then=(
+        "写完这三行后空一行，再用一个英文单词 yes 或 no 回答下面的每个问题，每个问题一行，按给定顺序，格式为 "
+        '"key: yes" 或 "key: no"。'
     ),
     label_description="描述",
     label_visible_text="图中文字",
@@ -224,6 +233,40 @@ def describe_question(caption: str, categories: Sequence[CategorySpec], language
     t = _texts(language)
     names = ", ".join(answer_key(c) for c in categories)
     return f"{_quoted_block(caption, language)}\n\n{t.describe_format.format(categories=names)}"
+
+
+def judge_question(caption: str, categories: Sequence[CategorySpec], language: str) -> str:
+    """User text (after the image) for the single judging pass: the three labelled lines, then the answers.
+
+    The model writes its description, the visible text and its explanation first; the engine then
+    teacher-forces the yes/no answer block after that text and reads the answers' probabilities, so the
+    scores are conditioned on what the model itself saw and wrote.
+    """
+    t = _texts(language)
+    names = ", ".join(answer_key(c) for c in categories)
+    lines = [
+        _quoted_block(caption, language),
+        "",
+        t.describe_format.format(categories=names),
+        "",
+        t.judge_then,
+        "",
+        f"{CONFLICT_KEY}: {t.conflict_question}",
+        "",
+        t.categories_intro,
+    ]
+    for category in categories:
+        lines.append(
+            f"{answer_key(category)}: {_one_line(category.definition, MAX_CATEGORY_DEFINITION_CHARS)}"
+        )
+    return "\n".join(lines)
+
+
+def judge_answer_block(keys: Sequence[str], answer: str = ANSWER_NO) -> tuple[str, list[tuple[int, int]]]:
+    """The forced block after the generated lines (a blank line, then ``key: no`` lines) and answer spans."""
+    block, spans = scoring_answer(keys, answer)
+    lead = "\n\n"
+    return lead + block, [(a + len(lead), b + len(lead)) for a, b in spans]
 
 
 def labels(language: str) -> tuple[str, str, str]:

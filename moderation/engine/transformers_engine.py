@@ -46,6 +46,7 @@ from moderation.engine.base import (
     ModelInfo,
     ModerationEngine,
 )
+from moderation.engine.decoder import StaticDecoder
 from moderation.engine.fixture import CHAT_TEMPLATE_PATH, FIXTURE_MARKER, is_fixture_folder
 from moderation.engine.images import VISUAL_TOKEN_FACTOR, detect_language, prepare_image
 
@@ -242,6 +243,8 @@ class TransformersEngine(ModerationEngine):
         image_min_pixels: int,
         warmup_batch_size: int = 4,
         min_new_tokens: int = 0,
+        use_cuda_graphs: bool = True,
+        compile_decode: bool = False,
     ) -> None:
         self._model = model
         self._processor = processor
@@ -273,6 +276,18 @@ class TransformersEngine(ModerationEngine):
             for tid in (self._tokenizer.convert_tokens_to_ids(t) for t in _SUPPRESSED_TOKENS)
             if isinstance(tid, int) and tid != self._tokenizer.unk_token_id
         ]
+        self._blocks: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+        #: When True, ``timings`` holds the seconds each stage of the last batch took (synchronising the device).
+        self.profile = False
+        self.timings: dict[str, float] = {}
+        self._decoder = StaticDecoder(
+            model,
+            use_cuda_graphs=use_cuda_graphs,
+            suppress_ids=self._suppress_ids,
+            eos_ids=self._eos_ids,
+            min_new_tokens=self._min_new_tokens,
+            compile_step=compile_decode and use_cuda_graphs and device.type == "cuda",
+        )
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -345,6 +360,9 @@ class TransformersEngine(ModerationEngine):
             image_max_pixels=settings.image_max_pixels,
             image_min_pixels=settings.image_min_pixels,
             warmup_batch_size=min(settings.batch_max_size, 8),
+            # bitsandbytes kernels are not capturable; quantized models decode eagerly.
+            use_cuda_graphs=settings.cuda_graphs and settings.quantization == "none",
+            compile_decode=settings.compile_decode,
         )
 
     # -- interface ---------------------------------------------------------------------------------
@@ -368,8 +386,7 @@ class TransformersEngine(ModerationEngine):
         ]
         languages = [request_language(r) for r in requests]
         with self._lock, torch.inference_mode():
-            scored = self._score(requests, images, languages)
-            texts, token_counts = self._describe(requests, images, languages)
+            scored, texts, token_counts = self._judge(requests, images, languages)
         results: list[EngineResult] = []
         for s, text, count, language in zip(scored, texts, token_counts, languages, strict=True):
             description, visible, explanation = parse_description(
@@ -478,103 +495,132 @@ class TransformersEngine(ModerationEngine):
         )
         return {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def _score(
-        self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
-    ) -> list[_Scored]:
-        keys_per_request: list[list[str]] = []
-        answers: list[str] = []
-        answer_ids: list[list[int]] = []
-        answer_token_index: list[list[int]] = []
-        questions: list[str] = []
-        for request, language in zip(requests, languages, strict=True):
-            keys = [prompts.CONFLICT_KEY, *(prompts.answer_key(c) for c in request.categories)]
-            answer, spans = prompts.scoring_answer(keys)
-            answers.append(answer)
-            encoded = self._tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-            ids = [int(i) for i in encoded["input_ids"]]
+    def _answer_block(self, keys: tuple[str, ...]) -> tuple[list[int], list[int]]:
+        """Token ids of the forced answer block for these keys, and the index of each answer token."""
+        cached = self._blocks.get(keys)
+        if cached is None:
+            text, spans = prompts.judge_answer_block(keys)
+            encoded = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             offsets = [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
-            answer_ids.append(ids)
-            answer_token_index.append([_token_at(offsets, span) for span in spans])
-            keys_per_request.append(keys)
-            questions.append(prompts.scoring_question(request.caption, request.categories, language))
+            cached = ([int(i) for i in encoded["input_ids"]], [_token_at(offsets, span) for span in spans])
+            self._blocks[keys] = cached
+        return cached
 
-        prompt_texts = self._chat_texts(images, questions, languages)
-        texts = [p + a for p, a in zip(prompt_texts, answers, strict=True)]
-        batch = self._encode(texts, images)
-        input_ids = batch["input_ids"]
-        seq_len = input_ids.shape[1]
+    def _stopwatch(self) -> Any:
+        """A function that records the time since its previous call under a name, when profiling."""
+        last = [time.perf_counter()]
 
+        def mark(name: str) -> None:
+            if not self.profile:
+                return
+            if self._device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - last[0]
+            last[0] = now
+
+        if self.profile:
+            self.timings = {}
+        return mark
+
+    def _judge(
+        self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
+    ) -> tuple[list[_Scored], list[str], list[int]]:
+        """One prefill, greedy decoding of the labelled lines, then one forced pass over the answer block."""
+        mark = self._stopwatch()
+        questions = [
+            prompts.judge_question(r.caption, r.categories, language)
+            for r, language in zip(requests, languages, strict=True)
+        ]
+        batch = self._encode(self._chat_texts(images, questions, languages), images)
+        prompt_mask = batch["attention_mask"]
+        mark("encode")
+        outputs = self._model(**batch, use_cache=True, logits_to_keep=1)
+        first_logits = outputs.logits[:, -1].float()
+        if self._suppress_ids:
+            first_logits[:, self._suppress_ids] = float("-inf")
+        if self._min_new_tokens > 0:
+            first_logits[:, self._eos_ids] = float("-inf")
+        first = first_logits.argmax(dim=-1)
+        mark("prefill")
+        cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
+        deltas = self._model.model.rope_deltas
+        if deltas is None:
+            deltas = torch.zeros(len(requests), 1, dtype=torch.long, device=self._device)
+        keys_per_request = [
+            (prompts.CONFLICT_KEY, *(prompts.answer_key(c) for c in r.categories)) for r in requests
+        ]
+        blocks = [self._answer_block(keys) for keys in keys_per_request]
+        block_len = 1 + max(len(ids) for ids, _ in blocks)
+        state, tokens, next_slot = self._decoder.generate(
+            cache,
+            prompt_mask,
+            first,
+            deltas,
+            max_new_tokens=self._max_new_tokens,
+            min_new_tokens=self._min_new_tokens,
+            extra_slots=block_len,
+        )
+        del outputs, cache
+        mark("decode")
+        prompt_len = prompt_mask.shape[1]
+        steps = tokens.shape[1] - 1  # tokens in the cache; the last one is fed with the block
+        eos = torch.tensor(self._eos_ids, device=self._device)
+        is_eos = torch.isin(tokens, eos)
+        first_eos = torch.where(
+            is_eos.any(dim=1),
+            is_eos.float().argmax(dim=1),
+            torch.full_like(is_eos[:, 0], tokens.shape[1], dtype=torch.long),
+        )
+        positions = torch.arange(tokens.shape[1], device=self._device).unsqueeze(0)
+        keep = positions < first_eos.unsqueeze(1)
+        block_ids = torch.full(
+            (len(requests), block_len), self._pad_id, dtype=torch.long, device=self._device
+        )
+        block_mask = torch.zeros(len(requests), block_len, dtype=torch.bool, device=self._device)
+        block_ids[:, 0] = tokens[:, -1]
+        block_mask[:, 0] = keep[:, -1]
         rows: list[int] = []
         cols: list[int] = []
-        for row, (ids, token_index) in enumerate(zip(answer_ids, answer_token_index, strict=True)):
-            tail = input_ids[row, seq_len - len(ids) :].tolist()
-            if tail != ids:
-                raise RuntimeError(
-                    "scoring answer was tokenised differently inside the prompt; cannot locate answers"
-                )
-            start = seq_len - len(ids)
-            for j in token_index:
+        for row, (ids, answer_index) in enumerate(blocks):
+            block_ids[row, 1 : 1 + len(ids)] = torch.tensor(ids, device=self._device)
+            block_mask[row, 1 : 1 + len(ids)] = True
+            for j in answer_index:
                 rows.append(row)
-                cols.append(start + j - 1)  # the logits one step earlier predict the answer token
-
-        outputs = self._model.model(**batch, use_cache=False)
-        hidden = outputs.last_hidden_state[
-            torch.tensor(rows, device=self._device), torch.tensor(cols, device=self._device)
-        ]
-        logits = self._model.lm_head(hidden).float()
-        log_probs = torch.log_softmax(logits, dim=-1)
+                cols.append(j)  # block position 1 + j holds the answer; the state before it predicts it
+        hidden = self._decoder.teacher_force(
+            state,
+            block_ids,
+            block_mask,
+            keep[:, :steps],
+            start_slot=next_slot,
+            start_positions=prompt_mask.sum(dim=1) + (next_slot - prompt_len) + deltas.view(-1),
+            prompt_len=prompt_len,
+        )
+        picked = hidden[torch.tensor(rows, device=self._device), torch.tensor(cols, device=self._device)]
+        log_probs = torch.log_softmax(self._model.lm_head(picked).float(), dim=-1)
         lse_yes = torch.logsumexp(log_probs[:, self._yes_ids], dim=-1)
         lse_no = torch.logsumexp(log_probs[:, self._no_ids], dim=-1)
         score = torch.sigmoid(lse_yes - lse_no).cpu().tolist()
         mass = torch.exp(torch.logaddexp(lse_yes, lse_no)).clamp(0.0, 1.0).cpu().tolist()
+        mark("answers")
 
         results: list[_Scored] = []
         k = 0
         for request, keys in zip(requests, keys_per_request, strict=True):
-            conflict = float(score[k])
-            conflict_mass = float(mass[k])
-            category_scores: dict[str, float] = {}
-            for category, offset in zip(request.categories, range(1, len(keys)), strict=True):
-                category_scores[category.name] = float(score[k + offset])
+            category_scores = {
+                category.name: float(score[k + offset])
+                for category, offset in zip(request.categories, range(1, len(keys)), strict=True)
+            }
+            results.append(_Scored(float(score[k]), float(mass[k]), category_scores))
             k += len(keys)
-            results.append(_Scored(conflict, conflict_mass, category_scores))
-        return results
-
-    def _describe(
-        self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
-    ) -> tuple[list[str], list[int]]:
-        from transformers import GenerationConfig
-
-        questions = [
-            prompts.describe_question(r.caption, r.categories, language)
-            for r, language in zip(requests, languages, strict=True)
+        token_rows = tokens.tolist()
+        counts = [min(int(e) + 1, len(r)) for e, r in zip(first_eos.tolist(), token_rows, strict=True)]
+        texts = [
+            self._tokenizer.decode(r[: int(e)], skip_special_tokens=True)
+            for r, e in zip(token_rows, first_eos.tolist(), strict=True)
         ]
-        batch = self._encode(self._chat_texts(images, questions, languages), images)
-        prompt_len = batch["input_ids"].shape[1]
-        generation_config = GenerationConfig(
-            max_new_tokens=self._max_new_tokens,
-            min_new_tokens=self._min_new_tokens or None,
-            do_sample=False,
-            num_beams=1,
-            # Neutral sampling values: keeps the checkpoint's sampling defaults from being merged in.
-            temperature=1.0,
-            top_p=1.0,
-            top_k=50,
-            eos_token_id=self._eos_ids,
-            pad_token_id=self._pad_id,
-            suppress_tokens=self._suppress_ids or None,
-        )
-        output = self._model.generate(**batch, generation_config=generation_config)
-        new_tokens = output[:, prompt_len:].tolist()
-        eos = set(self._eos_ids)
-        texts: list[str] = []
-        counts: list[int] = []
-        for row in new_tokens:
-            end = next((i for i, t in enumerate(row) if t in eos), None)
-            kept = row if end is None else row[:end]
-            counts.append(len(row) if end is None else end + 1)
-            texts.append(self._tokenizer.decode(kept, skip_special_tokens=True))
-        return texts, counts
+        return results, texts, counts
 
 
 def _token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> int:
