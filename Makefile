@@ -8,7 +8,7 @@ FIXTURE := .data/fixture-model/config.json
 # Wheels pip finds on this kind of machine's disk; elsewhere pip downloads them.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-fast lint typecheck fixture-model services services-down bench-intake migrate clean
+.PHONY: install run test test-fast lint typecheck fixture-model services services-down bench-intake migrate clean chromium
 
 install: $(STAMP)
 
@@ -44,8 +44,12 @@ services-down: install
 migrate: install
 	$(BIN)/moderation migrate
 
-test: install fixture-model
+test: install fixture-model chromium
 	$(BIN)/pytest
+
+# The UI tests drive Debian's Chromium through Playwright (never `playwright install`).
+chromium:
+	command -v chromium || (apt-get update && apt-get install -y chromium)
 
 lint: install
 	$(BIN)/ruff check .

@@ -12,7 +12,8 @@ from sqlalchemy.orm import sessionmaker
 
 from api.deps import TenantCache
 from api.errors import install_error_handlers
-from api.routes import health, submissions, tenant, webhooks
+from api.routes import appeals, health, policy, review, submissions, tenant, webhooks
+from api.ui import routes as review_ui
 from moderation import jobs
 from moderation.blobs import blob_store_from_settings
 from moderation.config import Settings, get_settings
@@ -58,4 +59,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     app.include_router(submissions.router)
     app.include_router(webhooks.router)
     app.include_router(tenant.router)
+    app.include_router(appeals.router)
+    app.include_router(review.router)
+    app.include_router(review_ui.router)
+    app.include_router(policy.router)
     return app

@@ -28,3 +28,8 @@ WEBHOOK_ATTEMPTS = Counter(
     "moderation_webhook_attempts_total", "Webhook delivery attempts by result", ["result"]
 )
 SWEEPER_RECOVERED = Counter("moderation_sweeper_recovered_total", "Work re-enqueued by the sweeper", ["kind"])
+VERDICTS_WITHOUT_INFERENCE = Counter(
+    "moderation_verdicts_without_inference_total",
+    "Verdicts reached without running the engine, by cause (known_image, blocklist, cache)",
+    ["cause"],
+)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import os
 import socket
@@ -18,12 +20,26 @@ from moderation import metrics
 from moderation.blobs import BlobStore
 from moderation.config import Settings
 from moderation.db import new_id, utcnow
-from moderation.engine.base import EngineRequest, EngineResult, ModerationEngine
+from moderation.engine.base import EngineRequest, EngineResult, ModelInfo, ModerationEngine
 from moderation.jobs import Job, enqueue_after_commit
+from moderation.policy.blocklist import Blocklist
 from moderation.policy.categories import categories_for
-from moderation.policy.routing import Thresholds, route
+from moderation.policy.decision import (
+    POLICY_MODEL_NAME,
+    POLICY_RULES_VERSION,
+    KnownImageMatch,
+    PolicyVerdict,
+    after_engine,
+    before_engine,
+)
+from moderation.policy.perceptual import image_hashes
+from moderation.policy.repository import KnownImageRepository
+from moderation.policy.routing import Thresholds
+from moderation.policy.service import blocklist_for, find_known_image
+from moderation.processing.repository import VerdictCacheRepository
 from moderation.review.models import ReviewItem, ReviewState
 from moderation.review.repository import ReviewRepository
+from moderation.review.service import release_expired_leases
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 from moderation.submissions.repository import SubmissionRepository
 from moderation.submissions.service import process_job
@@ -61,10 +77,60 @@ class _Leased:
     token: uuid.UUID
 
 
+@dataclass
+class _Prepared:
+    item: _Leased
+    tenant: Tenant
+    request: EngineRequest
+    cache_key: str | None = None
+
+
+@dataclass
+class _Draft:
+    """A verdict ready to be written for one leased submission, with its cache bookkeeping."""
+
+    item: _Leased
+    tenant: Tenant
+    verdict: Verdict
+    priority: int
+    cache_key: str | None = None
+    cached_from: uuid.UUID | None = None
+
+
 def review_priority(conflict_score: float, category_scores: dict[str, float]) -> int:
     """Queue priority of a review item (lower is sooner): items leaning to block come first."""
     risk = max([conflict_score, *category_scores.values()])
     return round(100 - 50 * risk)
+
+
+def verdict_cache_key(
+    tenant_id: uuid.UUID, image_sha256: str, caption: str, policy_version: int, model: ModelInfo
+) -> str:
+    """SHA-256 over everything a verdict depends on: tenant, image bytes, caption, policy and model."""
+    material = json.dumps(
+        [
+            str(tenant_id),
+            image_sha256,
+            caption,
+            policy_version,
+            model.name,
+            model.revision,
+            model.prompt_version,
+        ],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def thresholds_of(tenant: Tenant) -> Thresholds:
+    """A tenant's routing thresholds."""
+    return Thresholds(
+        block_threshold=tenant.block_threshold,
+        allow_threshold=tenant.allow_threshold,
+        min_confidence=tenant.min_confidence,
+        category_block_threshold=tenant.category_block_threshold,
+        category_review_threshold=tenant.category_review_threshold,
+    )
 
 
 class BatchProcessor:
@@ -82,6 +148,16 @@ class BatchProcessor:
         self.blob_store = blob_store
         self.settings = settings
         self.worker = worker_name()
+        self._blocklists: dict[tuple[uuid.UUID, int], Blocklist] = {}
+
+    def _blocklist(self, tenant: Tenant) -> Blocklist:
+        """The tenant's blocklist, normalised once per policy version."""
+        key = (tenant.id, tenant.policy_version)
+        if key not in self._blocklists:
+            if len(self._blocklists) >= 1024:
+                self._blocklists.clear()
+            self._blocklists[key] = blocklist_for(tenant, self.settings)
+        return self._blocklists[key]
 
     def _claim(self, first_id: uuid.UUID | None, limit: int, fresh_only: bool) -> list[_Leased]:
         with self.sessions() as session, session.begin():
@@ -163,37 +239,161 @@ class BatchProcessor:
             }
             for tenant in tenants.values():
                 session.expunge(tenant)
-        ready: list[tuple[_Leased, EngineRequest]] = []
+        prepared: list[_Prepared] = []
         for item in leased:
+            tenant = tenants[item.submission.tenant_id]
             try:
-                request = self._request_for(item.submission, tenants[item.submission.tenant_id])
+                request = self._request_for(item.submission, tenant)
             except Exception as exc:
                 logger.warning("submission %s has an unusable image: %s", item.submission.id, exc)
                 self._fail(item, f"image could not be loaded: {exc}", report)
                 continue
-            ready.append((item, request))
+            prepared.append(_Prepared(item, tenant, request))
+        decided, ready = self._before_engine(prepared)
+        if decided:
+            self._write_verdicts(decided, report)
         if not ready:
             return report
         started = time.perf_counter()
         try:
-            results = self.engine.moderate([request for _, request in ready])
+            results = self.engine.moderate([p.request for p in ready])
         except Exception as exc:
             logger.exception("engine failed on a batch of %d", len(ready))
             metrics.PROCESSING_FAILURES.labels("engine_error").inc(len(ready))
-            self._retry_or_fail(
-                [item for item, _ in ready], f"engine error: {type(exc).__name__}: {exc}", report
-            )
+            self._retry_or_fail([p.item for p in ready], f"engine error: {type(exc).__name__}: {exc}", report)
             return report
         report.inference_seconds = time.perf_counter() - started
         metrics.INFERENCE_SECONDS.observe(report.inference_seconds)
         per_item_ms = report.inference_seconds * 1000 / len(ready)
         self._write_verdicts(
-            [(item, result) for (item, _), result in zip(ready, results, strict=True)],
-            tenants,
-            per_item_ms,
+            [self._engine_draft(p, result, per_item_ms) for p, result in zip(ready, results, strict=True)],
             report,
         )
         return report
+
+    def _before_engine(self, prepared: list[_Prepared]) -> tuple[list[_Draft], list[_Prepared]]:
+        """Decide what needs no inference (known image, blocklisted caption, cached verdict)."""
+        decided: list[_Draft] = []
+        ready: list[_Prepared] = []
+        if not prepared:
+            return decided, ready
+        info = self.engine.info
+        oldest = utcnow() - timedelta(seconds=self.settings.verdict_cache_max_age_seconds)
+        with self.sessions() as session:
+            with_known = KnownImageRepository(session).tenants_with_known_images(
+                {p.tenant.id for p in prepared}
+            )
+            cache = VerdictCacheRepository(session)
+            for p in prepared:
+                submission = p.item.submission
+                known: KnownImageMatch | None = None
+                if p.tenant.id in with_known:
+                    known = find_known_image(
+                        session, p.tenant.id, image_hashes(p.request.image), self.settings
+                    )
+                caption_hits = self._blocklist(p.tenant).match(submission.caption, "caption")
+                policy = before_engine(submission.caption, known, caption_hits)
+                if policy is not None:
+                    metrics.VERDICTS_WITHOUT_INFERENCE.labels("known_image" if known else "blocklist").inc()
+                    decided.append(self._policy_draft(p, policy))
+                    continue
+                if not self.settings.verdict_cache_enabled:
+                    ready.append(p)
+                    continue
+                p.cache_key = verdict_cache_key(
+                    p.tenant.id, submission.image_sha256, submission.caption, p.tenant.policy_version, info
+                )
+                source = cache.find(p.cache_key, newer_than=oldest)
+                if source is None:
+                    ready.append(p)
+                    continue
+                metrics.VERDICTS_WITHOUT_INFERENCE.labels("cache").inc()
+                decided.append(self._cached_draft(p, source))
+        return decided, ready
+
+    def _policy_draft(self, p: _Prepared, policy: PolicyVerdict) -> _Draft:
+        verdict = Verdict(
+            id=new_id(),
+            submission_id=p.item.submission.id,
+            decision=policy.decision,
+            conflict_score=1.0,
+            confidence=1.0,
+            categories=[],
+            description=policy.description,
+            visible_text="",
+            explanation=policy.explanation,
+            reasons=policy.reasons,
+            model_name=POLICY_MODEL_NAME,
+            model_revision=f"tenant-policy-v{p.tenant.policy_version}",
+            prompt_version=POLICY_RULES_VERSION,
+            inference_ms=0.0,
+            decided_at=utcnow(),
+        )
+        return _Draft(p.item, p.tenant, verdict, priority=review_priority(1.0, {}))
+
+    def _cached_draft(self, p: _Prepared, source: Verdict) -> _Draft:
+        scores = {str(c["name"]): float(c["score"]) for c in source.categories}
+        reason = (
+            f"cached: reused verdict {source.id} of submission {source.submission_id} (same image, caption, "
+            f"policy version {p.tenant.policy_version} and model {source.model_name}@{source.model_revision}, "
+            f"prompt {source.prompt_version}); no inference"
+        )
+        verdict = Verdict(
+            id=new_id(),
+            submission_id=p.item.submission.id,
+            decision=source.decision,
+            conflict_score=source.conflict_score,
+            confidence=source.confidence,
+            categories=[dict(c) for c in source.categories],
+            description=source.description,
+            visible_text=source.visible_text,
+            explanation=source.explanation,
+            reasons=[reason, *source.reasons],
+            model_name=source.model_name,
+            model_revision=source.model_revision,
+            prompt_version=source.prompt_version,
+            inference_ms=0.0,
+            decided_at=utcnow(),
+        )
+        return _Draft(
+            p.item,
+            p.tenant,
+            verdict,
+            priority=review_priority(source.conflict_score, scores),
+            cached_from=source.id,
+        )
+
+    def _engine_draft(self, p: _Prepared, result: EngineResult, per_item_ms: float) -> _Draft:
+        info = self.engine.info
+        outcome = after_engine(
+            p.item.submission.caption, result, self._blocklist(p.tenant), thresholds_of(p.tenant)
+        )
+        verdict = Verdict(
+            id=new_id(),
+            submission_id=p.item.submission.id,
+            decision=outcome.decision,
+            conflict_score=_unit(result.conflict_score),
+            confidence=_unit(result.confidence),
+            categories=[
+                {"name": name, "score": _unit(score)} for name, score in outcome.category_scores.items()
+            ],
+            description=result.description,
+            visible_text=result.visible_text,
+            explanation=outcome.explanation,
+            reasons=outcome.reasons,
+            model_name=info.name,
+            model_revision=info.revision,
+            prompt_version=info.prompt_version,
+            inference_ms=per_item_ms,
+            decided_at=utcnow(),
+        )
+        return _Draft(
+            p.item,
+            p.tenant,
+            verdict,
+            priority=review_priority(result.conflict_score, outcome.category_scores),
+            cache_key=p.cache_key,
+        )
 
     def _request_for(self, submission: Submission, tenant: Tenant) -> EngineRequest:
         data = self.blob_store.get(submission.image_sha256)
@@ -201,33 +401,19 @@ class BatchProcessor:
         image.load()
         return EngineRequest(image=image, caption=submission.caption, categories=categories_for(tenant))
 
-    def _write_verdicts(
-        self,
-        results: list[tuple[_Leased, EngineResult]],
-        tenants: dict[uuid.UUID, Tenant],
-        per_item_ms: float,
-        report: BatchReport,
-    ) -> None:
-        info = self.engine.info
+    def _write_verdicts(self, drafts: list[_Draft], report: BatchReport) -> None:
         with self.sessions() as session, session.begin():
             repo = SubmissionRepository(session)
-            for item, result in results:
-                tenant = tenants[item.submission.tenant_id]
-                thresholds = Thresholds(
-                    block_threshold=tenant.block_threshold,
-                    allow_threshold=tenant.allow_threshold,
-                    min_confidence=tenant.min_confidence,
-                    category_block_threshold=tenant.category_block_threshold,
-                    category_review_threshold=tenant.category_review_threshold,
-                )
-                routing = route(result.conflict_score, result.confidence, result.category_scores, thresholds)
-                in_review = routing.decision == Decision.review
+            cache = VerdictCacheRepository(session)
+            for draft in drafts:
+                item, verdict = draft.item, draft.verdict
+                in_review = verdict.decision == Decision.review
                 moved = repo.finish_fenced(
                     item.submission.id,
                     item.token,
                     {
                         "status": SubmissionStatus.in_review if in_review else SubmissionStatus.decided,
-                        "final_decision": None if in_review else routing.decision,
+                        "final_decision": None if in_review else verdict.decision,
                         "last_error": None,
                     },
                 )
@@ -236,29 +422,17 @@ class BatchProcessor:
                     repo.finish_attempt(item.submission.id, item.token, "lease_lost")
                     report.lease_lost.append(item.submission.id)
                     continue
-                verdict = Verdict(
-                    id=new_id(),
-                    submission_id=item.submission.id,
-                    decision=routing.decision,
-                    conflict_score=_unit(result.conflict_score),
-                    confidence=_unit(result.confidence),
-                    categories=[
-                        {"name": name, "score": _unit(score)}
-                        for name, score in result.category_scores.items()
-                    ],
-                    description=result.description,
-                    visible_text=result.visible_text,
-                    explanation=result.explanation,
-                    reasons=routing.reasons,
-                    model_name=info.name,
-                    model_revision=info.revision,
-                    prompt_version=info.prompt_version,
-                    inference_ms=per_item_ms,
-                    decided_at=utcnow(),
-                )
                 if not repo.add_verdict(verdict):
                     raise RuntimeError(
                         f"submission {item.submission.id} already has a verdict despite its lease"
+                    )
+                if draft.cache_key is not None or draft.cached_from is not None:
+                    cache.add(
+                        verdict.id,
+                        draft.tenant.id,
+                        cache_key=draft.cache_key,
+                        cached_from=draft.cached_from,
+                        created_at=verdict.decided_at,
                     )
                 review = None
                 if in_review:
@@ -266,10 +440,10 @@ class BatchProcessor:
                         ReviewItem(
                             id=new_id(),
                             submission_id=item.submission.id,
-                            tenant_id=tenant.id,
+                            tenant_id=draft.tenant.id,
                             state=ReviewState.pending,
-                            priority=review_priority(result.conflict_score, result.category_scores),
-                            reason="; ".join(routing.reasons),
+                            priority=draft.priority,
+                            reason="; ".join(verdict.reasons),
                             categories=[],
                             details={},
                         )
@@ -279,7 +453,7 @@ class BatchProcessor:
                 assert submission is not None
                 session.refresh(submission)
                 emit_submission_event(session, WebhookEvent.submission_decided, submission, review)
-                metrics.VERDICTS.labels(routing.decision.value).inc()
+                metrics.VERDICTS.labels(verdict.decision.value).inc()
                 report.decided.append(item.submission.id)
 
     def _fail(self, item: _Leased, error: str, report: BatchReport) -> None:
@@ -376,7 +550,7 @@ def sweep(sessions: sessionmaker[Session], settings: Settings, *, limit: int = 5
             enqueue_after_commit(session, delivery_job(delivery_id))
         report.webhooks = overdue
     with sessions() as session, session.begin():
-        report.review_leases = ReviewRepository(session).release_expired(now)
+        report.review_leases = release_expired_leases(session, now)
     for kind, items in (("queued", report.requeued), ("lease", report.expired), ("webhook", report.webhooks)):
         if items:
             metrics.SWEEPER_RECOVERED.labels(kind).inc(len(items))

@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Enum, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import Boolean, DateTime, Enum, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -31,6 +31,14 @@ class ReviewDecision(enum.StrEnum):
     escalate = "escalate"
 
 
+class ReviewKind(enum.StrEnum):
+    """Why an item is in the queue: a first review, a tenant's appeal, or a QA second review."""
+
+    review = "review"
+    appeal = "appeal"
+    qa = "qa"
+
+
 class ReviewItem(TimestampMixin, Base):
     """A submission waiting for, or decided by, a human reviewer."""
 
@@ -42,6 +50,7 @@ class ReviewItem(TimestampMixin, Base):
             "created_at",
             postgresql_where=text("state IN ('pending', 'claimed', 'escalated')"),
         ),
+        Index("ix_review_items_decided", "decided_at", postgresql_where=text("state = 'decided'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
@@ -65,3 +74,17 @@ class ReviewItem(TimestampMixin, Base):
     decided_by: Mapped[str | None] = mapped_column(String(320), nullable=True)
     decided_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    kind: Mapped[ReviewKind] = mapped_column(
+        Enum(ReviewKind, name="review_kind", native_enum=False, length=20),
+        default=ReviewKind.review,
+        server_default=ReviewKind.review.value,
+    )
+    # An escalated item stays in the leads' queue while claimed, and returns there when its lease expires.
+    escalated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    origin_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("review_items.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    assigned_to: Mapped[str | None] = mapped_column(String(320), nullable=True, index=True)
+    excluded_reviewers: Mapped[list[str]] = mapped_column(
+        JSONB, default=list, server_default=text("'[]'::jsonb")
+    )

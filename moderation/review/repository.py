@@ -4,12 +4,45 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import String, and_, case, cast, func, or_, select, text, update
+from sqlalchemy.orm import Session, aliased, selectinload
+from sqlalchemy.sql.elements import ColumnElement
 
-from moderation.review.models import ReviewItem, ReviewState
+from moderation.review.models import ReviewDecision, ReviewItem, ReviewKind, ReviewState
+from moderation.submissions.models import Submission, Verdict
+from moderation.tenants.models import Tenant
+
+OPEN_STATES = (ReviewState.pending, ReviewState.claimed, ReviewState.escalated)
+
+
+@dataclass(frozen=True)
+class LabeledVerdict:
+    """A human decision next to the model's scores and the tenant's thresholds at report time."""
+
+    tenant_name: str
+    decision: ReviewDecision
+    categories: list[str]
+    conflict_score: float
+    category_scores: dict[str, float]
+    allow_threshold: float
+    block_threshold: float
+    category_review_threshold: float
+
+
+@dataclass(frozen=True)
+class QaPair:
+    """A QA second review and the decision it checked."""
+
+    first_reviewer: str
+    first_decision: ReviewDecision
+    first_categories: list[str]
+    second_reviewer: str
+    second_decision: ReviewDecision
+    second_categories: list[str]
 
 
 class ReviewRepository:
@@ -32,47 +65,308 @@ class ReviewRepository:
         return self.session.scalar(stmt)
 
     def latest_for_submissions(self, submission_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, ReviewItem]:
-        """The newest review item of each submission that has one."""
+        """The newest review item of each submission that has one; QA second reviews are internal."""
         if not submission_ids:
             return {}
         stmt = (
             select(ReviewItem)
-            .where(ReviewItem.submission_id.in_(submission_ids))
+            .where(ReviewItem.submission_id.in_(submission_ids), ReviewItem.kind != ReviewKind.qa)
             .order_by(ReviewItem.submission_id, ReviewItem.created_at.desc())
             .distinct(ReviewItem.submission_id)
         )
         return {item.submission_id: item for item in self.session.scalars(stmt)}
 
-    def next_claimable(self, now: datetime, states: Sequence[ReviewState]) -> ReviewItem | None:
-        """Lock the highest-priority, oldest item that is free or whose lease expired; SKIP LOCKED."""
+    def for_submission(self, submission_id: uuid.UUID) -> list[ReviewItem]:
+        """Every review item of a submission, oldest first."""
+        stmt = (
+            select(ReviewItem)
+            .where(ReviewItem.submission_id == submission_id)
+            .order_by(ReviewItem.created_at, ReviewItem.id)
+        )
+        return list(self.session.scalars(stmt))
+
+    def open_for_submission(self, submission_id: uuid.UUID) -> ReviewItem | None:
+        """The submission's item still waiting for a decision, if any (QA items aside)."""
+        stmt = select(ReviewItem).where(
+            ReviewItem.submission_id == submission_id,
+            ReviewItem.state.in_(OPEN_STATES),
+            ReviewItem.kind != ReviewKind.qa,
+        )
+        return self.session.scalars(stmt).first()
+
+    def held_by(self, reviewer: str, now: datetime, *, escalated: bool) -> ReviewItem | None:
+        """The most urgent item this reviewer holds under a live lease, row-locked."""
         stmt = (
             select(ReviewItem)
             .where(
-                or_(
-                    ReviewItem.state.in_(states),
-                    (ReviewItem.state == ReviewState.claimed) & (ReviewItem.lease_expires_at < now),
-                )
+                ReviewItem.state == ReviewState.claimed,
+                ReviewItem.claimed_by == reviewer,
+                ReviewItem.lease_expires_at >= now,
+                ReviewItem.escalated.is_(escalated),
             )
+            .order_by(ReviewItem.priority, ReviewItem.created_at)
+            .limit(1)
+            .with_for_update()
+        )
+        return self.session.scalar(stmt)
+
+    def next_claimable(
+        self, now: datetime, *, escalated: bool = False, reviewer: str | None = None, assigned: bool = False
+    ) -> ReviewItem | None:
+        """Lock the most urgent item that is free or whose lease expired; SKIP LOCKED.
+
+        Only items of the given queue (escalated or not) are considered, never ones the reviewer is
+        excluded from; with ``assigned`` only items a lead assigned to this reviewer, otherwise only
+        unassigned ones.
+        """
+        waiting = ReviewState.escalated if escalated else ReviewState.pending
+        conditions: list[ColumnElement[bool]] = [
+            or_(
+                ReviewItem.state == waiting,
+                (ReviewItem.state == ReviewState.claimed) & (ReviewItem.lease_expires_at < now),
+            ),
+            ReviewItem.escalated.is_(escalated),
+        ]
+        if reviewer is not None:
+            conditions.append(~ReviewItem.excluded_reviewers.contains([reviewer]))
+        if assigned:
+            conditions.append(ReviewItem.assigned_to == reviewer)
+        else:
+            conditions.append(ReviewItem.assigned_to.is_(None))
+        stmt = (
+            select(ReviewItem)
+            .where(*conditions)
             .order_by(ReviewItem.priority, ReviewItem.created_at)
             .limit(1)
             .with_for_update(skip_locked=True)
         )
         return self.session.scalar(stmt)
 
-    def list(self, *, state: ReviewState | None, tenant_id: uuid.UUID | None, limit: int) -> list[ReviewItem]:
-        """Review items, highest priority and oldest first."""
-        stmt = select(ReviewItem).order_by(ReviewItem.priority, ReviewItem.created_at).limit(limit)
+    def list_items(
+        self,
+        *,
+        state: ReviewState | None = None,
+        tenant_id: uuid.UUID | None = None,
+        kind: ReviewKind | None = None,
+        claimed_by: str | None = None,
+        decided_by: str | None = None,
+        open_only: bool = False,
+        limit: int = 100,
+    ) -> list[ReviewItem]:
+        """Review items: open ones by priority and age, decided ones newest decision first."""
+        stmt = select(ReviewItem).limit(limit)
+        if state == ReviewState.decided or decided_by is not None:
+            stmt = stmt.order_by(ReviewItem.decided_at.desc().nulls_last(), ReviewItem.id.desc())
+        else:
+            stmt = stmt.order_by(ReviewItem.priority, ReviewItem.created_at)
         if state is not None:
             stmt = stmt.where(ReviewItem.state == state)
+        if open_only:
+            stmt = stmt.where(ReviewItem.state.in_(OPEN_STATES))
         if tenant_id is not None:
             stmt = stmt.where(ReviewItem.tenant_id == tenant_id)
+        if kind is not None:
+            stmt = stmt.where(ReviewItem.kind == kind)
+        if claimed_by is not None:
+            stmt = stmt.where(ReviewItem.claimed_by == claimed_by)
+        if decided_by is not None:
+            stmt = stmt.where(ReviewItem.decided_by == decided_by)
         return list(self.session.scalars(stmt))
 
-    def release_expired(self, now: datetime) -> int:
-        """Return items whose reviewer lease expired to the queue; the number released."""
-        result = self.session.execute(
-            update(ReviewItem)
+    def release_expired(self, now: datetime) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID, str | None]]:
+        """Return items whose reviewer lease expired to their queue (escalated ones to the leads').
+
+        Gives (item id, submission id, tenant id, previous holder) of each released item.
+        """
+        expired = self.session.execute(
+            select(ReviewItem.id, ReviewItem.submission_id, ReviewItem.tenant_id, ReviewItem.claimed_by)
             .where(ReviewItem.state == ReviewState.claimed, ReviewItem.lease_expires_at < now)
-            .values(state=ReviewState.pending, claimed_by=None, lease_token=None, lease_expires_at=None)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if expired:
+            self.session.execute(
+                update(ReviewItem)
+                .where(ReviewItem.id.in_([row[0] for row in expired]))
+                .values(
+                    state=case(
+                        (ReviewItem.escalated.is_(True), ReviewState.escalated.value),
+                        else_=ReviewState.pending.value,
+                    ),
+                    claimed_by=None,
+                    lease_token=None,
+                    lease_expires_at=None,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        return [(row[0], row[1], row[2], row[3]) for row in expired]
+
+    def submissions(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Submission]:
+        """Submissions by id with their verdicts."""
+        if not ids:
+            return {}
+        stmt = select(Submission).options(selectinload(Submission.verdict)).where(Submission.id.in_(ids))
+        return {s.id: s for s in self.session.scalars(stmt)}
+
+    def tenant_names(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """Tenant names by id."""
+        if not ids:
+            return {}
+        rows = self.session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(set(ids))))
+        return {row.id: row.name for row in rows}
+
+    def find_submissions(self, query: str, limit: int = 20) -> list[Submission]:
+        """Submissions whose id is ``query`` or whose external id is or starts with it, newest first."""
+        query = query.strip()
+        conditions: list[ColumnElement[bool]] = [
+            Submission.external_id == query,
+            Submission.external_id.startswith(query, autoescape=True),
+        ]
+        try:
+            conditions.append(Submission.id == uuid.UUID(query))
+        except ValueError:
+            if len(query) >= 8 and all(c in "0123456789abcdef-" for c in query.lower()):
+                conditions.append(cast(Submission.id, String).startswith(query.lower(), autoescape=True))
+        stmt = (
+            select(Submission)
+            .options(selectinload(Submission.verdict))
+            .where(or_(*conditions))
+            .order_by(Submission.created_at.desc())
+            .limit(limit)
         )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+        return list(self.session.scalars(stmt))
+
+    def count_open_by(self) -> dict[tuple[str, str, bool], int]:
+        """Open items counted by (state, kind, escalated)."""
+        stmt = (
+            select(ReviewItem.state, ReviewItem.kind, ReviewItem.escalated, func.count())
+            .where(ReviewItem.state.in_(OPEN_STATES))
+            .group_by(ReviewItem.state, ReviewItem.kind, ReviewItem.escalated)
+        )
+        return {(str(s), str(k), bool(e)): int(n) for s, k, e, n in self.session.execute(stmt)}
+
+    def oldest_open(self) -> datetime | None:
+        """When the oldest open item entered the queue."""
+        return self.session.scalar(
+            select(func.min(ReviewItem.created_at)).where(ReviewItem.state.in_(OPEN_STATES))
+        )
+
+    def count_decided_since(self, since: datetime) -> dict[str, int]:
+        """Items decided since a moment, by decision (escalations count under their final decision)."""
+        stmt = (
+            select(ReviewItem.decision, func.count())
+            .where(ReviewItem.state == ReviewState.decided, ReviewItem.decided_at >= since)
+            .group_by(ReviewItem.decision)
+        )
+        return {str(d): int(n) for d, n in self.session.execute(stmt)}
+
+    def count_open_by_top_category(self) -> dict[str, int]:
+        """Open items counted by the category the model scored highest."""
+        rows = self.session.execute(
+            text(
+                """
+                SELECT top.name, count(*) FROM review_items ri
+                JOIN verdicts v ON v.submission_id = ri.submission_id
+                CROSS JOIN LATERAL (
+                    SELECT c->>'name' AS name FROM jsonb_array_elements(v.categories) AS c
+                    ORDER BY (c->>'score')::float DESC LIMIT 1
+                ) AS top
+                WHERE ri.state IN ('pending', 'claimed', 'escalated')
+                GROUP BY top.name ORDER BY count(*) DESC
+                """
+            )
+        )
+        return {str(name): int(n) for name, n in rows}
+
+    def labeled_verdicts(self, since: datetime, limit: int) -> list[LabeledVerdict]:
+        """Final human decisions (approve or reject) since a moment, with the model's scores."""
+        stmt = (
+            select(
+                Tenant.name,
+                ReviewItem.decision,
+                ReviewItem.categories,
+                Verdict.conflict_score,
+                Verdict.categories,
+                Tenant.allow_threshold,
+                Tenant.block_threshold,
+                Tenant.category_review_threshold,
+            )
+            .join(Verdict, Verdict.submission_id == ReviewItem.submission_id)
+            .join(Tenant, Tenant.id == ReviewItem.tenant_id)
+            .where(
+                ReviewItem.state == ReviewState.decided,
+                ReviewItem.kind.in_([ReviewKind.review, ReviewKind.appeal]),
+                ReviewItem.decision.in_([ReviewDecision.approve, ReviewDecision.reject]),
+                ReviewItem.decided_at >= since,
+            )
+            .order_by(ReviewItem.decided_at.desc())
+            .limit(limit)
+        )
+        return [
+            LabeledVerdict(
+                tenant_name=row[0],
+                decision=ReviewDecision(str(row[1])),
+                categories=list(row[2] or []),
+                conflict_score=float(row[3]),
+                category_scores={str(c["name"]): float(c["score"]) for c in (row[4] or [])},
+                allow_threshold=float(row[5]),
+                block_threshold=float(row[6]),
+                category_review_threshold=float(row[7]),
+            )
+            for row in self.session.execute(stmt)
+        ]
+
+    def qa_pairs(self, since: datetime, limit: int) -> list[QaPair]:
+        """Decided QA second reviews since a moment, each with the decision it checked."""
+        origin = aliased(ReviewItem)
+        stmt = (
+            select(
+                origin.decided_by,
+                origin.decision,
+                origin.categories,
+                ReviewItem.decided_by,
+                ReviewItem.decision,
+                ReviewItem.categories,
+            )
+            .join(origin, origin.id == ReviewItem.origin_id)
+            .where(
+                ReviewItem.kind == ReviewKind.qa,
+                ReviewItem.state == ReviewState.decided,
+                ReviewItem.decided_at >= since,
+                ReviewItem.decision.in_([ReviewDecision.approve, ReviewDecision.reject]),
+                origin.decision.in_([ReviewDecision.approve, ReviewDecision.reject]),
+            )
+            .order_by(ReviewItem.decided_at.desc())
+            .limit(limit)
+        )
+        return [
+            QaPair(
+                first_reviewer=str(row[0] or ""),
+                first_decision=ReviewDecision(str(row[1])),
+                first_categories=list(row[2] or []),
+                second_reviewer=str(row[3] or ""),
+                second_decision=ReviewDecision(str(row[4])),
+                second_categories=list(row[5] or []),
+            )
+            for row in self.session.execute(stmt)
+        ]
+
+    def sample_for_qa(self, count: int, *, since: datetime, tenant_id: uuid.UUID | None) -> list[ReviewItem]:
+        """A random sample of final human decisions that have no QA second review yet, row-locked."""
+        qa = aliased(ReviewItem)
+        conditions: list[Any] = [
+            ReviewItem.state == ReviewState.decided,
+            ReviewItem.kind.in_([ReviewKind.review, ReviewKind.appeal]),
+            ReviewItem.decision.in_([ReviewDecision.approve, ReviewDecision.reject]),
+            ReviewItem.decided_at >= since,
+            ~select(qa.id).where(qa.origin_id == ReviewItem.id, qa.kind == ReviewKind.qa).exists(),
+        ]
+        if tenant_id is not None:
+            conditions.append(ReviewItem.tenant_id == tenant_id)
+        stmt = (
+            select(ReviewItem)
+            .where(and_(*conditions))
+            .order_by(func.random())
+            .limit(count)
+            .with_for_update(skip_locked=True)
+        )
+        return list(self.session.scalars(stmt))

@@ -1,0 +1,1 @@
+"""The reviewers' web UI: server-rendered pages under ``/review``."""

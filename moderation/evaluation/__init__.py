@@ -1,0 +1,1 @@
+"""Evaluation on labelled samples, and per-tenant score calibration from reviewer decisions."""

@@ -1,0 +1,170 @@
+"""Text normalisation for policy matching: undoes case, width, invisible-character and spacing tricks.
+
+Three forms of a text are used:
+
+* ``folded`` — NFKC (full-width → half-width, ligatures, compatibility forms), case-folded, with
+  invisible format characters (zero-width spaces and joiners, bidi controls, soft hyphens) and stray
+  combining marks removed, common Cyrillic/Greek look-alikes mapped to Latin, horizontal whitespace
+  collapsed to one space and line breaks kept;
+* ``despaced`` — the folded form with letter-by-letter spacing undone (``f r e e`` → ``free``) and
+  separators between CJK characters removed (``输 出`` → ``输出``);
+* ``compact`` — only the letters and digits of the folded form, with the positions where words begin
+  and end (``boundaries``), so a term can be matched across punctuation tricks (``fr.ee-mo ney``) but only
+  on whole words (``ass`` does not match inside ``class``).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+# Look-alikes that render identically to Latin letters in most fonts.
+_CONFUSABLES = str.maketrans(
+    {
+        "а": "a",
+        "в": "b",
+        "е": "e",
+        "ё": "e",
+        "к": "k",
+        "м": "m",
+        "н": "h",
+        "о": "o",
+        "р": "p",
+        "с": "c",
+        "т": "t",
+        "у": "y",
+        "х": "x",
+        "і": "i",
+        "ї": "i",
+        "ј": "j",
+        "ѕ": "s",
+        "ԁ": "d",
+        "һ": "h",
+        "ӏ": "l",
+        "ԛ": "q",
+        "ԝ": "w",
+        "α": "a",
+        "ε": "e",
+        "ι": "i",
+        "κ": "k",
+        "ν": "v",
+        "ο": "o",
+        "ρ": "p",
+        "τ": "t",
+        "υ": "u",
+        "χ": "x",
+        "‹": "<",
+        "›": ">",
+        "«": "<",
+        "»": ">",
+        "〈": "<",
+        "〉": ">",
+        "《": "<",
+        "》": ">",
+        "【": "[",
+        "】": "]",
+        "“": '"',
+        "”": '"',
+        "„": '"',
+        "‘": "'",
+        "’": "'",
+        "「": '"',
+        "」": '"',
+        "『": '"',
+        "』": '"',
+        "。": ".",
+        "、": ",",
+    }
+)
+
+_HSPACE_RE = re.compile(r"[^\S\n]+")
+_NEWLINES_RE = re.compile(r"\s*\n\s*")
+# Three or more single letters/digits separated by one to three non-word characters: "f r e e", "f.r.e.e".
+_SPACED_LETTERS_RE = re.compile(r"(?<!\w)\w(?:[\W_]{1,3}\w(?!\w)){2,}")
+_CJK_CLASS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
+_CJK_RE = re.compile(f"[{_CJK_CLASS}]")
+# Decorative separators between two CJK characters; clause punctuation (，。！？；：) is kept.
+_CJK_GAP_RE = re.compile(f"(?<=[{_CJK_CLASS}])[\\s\\-_.·•*~|/\\\\+=]+(?=[{_CJK_CLASS}])")
+
+
+def is_cjk(char: str) -> bool:
+    """Whether a character belongs to a script written without spaces between words (CJK, kana)."""
+    return bool(_CJK_RE.match(char))
+
+
+def _drop_invisible(text: str) -> str:
+    # Cf: zero-width space/joiners, bidi controls, soft hyphen, BOM; Mn after NFKC: decoration such as
+    # strike-through (U+0336) stacked on letters to dodge filters; Cc except line breaks and tabs.
+    return "".join(
+        ch
+        for ch in text
+        if ch in "\n\t" or unicodedata.category(ch) not in ("Cf", "Mn", "Me", "Cc", "Cs", "Co")
+    )
+
+
+def fold(text: str) -> str:
+    """NFKC, case-folded text without invisible characters or look-alikes, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text or "")
+    text = unicodedata.normalize("NFKC", text.casefold())
+    text = _drop_invisible(text).translate(_CONFUSABLES).replace("\r\n", "\n").replace("\r", "\n")
+    text = _HSPACE_RE.sub(" ", text)
+    return _NEWLINES_RE.sub("\n", text).strip()
+
+
+def despace(folded: str) -> str:
+    """The folded text with letter-by-letter spacing joined up and separators between CJK removed."""
+    joined = _SPACED_LETTERS_RE.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), folded)
+    return _CJK_GAP_RE.sub("", joined)
+
+
+@dataclass(frozen=True)
+class NormalizedText:
+    """The matching forms of one text."""
+
+    original: str
+    folded: str
+    despaced: str
+    compact: str
+    boundaries: frozenset[int]
+
+    def contains_term(self, term: NormalizedText) -> bool:
+        """Whether the (normalised) term occurs as whole words, or anywhere for CJK terms."""
+        needle = term.compact
+        if not needle:
+            return False
+        if any(is_cjk(ch) for ch in needle):
+            return needle in self.compact
+        start = self.compact.find(needle)
+        while start != -1:
+            if start in self.boundaries and start + len(needle) in self.boundaries:
+                return True
+            start = self.compact.find(needle, start + 1)
+        return False
+
+
+def normalize(text: str) -> NormalizedText:
+    """All matching forms of ``text``."""
+    folded = fold(text)
+    chars: list[str] = []
+    boundaries: set[int] = {0}
+    previous_was_word = False
+    for ch in folded:
+        if ch.isalnum():
+            if is_cjk(ch):
+                boundaries.add(len(chars))
+                boundaries.add(len(chars) + 1)
+            chars.append(ch)
+            previous_was_word = True
+        else:
+            if previous_was_word:
+                boundaries.add(len(chars))
+            previous_was_word = False
+    boundaries.add(len(chars))
+    return NormalizedText(
+        original=text,
+        folded=folded,
+        despaced=despace(folded),
+        compact="".join(chars),
+        boundaries=frozenset(boundaries),
+    )

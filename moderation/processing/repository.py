@@ -1,0 +1,57 @@
+"""SQL for the verdict cache."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from moderation.processing.models import VerdictCacheEntry
+from moderation.submissions.models import Verdict
+
+
+class VerdictCacheRepository:
+    """Finds reusable verdicts and records cache bookkeeping."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def find(self, cache_key: str, *, newer_than: datetime) -> Verdict | None:
+        """The newest engine-made verdict stored under ``cache_key`` since ``newer_than``."""
+        stmt = (
+            select(Verdict)
+            .join(VerdictCacheEntry, VerdictCacheEntry.verdict_id == Verdict.id)
+            .where(VerdictCacheEntry.cache_key == cache_key, VerdictCacheEntry.created_at >= newer_than)
+            .order_by(VerdictCacheEntry.created_at.desc())
+            .limit(1)
+        )
+        return self.session.scalar(stmt)
+
+    def add(
+        self,
+        verdict_id: uuid.UUID,
+        tenant_id: uuid.UUID,
+        *,
+        cache_key: str | None,
+        cached_from: uuid.UUID | None,
+        created_at: datetime,
+    ) -> None:
+        """Record a verdict's cache key (engine-made) or its source (a copy)."""
+        self.session.add(
+            VerdictCacheEntry(
+                verdict_id=verdict_id,
+                tenant_id=tenant_id,
+                cache_key=cache_key,
+                cached_from_verdict_id=cached_from,
+                created_at=created_at,
+            )
+        )
+        self.session.flush()
+
+    def source_of(self, verdict_id: uuid.UUID) -> uuid.UUID | None:
+        """The verdict a cached verdict was copied from, if it is a copy."""
+        return self.session.scalar(
+            select(VerdictCacheEntry.cached_from_verdict_id).where(VerdictCacheEntry.verdict_id == verdict_id)
+        )

@@ -1,0 +1,148 @@
+"""Read models of the review UI and API: an item with everything a reviewer needs, history, search."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass, field
+
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from moderation.audit.models import AuditEntry
+from moderation.audit.repository import AuditRepository
+from moderation.blobs import BlobStore
+from moderation.engine.base import CategorySpec
+from moderation.errors import NotFound
+from moderation.policy.categories import categories_for
+from moderation.review.models import ReviewItem, ReviewKind, ReviewState
+from moderation.review.repository import ReviewRepository
+from moderation.review.schemas import ReviewItemOut
+from moderation.submissions.models import Submission
+from moderation.tenants.models import Tenant
+from moderation.tenants.repository import TenantRepository
+
+# Categories whose images a reviewer should not have to see unasked.
+SENSITIVE_CATEGORIES = ("sexual", "violence", "self_harm")
+BROWSER_IMAGE_TYPES = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
+
+
+@dataclass(frozen=True)
+class ScoreBar:
+    """One category score as the review screen draws it."""
+
+    name: str
+    score: float
+    level: str
+
+
+@dataclass
+class ItemContext:
+    """A review item with its submission, verdict, tenant, the submission's review history and audit trail."""
+
+    item: ReviewItem
+    submission: Submission
+    tenant: Tenant
+    history: list[ReviewItem]
+    audit: list[AuditEntry]
+    categories: tuple[CategorySpec, ...]
+    scores: list[ScoreBar] = field(default_factory=list)
+    sensitive: list[str] = field(default_factory=list)
+    origin: ReviewItem | None = None
+
+    @property
+    def blind(self) -> bool:
+        """A QA second review does not show the decision it checks."""
+        return self.item.kind == ReviewKind.qa and self.item.state != ReviewState.decided
+
+    def out(self, viewer: str | None) -> ReviewItemOut:
+        """The JSON shape of the item, with its submission."""
+        return ReviewItemOut.from_model(
+            self.item, viewer=viewer, submission=self.submission, tenant=self.tenant.name
+        )
+
+
+def _level(score: float, review_at: float, block_at: float) -> str:
+    if score >= block_at:
+        return "high"
+    if score >= review_at:
+        return "medium"
+    return "low"
+
+
+def item_context(session: Session, item_id: uuid.UUID, *, blur_threshold: float) -> ItemContext:
+    """Everything the review screen shows about an item; NotFound when it does not exist."""
+    repo = ReviewRepository(session)
+    item = repo.get(item_id)
+    if item is None:
+        raise NotFound("review item not found", code="review_item_not_found")
+    submission = repo.submissions([item.submission_id])[item.submission_id]
+    tenant = TenantRepository(session).get(item.tenant_id)
+    assert tenant is not None
+    history = [h for h in repo.for_submission(item.submission_id) if h.id != item.id]
+    context = ItemContext(
+        item=item,
+        submission=submission,
+        tenant=tenant,
+        history=history,
+        audit=AuditRepository(session).search(submission_id=item.submission_id, limit=200),
+        categories=categories_for(tenant),
+        origin=repo.get(item.origin_id) if item.origin_id else None,
+    )
+    if submission.verdict is not None:
+        scores = sorted(submission.verdict.categories, key=lambda c: -float(c["score"]))
+        context.scores = [
+            ScoreBar(
+                name=str(c["name"]),
+                score=float(c["score"]),
+                level=_level(
+                    float(c["score"]), tenant.category_review_threshold, tenant.category_block_threshold
+                ),
+            )
+            for c in scores
+        ]
+        context.sensitive = [
+            s.name for s in context.scores if s.name in SENSITIVE_CATEGORIES and s.score >= blur_threshold
+        ]
+    return context
+
+
+def submission_image(session: Session, blob_store: BlobStore, submission_id: uuid.UUID) -> tuple[bytes, str]:
+    """A submission's image bytes and content type, converted to PNG when browsers cannot show the format."""
+    submission = ReviewRepository(session).submissions([submission_id]).get(submission_id)
+    if submission is None:
+        raise NotFound("submission not found", code="submission_not_found")
+    data = blob_store.get(submission.image_sha256)
+    content_type = BROWSER_IMAGE_TYPES.get(submission.image_format.upper())
+    if content_type is not None:
+        return data, content_type
+    with Image.open(io.BytesIO(data)) as image:
+        buffer = io.BytesIO()
+        image.convert("RGBA").save(buffer, "PNG")
+    return buffer.getvalue(), "image/png"
+
+
+def search(session: Session, query: str) -> list[tuple[Submission, list[ReviewItem], str]]:
+    """Submissions matching an id or external id, each with its review items and tenant name."""
+    if not query.strip():
+        return []
+    repo = ReviewRepository(session)
+    found = repo.find_submissions(query)
+    names = repo.tenant_names([s.tenant_id for s in found])
+    return [(s, repo.for_submission(s.id), names.get(s.tenant_id, "?")) for s in found]
+
+
+def items_with_submissions(
+    session: Session, items: list[ReviewItem]
+) -> list[tuple[ReviewItem, Submission | None, str]]:
+    """Items next to their submissions and tenant names, for lists."""
+    repo = ReviewRepository(session)
+    subs = repo.submissions([i.submission_id for i in items])
+    names = repo.tenant_names([i.tenant_id for i in items])
+    return [(i, subs.get(i.submission_id), names.get(i.tenant_id, "?")) for i in items]

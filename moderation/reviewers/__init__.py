@@ -1,0 +1,1 @@
+"""Reviewer accounts: roles, password logins, sessions, API tokens and lockout."""

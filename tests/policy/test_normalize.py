@@ -1,0 +1,53 @@
+"""Normalisation undoes case, width, invisible-character, look-alike and spacing tricks."""
+
+from __future__ import annotations
+
+import pytest
+
+from moderation.policy.normalize import fold, normalize
+
+
+@pytest.mark.parametrize(
+    ("text", "folded"),
+    [
+        ("ＦＲＥＥ　ＭＯＮＥＹ", "free money"),
+        ("Free\u200bMo\u200dney", "freemoney"),
+        ("STRASSE Straße", "strasse strasse"),
+        ("frее", "free"),  # Cyrillic е
+        ("a  \t b\r\n\n  c", "a b\nc"),
+        ("f\u0336r\u0336e\u0336e\u0336", "free"),  # strike-through combining marks
+        ("加\ufeff微信", "加微信"),
+    ],
+)
+def test_fold(text: str, folded: str) -> None:
+    assert fold(text) == folded
+
+
+def test_compact_form_keeps_word_boundaries() -> None:
+    norm = normalize("fr.ee-mo ney!")
+    assert norm.compact == "freemoney"
+    assert norm.boundaries == {0, 2, 4, 6, 9}
+
+
+def test_despaced_form_joins_spelled_out_words() -> None:
+    assert normalize("i g n o r e this").despaced == "ignore this"
+    assert normalize("f.r.e.e money").despaced == "free money"
+    assert normalize("加 微 信，领红包").despaced == "加微信,领红包"
+
+
+@pytest.mark.parametrize(
+    ("text", "term", "found"),
+    [
+        ("FREE MONEY here", "free money", True),
+        ("f r e e  m o n e y", "free money", True),
+        ("fr.ee-mo ney", "free money", True),
+        ("freemoney", "free money", True),
+        ("a classy act", "ass", False),
+        ("a.s.s", "ass", True),
+        ("加 微 信 领红包", "加微信", True),
+        ("请加我微信", "微信", True),
+        ("WhatsApp联系我", "whatsapp", True),
+    ],
+)
+def test_contains_term(text: str, term: str, found: bool) -> None:
+    assert normalize(text).contains_term(normalize(term)) is found
