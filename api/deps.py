@@ -14,7 +14,7 @@ from moderation.tenants.models import Tenant
 from moderation.tenants.service import authenticate, hash_api_key
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     """The app's settings."""
     settings: Settings = request.app.state.settings
     return settings
@@ -51,12 +51,8 @@ class TenantCache:
         self._entries[key_hash] = (time.monotonic() + self.ttl, tenant)
 
 
-def get_tenant(
-    request: Request,
-    session: Annotated[Session, Depends(get_session)],
-    authorization: Annotated[str | None, Header()] = None,
-) -> Tenant:
-    """The tenant of the request's API key, or 401."""
+def resolve_tenant(request: Request, session: Session, authorization: str | None) -> Tenant:
+    """The tenant of an Authorization header, attached to ``session``; cached for a few seconds."""
     cache: TenantCache = request.app.state.tenant_cache
     token = (authorization or "").partition(" ")[2].strip()
     key_hash = hash_api_key(token) if token else ""
@@ -66,6 +62,15 @@ def get_tenant(
     session.expunge(tenant)
     cache.put(key_hash, tenant)
     return session.merge(tenant, load=False)
+
+
+def get_tenant(
+    request: Request,
+    session: Annotated[Session, Depends(get_session)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Tenant:
+    """The tenant of the request's API key, or 401."""
+    return resolve_tenant(request, session, authorization)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

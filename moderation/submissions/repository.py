@@ -9,7 +9,8 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from moderation.db import new_id, utcnow
 from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
@@ -59,6 +60,18 @@ class SubmissionRepository:
         """Insert a submission unless its idempotency key or external id exists; the new id or None."""
         stmt = insert(Submission).values(**values).on_conflict_do_nothing().returning(Submission.id)
         return self.session.scalar(stmt)
+
+    def attach_inserted(self, values: dict[str, Any]) -> Submission:
+        """The submission just inserted with ``values``, put in the session as loaded, without reading it back."""
+        submission = Submission()
+        submission.id = values["id"]
+        make_transient_to_detached(submission)
+        for column in Submission.__table__.columns:
+            key = "metadata_" if column.key == "metadata" else column.key
+            set_committed_value(submission, key, values.get(column.key))
+        set_committed_value(submission, "verdict", None)
+        self.session.add(submission)
+        return submission
 
     def page(
         self,

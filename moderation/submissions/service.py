@@ -81,35 +81,33 @@ def submit(
     info = validate_image(image, settings)
     sha256 = blob_store.put(image)
     now = utcnow()
-    new_submission_id = repo.insert_if_new(
-        {
-            "id": new_id(),
-            "tenant_id": tenant.id,
-            "external_id": external_id,
-            "idempotency_key": idempotency_key,
-            "caption": text,
-            "metadata": meta,
-            "image_sha256": sha256,
-            "image_format": info.format,
-            "image_width": info.width,
-            "image_height": info.height,
-            "image_bytes": len(image),
-            "image_source_url": source_url,
-            "status": SubmissionStatus.queued,
-            "attempts": 0,
-            "enqueued_at": now,
-            "created_at": now,
-            "updated_at": now,
-        }
-    )
+    values = {
+        "id": new_id(),
+        "tenant_id": tenant.id,
+        "external_id": external_id,
+        "idempotency_key": idempotency_key,
+        "caption": text,
+        "metadata": meta,
+        "image_sha256": sha256,
+        "image_format": info.format,
+        "image_width": info.width,
+        "image_height": info.height,
+        "image_bytes": len(image),
+        "image_source_url": source_url,
+        "status": SubmissionStatus.queued,
+        "attempts": 0,
+        "enqueued_at": now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    new_submission_id = repo.insert_if_new(values)
     if new_submission_id is None:
         # A concurrent request with the same key won the race; answer with its submission.
         existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
         if existing is None:  # pragma: no cover - the conflicting row must exist
             raise RuntimeError("idempotent insert conflicted but no submission was found")
         return IntakeResult(existing, created=False)
-    submission = repo.get(new_submission_id)
-    assert submission is not None
+    submission = repo.attach_inserted(values)
     enqueue_after_commit(session, process_job(submission.id))
     return IntakeResult(submission, created=True)
 
