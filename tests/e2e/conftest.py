@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,11 +153,16 @@ class Stack:
         raise AssertionError(f"{name} not ready:\n" + self.log(name)[-4000:])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, fixture_model_dir: Path) -> Iterator[Stack]:
-    """The whole service, started fresh for a test module."""
-    log_dir = tmp_path_factory.mktemp("stack")
-    database_url = migrated_database(E2E_DATABASE_URL)
+@contextmanager
+def running_stack(
+    log_dir: Path,
+    database_url: str,
+    fixture_model_dir: Path,
+    overrides: dict[str, str],
+    names: tuple[str, ...],
+) -> Iterator[Stack]:
+    """Migrate a fresh database, flush the Redis db, start the named processes and wait until they serve."""
+    database_url = migrated_database(database_url)
     redis.Redis.from_url(E2E_REDIS_URL).flushdb()
     env = {
         **os.environ,
@@ -165,27 +171,44 @@ def stack(tmp_path_factory: pytest.TempPathFactory, fixture_model_dir: Path) -> 
         "MODERATION_BLOB_DIR": str(log_dir / "blobs"),
         "MODERATION_MODEL": str(fixture_model_dir),
         "MODERATION_ALLOW_PRIVATE_NETWORK": "true",
+        "MODERATION_MAX_NEW_TOKENS": "24",
+        "MODERATION_WEBHOOK_BACKOFF_BASE_SECONDS": "0.5",
+        "PYTHONUNBUFFERED": "1",
+        **overrides,
+    }
+    s = Stack(env=env, log_dir=log_dir, api_url=f"http://127.0.0.1:{free_port()}")
+    s.db = create_engine(database_url)
+    try:
+        for name in names:
+            s.start(name)
+        s.wait_api()
+        for name in names:
+            if name in ("gpu", "cpu"):
+                s.wait_worker_ready(name)
+        yield s
+    finally:
+        s.stop_all()
+        s.db.dispose()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, fixture_model_dir: Path) -> Iterator[Stack]:
+    """The whole service, started fresh for a test module, with short leases so crashes recover fast."""
+    overrides = {
         "MODERATION_BATCH_MAX_SIZE": "4",
         "MODERATION_BATCH_WAIT_MS": "300",
         "MODERATION_PROCESSING_LEASE_SECONDS": "6",
         "MODERATION_QUEUE_REDELIVER_SECONDS": "4",
         "MODERATION_SWEEP_INTERVAL_SECONDS": "1",
-        "MODERATION_MAX_NEW_TOKENS": "24",
-        "MODERATION_WEBHOOK_BACKOFF_BASE_SECONDS": "0.5",
-        "PYTHONUNBUFFERED": "1",
     }
-    s = Stack(env=env, log_dir=log_dir, api_url=f"http://127.0.0.1:{free_port()}")
-    s.db = create_engine(database_url)
-    try:
-        for name in ("api", "gpu", "cpu", "beat"):
-            s.start(name)
-        s.wait_api()
-        s.wait_worker_ready("gpu")
-        s.wait_worker_ready("cpu")
+    with running_stack(
+        tmp_path_factory.mktemp("stack"),
+        E2E_DATABASE_URL,
+        fixture_model_dir,
+        overrides,
+        ("api", "gpu", "cpu", "beat"),
+    ) as s:
         yield s
-    finally:
-        s.stop_all()
-        s.db.dispose()
 
 
 @pytest.fixture(scope="module")

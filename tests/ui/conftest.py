@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
-from sqlalchemy import create_engine
 
-from tests.conftest import migrated_database
-from tests.e2e.conftest import BIN, E2E_DATABASE_URL, E2E_REDIS_URL, ROOT, Stack, free_port
+from tests.e2e.conftest import BIN, E2E_DATABASE_URL, ROOT, Stack, running_stack
 
 CHROMIUM = os.environ.get("MODERATION_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -36,35 +33,19 @@ SCREENSHOTS = ROOT / "docs" / "screenshots"
 @pytest.fixture(scope="module")
 def ui_stack(tmp_path_factory: pytest.TempPathFactory, fixture_model_dir: Path) -> Iterator[Stack]:
     """API, GPU and CPU workers on a fresh database; the review screen blurs readily."""
-    log_dir = tmp_path_factory.mktemp("ui-stack")
-    database_url = migrated_database(UI_DATABASE_URL)
-    redis.Redis.from_url(E2E_REDIS_URL).flushdb()
-    env = {
-        **os.environ,
-        "MODERATION_DATABASE_URL": database_url,
-        "MODERATION_REDIS_URL": E2E_REDIS_URL,
-        "MODERATION_BLOB_DIR": str(log_dir / "blobs"),
-        "MODERATION_MODEL": str(fixture_model_dir),
-        "MODERATION_ALLOW_PRIVATE_NETWORK": "true",
+    overrides = {
         "MODERATION_BATCH_WAIT_MS": "50",
-        "MODERATION_MAX_NEW_TOKENS": "24",
-        "MODERATION_WEBHOOK_BACKOFF_BASE_SECONDS": "0.5",
         # Low enough that the fixture model's scores blur every image, above the demo's 0.02 defaults.
         "MODERATION_REVIEW_BLUR_THRESHOLD": "0.03",
-        "PYTHONUNBUFFERED": "1",
     }
-    stack = Stack(env=env, log_dir=log_dir, api_url=f"http://127.0.0.1:{free_port()}")
-    stack.db = create_engine(database_url)
-    try:
-        for name in ("api", "gpu", "cpu"):
-            stack.start(name)
-        stack.wait_api()
-        stack.wait_worker_ready("gpu")
-        stack.wait_worker_ready("cpu")
+    with running_stack(
+        tmp_path_factory.mktemp("ui-stack"),
+        UI_DATABASE_URL,
+        fixture_model_dir,
+        overrides,
+        ("api", "gpu", "cpu"),
+    ) as stack:
         yield stack
-    finally:
-        stack.stop_all()
-        stack.db.dispose()
 
 
 def create_reviewer(stack: Stack, email: str, role: str, password: str) -> None:
