@@ -20,12 +20,21 @@ if TYPE_CHECKING:
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+def migrations_root() -> Path:
+    """The folder holding alembic.ini: the source checkout, or the working directory of an installed copy."""
+    for candidate in (PROJECT_ROOT, Path.cwd()):
+        if (candidate / "alembic.ini").is_file() and (candidate / "alembic").is_dir():
+            return candidate
+    raise FileNotFoundError("alembic.ini not found; run `moderation migrate` from the project folder")
+
+
 def alembic_config(database_url: str | None = None) -> Config:
     """Alembic configuration pointing at this project's migrations."""
     from alembic.config import Config
 
-    config = Config(str(PROJECT_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(PROJECT_ROOT / "alembic"))
+    root = migrations_root()
+    config = Config(str(root / "alembic.ini"))
+    config.set_main_option("script_location", str(root / "alembic"))
     if database_url:
         config.attributes["database_url"] = database_url
     return config
