@@ -27,7 +27,9 @@ from api.ui import auth
 from api.ui.auth import FormPrincipalDep, Principal, PrincipalDep
 from moderation.audit.repository import AuditRepository
 from moderation.db import utcnow
-from moderation.errors import InvalidInput, ModerationError, NotFound, Unauthorized
+from moderation.errors import Conflict, InvalidInput, ModerationError, NotFound, Unauthorized
+from moderation.policy import service as policy
+from moderation.policy.schemas import BlocklistIn
 from moderation.review import admin, queries, reports, service
 from moderation.review.models import ReviewDecision, ReviewItem, ReviewState
 from moderation.review.repository import ReviewRepository
@@ -546,9 +548,33 @@ def qa_sample(
 
 @router.get("/admin/tenants", response_class=HTMLResponse)
 def tenants_page(request: Request, principal: PrincipalDep, session: SessionDep) -> Response:
-    """Tenants' routing thresholds and custom categories (admins)."""
+    """Tenants' routing thresholds, custom categories, blocklists and known images (admins)."""
+    return _tenants_page(request, principal, session)
+
+
+def _tenants_page(
+    request: Request,
+    principal: Principal,
+    session: SessionDep,
+    *,
+    errors: dict[str, str] | None = None,
+    drafts: dict[str, str] | None = None,
+    status: int = 200,
+) -> Response:
+    """The tenants page; ``errors`` and ``drafts`` (keyed ``<tenant id>:<field>``) refill a refused form."""
     tenants = admin.list_tenants(session, principal.ref)
-    return _page(request, "tenants.html", principal, tenants=tenants)
+    response = _page(
+        request,
+        "tenants.html",
+        principal,
+        tenants=tenants,
+        blocklists={t.id: policy.get_blocklist(t) for t in tenants},
+        known_images=admin.known_images_by_tenant(session, principal.ref, tenants),
+        errors=errors or {},
+        drafts=drafts or {},
+    )
+    response.status_code = status
+    return response
 
 
 def _custom_categories(text: str) -> list[CustomCategory]:
@@ -590,4 +616,91 @@ def tenant_update(
     session.commit()
     return RedirectResponse(
         f"/review/admin/tenants?toast=Saved+{quote(tenant.name)}#t-{tenant.id}", status_code=303
+    )
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@router.post("/admin/tenants/{tenant_id}/blocklist")
+def tenant_blocklist(
+    tenant_id: uuid.UUID,
+    request: Request,
+    principal: FormPrincipalDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    terms: Annotated[str, Form(max_length=300_000)] = "",
+    patterns: Annotated[str, Form(max_length=100_000)] = "",
+) -> Response:
+    """Replace a tenant's blocklist (admins); audited. Invalid entries are shown on the page, nothing changes."""
+    principal.ref.require(Role.admin, "manage tenants")
+    update = BlocklistIn(terms=_lines(terms), patterns=_lines(patterns))
+    try:
+        tenant, _ = admin.set_tenant_blocklist(session, principal.ref, tenant_id, update, settings)
+    except InvalidInput as exc:
+        session.rollback()
+        key = f"{tenant_id}:blocklist"
+        return _tenants_page(
+            request,
+            principal,
+            session,
+            errors={key: exc.message},
+            drafts={f"{key}_terms": terms, f"{key}_patterns": patterns},
+            status=exc.status_code,
+        )
+    session.commit()
+    return RedirectResponse(
+        f"/review/admin/tenants?toast=Blocklist+of+{quote(tenant.name)}+saved#bl-{tenant.id}", status_code=303
+    )
+
+
+@router.post("/admin/tenants/{tenant_id}/known-images")
+def tenant_known_image_add(
+    tenant_id: uuid.UUID,
+    request: Request,
+    principal: FormPrincipalDep,
+    session: SessionDep,
+    submission_id: Annotated[str, Form(max_length=200)] = "",
+    label: Annotated[str, Form(max_length=1000)] = "",
+) -> Response:
+    """Add a reviewed submission's image to a tenant's known images (admins); audited."""
+    principal.ref.require(Role.admin, "manage tenants")
+    key = f"{tenant_id}:known_image"
+    try:
+        try:
+            parsed = uuid.UUID(submission_id.strip())
+        except ValueError as exc:
+            raise InvalidInput("enter the id of a reviewed submission", code="invalid_submission_id") from exc
+        tenant, _ = admin.add_tenant_known_image(
+            session, principal.ref, tenant_id, parsed, label=label, blob_store=request.app.state.blob_store
+        )
+    except (InvalidInput, Conflict, NotFound) as exc:
+        if exc.code == "tenant_not_found":
+            raise
+        session.rollback()
+        return _tenants_page(
+            request,
+            principal,
+            session,
+            errors={key: exc.message},
+            drafts={f"{key}_submission_id": submission_id, f"{key}_label": label},
+            status=exc.status_code,
+        )
+    session.commit()
+    return RedirectResponse(
+        f"/review/admin/tenants?toast=Known+image+added+to+{quote(tenant.name)}#ki-{tenant.id}",
+        status_code=303,
+    )
+
+
+@router.post("/admin/tenants/{tenant_id}/known-images/{known_image_id}/remove")
+def tenant_known_image_remove(
+    tenant_id: uuid.UUID, known_image_id: uuid.UUID, principal: FormPrincipalDep, session: SessionDep
+) -> Response:
+    """Remove one of a tenant's known images (admins); audited."""
+    tenant, label = admin.remove_tenant_known_image(session, principal.ref, tenant_id, known_image_id)
+    session.commit()
+    return RedirectResponse(
+        f"/review/admin/tenants?toast=Removed+{quote(label)}#ki-{tenant.id}", status_code=303
     )

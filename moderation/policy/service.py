@@ -117,6 +117,14 @@ def list_known_images(session: Session, tenant: Tenant) -> list[KnownImage]:
     return KnownImageRepository(session).list(tenant.id)
 
 
+def get_known_image(session: Session, tenant: Tenant, known_image_id: uuid.UUID) -> KnownImage:
+    """One of the tenant's known images; NotFound when it has no such image."""
+    known = KnownImageRepository(session).get(known_image_id, tenant.id)
+    if known is None:
+        raise NotFound("known image not found", code="known_image_not_found")
+    return known
+
+
 def remove_known_image(session: Session, tenant: Tenant, known_image_id: uuid.UUID) -> None:
     """Remove one of the tenant's known images."""
     if not KnownImageRepository(session).delete(known_image_id, tenant.id):
