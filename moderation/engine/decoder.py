@@ -17,6 +17,7 @@ explicit mask: no key/value head is ever copied, and rows of different prompt le
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,8 @@ import torch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKET = 256
+MAX_PREFIXES = 16
+DONE_CHECK_EVERY = 16
 
 
 def bucket(value: int, buckets: tuple[int, ...]) -> int:
@@ -34,14 +37,6 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int:
 def round_up(value: int, multiple: int) -> int:
     """``value`` rounded up to a multiple."""
     return -(-value // multiple) * multiple
-
-
-def cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) per layer of a transformers cache object, across transformers 5.x versions."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # older cache API
 
 
 @dataclass
@@ -84,6 +79,7 @@ class StaticDecoder:
         self.dtype = self.lm.embed_tokens.weight.dtype
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
         self._states: dict[tuple[int, int, int], _State] = {}
+        self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._pool: Any = None
         self._suppress = (
             torch.tensor(suppress_ids, dtype=torch.long, device=self.device) if suppress_ids else None
@@ -126,10 +122,15 @@ class StaticDecoder:
         positions: torch.Tensor,
         slots: torch.Tensor,
         mask: torch.Tensor,
+        deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Hidden states of ``embeds`` (B, S, H) written at cache ``slots`` (S,), attending per ``mask`` (B, S, L)."""
+        """Hidden states of ``embeds`` (B, S, H) written at cache ``slots`` (S,), attending per ``mask`` (B, S, L).
+
+        ``positions`` is (B, S) for text or (3, B, S) for M-RoPE; ``deepstack`` is the visual token mask
+        (B, S) and the vision tower's per-layer features, added after the first layers as Qwen3-VL does.
+        """
         batch, seq, _ = embeds.shape
-        position_ids = positions.unsqueeze(0).expand(3, batch, seq)
+        position_ids = positions if positions.dim() == 3 else positions.unsqueeze(0).expand(3, batch, seq)
         cos, sin = self.lm.rotary_emb(embeds, position_ids)
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=self.device).masked_fill_(
             ~mask, float("-inf")
@@ -158,6 +159,10 @@ class StaticDecoder:
             hidden = residual + attn.o_proj(out)
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            if deepstack is not None and index < len(deepstack[1]):
+                visual_mask, features = deepstack
+                hidden = hidden.clone()
+                hidden[visual_mask] = hidden[visual_mask] + features[index].to(hidden.dtype)
         return self.lm.norm(hidden)
 
     def _step(self, state: _State) -> None:
@@ -200,41 +205,100 @@ class StaticDecoder:
 
     # -- public ------------------------------------------------------------------------------------
 
-    def generate(
+    def prefix_states(self, prefix_ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of a shared prompt prefix (text positions 0..P-1), computed once and kept."""
+        cached = self._prefixes.get(prefix_ids)
+        if cached is not None:
+            self._prefixes.move_to_end(prefix_ids)
+            return cached
+        length = len(prefix_ids)
+        shape = (1, self.n_kv, length, self.head_dim)
+        scratch = _State(
+            keys=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
+            values=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
+            mask=torch.ones(1, length, dtype=torch.bool, device=self.device),
+            token=torch.zeros(1, dtype=torch.long, device=self.device),
+            position=torch.zeros(1, dtype=torch.long, device=self.device),
+            write_index=torch.zeros((), dtype=torch.long, device=self.device),
+            out_tokens=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+            step=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+        ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=self.device)).unsqueeze(0)
+        slots = torch.arange(length, device=self.device)
+        self._forward(scratch, self.lm.embed_tokens(ids), positions, slots, causal)
+        cached = list(zip(scratch.keys, scratch.values, strict=True))
+        self._prefixes[prefix_ids] = cached
+        while len(self._prefixes) > MAX_PREFIXES:
+            self._prefixes.popitem(last=False)
+        return cached
+
+    def prefill(
         self,
-        prefill_cache: Any,
-        prompt_mask: torch.Tensor,
+        prefix_ids: tuple[int, ...],
+        suffix_ids: torch.Tensor,
+        suffix_mask: torch.Tensor,
+        positions: torch.Tensor,
+        visual_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        deepstack: list[torch.Tensor],
+        *,
+        max_new_tokens: int,
+        extra_slots: int,
+    ) -> tuple[_State, torch.Tensor]:
+        """Fill the cache with a shared prefix and each row's suffix (image, caption); last hidden state per row.
+
+        Rows are laid out as [prefix][left padding][suffix]; ``positions`` (3, B, S) are the suffix's M-RoPE
+        positions, continuing from the prefix's length.
+        """
+        real_batch, seq = suffix_ids.shape
+        prefix_len = len(prefix_ids)
+        batch = bucket(real_batch, BATCH_BUCKETS) if self.use_cuda_graphs else real_batch
+        length = round_up(prefix_len + seq + max_new_tokens + extra_slots, LENGTH_BUCKET)
+        state = self._state(batch, length, max_new_tokens)
+        state.mask.zero_()
+        state.mask[:, :prefix_len] = True
+        state.mask[:real_batch, prefix_len : prefix_len + seq] = suffix_mask.bool()
+        for (k, v), keys, values in zip(
+            self.prefix_states(prefix_ids), state.keys, state.values, strict=True
+        ):
+            keys[:, :, :prefix_len].copy_(k.expand(batch, -1, -1, -1))
+            values[:, :, :prefix_len].copy_(v.expand(batch, -1, -1, -1))
+        embeds = self.lm.embed_tokens(suffix_ids)
+        embeds[visual_mask] = image_embeds.to(embeds.dtype)
+        slots = torch.arange(prefix_len, prefix_len + seq, device=self.device)
+        causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=self.device))
+        mask = state.mask[:real_batch].unsqueeze(1).expand(real_batch, seq, -1).clone()
+        mask[:, :, prefix_len : prefix_len + seq] &= causal.unsqueeze(0)
+        mask[:, :, 0] |= ~mask.any(dim=-1)  # padding queries still need one visible key
+        rows = _rows(state, real_batch)
+        hidden = self._forward(rows, embeds, positions, slots, mask, (visual_mask, deepstack))
+        state.write_index.fill_(prefix_len + seq)
+        return state, hidden[:, -1]
+
+    def decode(
+        self,
+        state: _State,
         first_token: torch.Tensor,
-        rope_deltas: torch.Tensor,
+        next_positions: torch.Tensor,
         *,
         max_new_tokens: int,
         min_new_tokens: int,
-        extra_slots: int,
-    ) -> tuple[_State, torch.Tensor, int]:
-        """Greedy-decode after a prefill; returns the state, tokens (B, steps) and the first free slot."""
-        real_batch, prompt_len = prompt_mask.shape
-        batch = bucket(real_batch, BATCH_BUCKETS) if self.use_cuda_graphs else real_batch
-        length = round_up(prompt_len + max_new_tokens + extra_slots, LENGTH_BUCKET)
-        state = self._state(batch, length, max_new_tokens)
-        state.mask.zero_()
-        state.mask[:real_batch, :prompt_len] = prompt_mask.bool()
+    ) -> tuple[torch.Tensor, int]:
+        """Greedy-decode after ``prefill``; the tokens (B, steps + 1) and the first free cache slot."""
+        real_batch = first_token.shape[0]
+        batch = state.token.shape[0]
+        start = int(state.write_index.item())
         if batch > real_batch:  # padding rows attend to one slot so their softmax stays finite
             state.mask[real_batch:, 0] = True
-        for index, (k, v) in enumerate(cache_layers(prefill_cache)):
-            state.keys[index][:real_batch, :, :prompt_len].copy_(k[:, :, :prompt_len])
-            state.values[index][:real_batch, :, :prompt_len].copy_(v[:, :, :prompt_len])
         state.token.zero_()
         state.token[:real_batch] = first_token
         state.position.zero_()
-        # M-RoPE deltas are relative to each row's real (unpadded) length.
-        real_lengths = prompt_mask.sum(dim=1).to(state.position.dtype)
-        state.position[:real_batch] = real_lengths + rope_deltas.view(-1).to(state.position.dtype)
-        state.write_index.fill_(prompt_len)
+        state.position[:real_batch] = next_positions
         state.step.zero_()
         state.out_tokens.zero_()
         steps = max_new_tokens - 1  # the prefill already produced the first token
-        eos = self._eos
-        done_check = 16
         ran = 0
         if self.use_cuda_graphs and state.graph is None:
             state.graph = self._capture(state)
@@ -243,12 +307,12 @@ class StaticDecoder:
                 state.graph.replay()
             else:
                 self._step(state)
-            if ran >= min_new_tokens and ran % done_check == 0:
+            if ran >= min_new_tokens and ran % DONE_CHECK_EVERY == 0:
                 produced = torch.cat([first_token.view(-1, 1), state.out_tokens[:real_batch, :ran]], dim=1)
-                if bool(torch.isin(produced, eos).any(dim=1).all()):
+                if bool(torch.isin(produced, self._eos).any(dim=1).all()):
                     break
         tokens = torch.cat([first_token.view(-1, 1), state.out_tokens[:real_batch, :ran]], dim=1)
-        return state, tokens, prompt_len + ran
+        return tokens, start + ran
 
     def teacher_force(
         self,
@@ -274,17 +338,21 @@ class StaticDecoder:
         mask[:, :, 0] |= ~mask.any(dim=-1)
         positions = start_positions.view(-1, 1) + torch.arange(seq, device=self.device).view(1, -1)
         embeds = self.lm.embed_tokens(block_ids)
-        sub = _State(
-            keys=[k[:real_batch] for k in state.keys],
-            values=[v[:real_batch] for v in state.values],
-            mask=visible,
-            token=state.token,
-            position=state.position,
-            write_index=state.write_index,
-            out_tokens=state.out_tokens,
-            step=state.step,
-        )
-        return self._forward(sub, embeds, positions, slots, mask)
+        return self._forward(_rows(state, real_batch), embeds, positions, slots, mask)
+
+
+def _rows(state: _State, real_batch: int) -> _State:
+    """A view of the first ``real_batch`` rows of a state's cache (bucket padding rows left out)."""
+    return _State(
+        keys=[k[:real_batch] for k in state.keys],
+        values=[v[:real_batch] for v in state.values],
+        mask=state.mask[:real_batch],
+        token=state.token,
+        position=state.position,
+        write_index=state.write_index,
+        out_tokens=state.out_tokens,
+        step=state.step,
+    )
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 FIXTURE_WARNING = "FIXTURE MODEL IN USE — verdicts are random, not for production"
 
+_USER_HEADER = "<|im_start|>user\n"
+
 YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
 NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
 
@@ -277,6 +279,8 @@ class TransformersEngine(ModerationEngine):
             if isinstance(tid, int) and tid != self._tokenizer.unk_token_id
         ]
         self._blocks: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
+        self._image_token_id = int(self._tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        self._merge = int(image_processor.merge_size)
         #: When True, ``timings`` holds the seconds each stage of the last batch took (synchronising the device).
         self.profile = False
         self.timings: dict[str, float] = {}
@@ -475,14 +479,14 @@ class TransformersEngine(ModerationEngine):
         return ids
 
     def _chat_texts(
-        self, images: Sequence[Image.Image], questions: Sequence[str], languages: Sequence[str]
+        self, images: Sequence[Image.Image], systems: Sequence[str], users: Sequence[str]
     ) -> list[str]:
         conversations = [
             [
-                {"role": "system", "content": [{"type": "text", "text": prompts.system_prompt(language)}]},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                {"role": "system", "content": [{"type": "text", "text": system}]},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]},
             ]
-            for question, language in zip(questions, languages, strict=True)
+            for system, user in zip(systems, users, strict=True)
         ]
         texts = self._processor.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
         return [texts] if isinstance(texts, str) else list(texts)
@@ -506,6 +510,67 @@ class TransformersEngine(ModerationEngine):
             self._blocks[keys] = cached
         return cached
 
+    def _judge_groups(
+        self,
+        requests: Sequence[EngineRequest],
+        images: Sequence[Image.Image],
+        languages: Sequence[str],
+        systems: Sequence[str],
+    ) -> tuple[list[_Scored], list[str], list[int]]:
+        """Judge rows with different prefixes (languages, tenant categories) as one sub-batch per prefix."""
+        order: dict[str, list[int]] = {}
+        for index, system in enumerate(systems):
+            order.setdefault(system, []).append(index)
+        scored: list[Any] = [None] * len(requests)
+        texts: list[Any] = [None] * len(requests)
+        counts: list[Any] = [None] * len(requests)
+        for indices in order.values():
+            part = self._judge(
+                [requests[i] for i in indices], [images[i] for i in indices], [languages[i] for i in indices]
+            )
+            for j, i in enumerate(indices):
+                scored[i], texts[i], counts[i] = part[0][j], part[1][j], part[2][j]
+        return scored, texts, counts
+
+    def _vision(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Merged image embeddings and the per-layer deepstack features, across transformers 5.x versions."""
+        visual = self._model.model.visual
+        output = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+        if isinstance(output, tuple):
+            return output[0], list(output[1])
+        return output.pooler_output, list(output.deepstack_features)
+
+    def _suffix_positions(
+        self, ids: torch.Tensor, mask: torch.Tensor, grid_thw: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """M-RoPE positions (3, B, S) of the suffix rows after a ``start``-token prefix, and each row's next one.
+
+        Text tokens get the same position on all three axes; the image's tokens share the temporal one and
+        count rows and columns of merged patches on the other two, as Qwen3-VL's ``get_rope_index`` does.
+        """
+        batch, seq = ids.shape
+        positions = torch.zeros(3, batch, seq, dtype=torch.long)
+        following = torch.zeros(batch, dtype=torch.long)
+        ids_cpu, mask_cpu, grids = ids.cpu(), mask.cpu().bool(), grid_thw.cpu().tolist()
+        for row in range(batch):
+            real = ids_cpu[row][mask_cpu[row]]
+            image = (real == self._image_token_id).nonzero().flatten()
+            _, grid_h, grid_w = (int(v) for v in grids[row])
+            grid_h, grid_w = grid_h // self._merge, grid_w // self._merge
+            first, count = int(image[0]), int(image.numel())
+            before = torch.arange(first).expand(3, -1) + start
+            base = start + first
+            k = torch.arange(count)
+            vision = torch.stack([torch.full((count,), base), base + k // grid_w, base + k % grid_w])
+            after_start = base + max(grid_h, grid_w)
+            after = torch.arange(real.numel() - first - count).expand(3, -1) + after_start
+            row_positions = torch.cat([before, vision, after], dim=1)
+            positions[:, row, mask_cpu[row]] = row_positions
+            following[row] = int(row_positions.max()) + 1
+        return positions.to(self._device), following.to(self._device)
+
     def _stopwatch(self) -> Any:
         """A function that records the time since its previous call under a name, when profiling."""
         last = [time.perf_counter()]
@@ -528,42 +593,57 @@ class TransformersEngine(ModerationEngine):
     ) -> tuple[list[_Scored], list[str], list[int]]:
         """One prefill, greedy decoding of the labelled lines, then one forced pass over the answer block."""
         mark = self._stopwatch()
-        questions = [
-            prompts.judge_question(r.caption, r.categories, language)
-            for r, language in zip(requests, languages, strict=True)
+        systems = [
+            prompts.judge_system(r.categories, lang) for r, lang in zip(requests, languages, strict=True)
         ]
-        batch = self._encode(self._chat_texts(images, questions, languages), images)
-        prompt_mask = batch["attention_mask"]
+        if len(set(systems)) > 1:
+            return self._judge_groups(requests, images, languages, systems)
+        users = [prompts.judge_user(r.caption, lang) for r, lang in zip(requests, languages, strict=True)]
+        texts = self._chat_texts(images, systems, users)
+        cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
+        prefix_ids = tuple(
+            int(i) for i in self._tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"]
+        )
+        batch = self._encode([t[cut:] for t in texts], images)
+        suffix_ids, suffix_mask = batch["input_ids"], batch["attention_mask"]
+        visual_mask = suffix_ids == self._image_token_id
+        positions, next_positions = self._suffix_positions(
+            suffix_ids, suffix_mask, batch["image_grid_thw"], len(prefix_ids)
+        )
         mark("encode")
-        outputs = self._model(**batch, use_cache=True, logits_to_keep=1)
-        first_logits = outputs.logits[:, -1].float()
+        image_embeds, deepstack = self._vision(batch["pixel_values"], batch["image_grid_thw"])
+        keys_per_request = [
+            (prompts.CONFLICT_KEY, *(prompts.answer_key(c) for c in r.categories)) for r in requests
+        ]
+        blocks = [self._answer_block(keys) for keys in keys_per_request]
+        block_len = 1 + max(len(ids) for ids, _ in blocks)
+        state, last_hidden = self._decoder.prefill(
+            prefix_ids,
+            suffix_ids,
+            suffix_mask,
+            positions,
+            visual_mask,
+            image_embeds,
+            deepstack,
+            max_new_tokens=self._max_new_tokens,
+            extra_slots=block_len,
+        )
+        first_logits = self._model.lm_head(last_hidden).float()
         if self._suppress_ids:
             first_logits[:, self._suppress_ids] = float("-inf")
         if self._min_new_tokens > 0:
             first_logits[:, self._eos_ids] = float("-inf")
         first = first_logits.argmax(dim=-1)
         mark("prefill")
-        cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
-        deltas = self._model.model.rope_deltas
-        if deltas is None:
-            deltas = torch.zeros(len(requests), 1, dtype=torch.long, device=self._device)
-        keys_per_request = [
-            (prompts.CONFLICT_KEY, *(prompts.answer_key(c) for c in r.categories)) for r in requests
-        ]
-        blocks = [self._answer_block(keys) for keys in keys_per_request]
-        block_len = 1 + max(len(ids) for ids, _ in blocks)
-        state, tokens, next_slot = self._decoder.generate(
-            cache,
-            prompt_mask,
+        tokens, next_slot = self._decoder.decode(
+            state,
             first,
-            deltas,
+            next_positions,
             max_new_tokens=self._max_new_tokens,
             min_new_tokens=self._min_new_tokens,
-            extra_slots=block_len,
         )
-        del outputs, cache
         mark("decode")
-        prompt_len = prompt_mask.shape[1]
+        prompt_len = len(prefix_ids) + suffix_ids.shape[1]
         steps = tokens.shape[1] - 1  # tokens in the cache; the last one is fed with the block
         eos = torch.tensor(self._eos_ids, device=self._device)
         is_eos = torch.isin(tokens, eos)
@@ -594,7 +674,7 @@ class TransformersEngine(ModerationEngine):
             block_mask,
             keep[:, :steps],
             start_slot=next_slot,
-            start_positions=prompt_mask.sum(dim=1) + (next_slot - prompt_len) + deltas.view(-1),
+            start_positions=next_positions + steps,
             prompt_len=prompt_len,
         )
         picked = hidden[torch.tensor(rows, device=self._device), torch.tensor(cols, device=self._device)]

@@ -1,4 +1,4 @@
-"""The static-cache decoder produces exactly what transformers' own generate produces."""
+"""The engine's own prefill (shared prefix + image suffix) and static-cache decoder match transformers."""
 
 from __future__ import annotations
 
@@ -9,54 +9,69 @@ import torch
 from moderation.engine import prompts
 from moderation.engine.decoder import BATCH_BUCKETS, bucket, round_up
 from moderation.engine.images import prepare_image
+from moderation.engine.transformers_engine import _USER_HEADER
 
 from .test_transformers_engine import _image
 
-
-def _inputs(engine: Any, captions: list[str], sizes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    images = [prepare_image(_image(size, i), 512 * 512, 1024) for i, size in enumerate(sizes)]
-    questions = [prompts.judge_question(c, prompts.DEFAULT_CATEGORIES, "en") for c in captions]
-    return engine._encode(engine._chat_texts(images, questions, ["en"] * len(captions)), images)
+CAPTIONS = ["A cat.", "A much longer caption about a busy street market at dusk, with fruit stalls."]
+SIZES = [(64, 96), (160, 128)]
 
 
-def test_greedy_tokens_match_transformers_generate(engine: Any) -> None:
-    batch = _inputs(
-        engine,
-        ["A cat.", "A much longer caption about a busy street market at dusk."],
-        [(64, 96), (160, 128)],
+def _texts(engine: Any) -> tuple[list[Any], list[str]]:
+    images = [prepare_image(_image(size, i), 512 * 512, 1024) for i, size in enumerate(SIZES)]
+    systems = [prompts.judge_system(prompts.DEFAULT_CATEGORIES, "en")] * len(CAPTIONS)
+    users = [prompts.judge_user(c, "en") for c in CAPTIONS]
+    return images, engine._chat_texts(images, systems, users)
+
+
+def _ours(engine: Any, images: list[Any], texts: list[str], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-token logits and greedy tokens from the engine's prefill + decoder."""
+    cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
+    prefix = tuple(int(i) for i in engine._tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"])
+    batch = engine._encode([t[cut:] for t in texts], images)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions, following = engine._suffix_positions(ids, mask, batch["image_grid_thw"], len(prefix))
+    embeds, deepstack = engine._vision(batch["pixel_values"], batch["image_grid_thw"])
+    state, last = engine._decoder.prefill(
+        prefix,
+        ids,
+        mask,
+        positions,
+        ids == engine._image_token_id,
+        embeds,
+        deepstack,
+        max_new_tokens=steps,
+        extra_slots=0,
     )
+    logits = engine._model.lm_head(last).float()
+    masked = logits.clone()
+    masked[:, engine._suppress_ids] = float("-inf")
+    tokens, _ = engine._decoder.decode(
+        state, masked.argmax(dim=-1), following, max_new_tokens=steps, min_new_tokens=0
+    )
+    return logits, tokens
+
+
+def test_prefill_logits_and_greedy_tokens_match_transformers(engine: Any) -> None:
+    images, texts = _texts(engine)
     steps = 12
     with torch.inference_mode():
+        full = engine._encode(texts, images)
+        reference_logits = engine._model(**full).logits[:, -1].float()
         reference = engine._model.generate(
-            **batch,
+            **full,
             max_new_tokens=steps,
             min_new_tokens=steps,
             do_sample=False,
             suppress_tokens=engine._suppress_ids,
             pad_token_id=engine._pad_id,
-        )[:, batch["input_ids"].shape[1] :]
-        outputs = engine._model(**batch, use_cache=True)
-        logits = outputs.logits[:, -1].float()
-        logits[:, engine._suppress_ids] = float("-inf")
-        first = logits.argmax(dim=-1)
-        cache = getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None)
-        decoder = engine._decoder
-        saved = decoder._eos_allowed_from_step.clone()
-        decoder._eos_allowed_from_step.fill_(steps)  # as min_new_tokens=steps
-        try:
-            _, tokens, next_slot = decoder.generate(
-                cache,
-                batch["attention_mask"],
-                first,
-                engine._model.model.rope_deltas,
-                max_new_tokens=steps,
-                min_new_tokens=steps,
-                extra_slots=0,
-            )
-        finally:
-            decoder._eos_allowed_from_step.copy_(saved)
-    assert tokens.tolist() == reference.tolist()
-    assert next_slot == batch["input_ids"].shape[1] + steps - 1
+        )[:, full["input_ids"].shape[1] :]
+        logits, tokens = _ours(engine, images, texts, steps)
+    assert torch.allclose(logits, reference_logits, atol=1e-4, rtol=1e-4)
+    eos = set(engine._eos_ids)
+    for ours_row, ref_row in zip(tokens.tolist(), reference.tolist(), strict=True):
+        stop = next((i for i, t in enumerate(ref_row) if t in eos), len(ref_row))
+        assert ours_row[: stop + 1] == ref_row[: stop + 1]
 
 
 def test_buckets() -> None:
