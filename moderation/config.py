@@ -84,7 +84,10 @@ class Settings(BaseSettings):
         description="Hugging Face id or local folder of the Qwen3-VL model (`make run` uses the fixture if unset).",
     )
     model_revision: str | None = Field(default=None, description="Model revision (commit) to load.")
-    engine_backend: Literal["transformers"] = Field(default="transformers", description="Inference backend.")
+    engine_backend: Literal["transformers", "openai"] = Field(
+        default="transformers",
+        description="Inference backend: `transformers` (in-process) or `openai` (an OpenAI-compatible server).",
+    )
     device: str = Field(default="auto", description="`auto` (CUDA if present), `cuda`, `cuda:1`, `cpu`.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights dtype; `auto` is bfloat16 on GPU, float32 on CPU."
@@ -196,6 +199,32 @@ class Settings(BaseSettings):
     review_cookie_secure: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="`Secure` flag of the review session cookie; `auto` sets it except on http://localhost.",
+    )
+
+    # OpenAI-compatible inference server (engine_backend=openai)
+    openai_base_url: str = Field(
+        default="http://127.0.0.1:8001/v1",
+        description="Base URL of the OpenAI-compatible server, up to and including `/v1` (vLLM, SGLang, …).",
+    )
+    openai_api_key: str | None = Field(
+        default=None, description="Bearer token for the OpenAI-compatible server, if it needs one."
+    )
+    openai_model: str = Field(
+        default="Qwen/Qwen3-VL-8B-Instruct",
+        description="Model name the OpenAI-compatible server serves (recorded in every verdict).",
+    )
+    openai_timeout_seconds: float = Field(
+        default=60.0, description="Timeout of one call to the OpenAI-compatible server."
+    )
+    openai_concurrency: int = Field(
+        default=8, description="Calls to the OpenAI-compatible server in flight at once per worker."
+    )
+    openai_top_logprobs: int = Field(
+        default=20,
+        description="top_logprobs asked per answer (vLLM allows up to `--max-logprobs`, 20 by default).",
+    )
+    openai_max_retries: int = Field(
+        default=3, description="Retries of a call that failed to connect or got 5xx/429, with backoff."
     )
 
     @property

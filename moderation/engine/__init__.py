@@ -23,6 +23,10 @@ def load_engine(settings: Settings) -> ModerationEngine:
         from moderation.engine.transformers_engine import TransformersEngine
 
         return TransformersEngine.load(settings)
+    if settings.engine_backend == "openai":
+        from moderation.engine.openai_engine import OpenAIEngine
+
+        return OpenAIEngine.load(settings)
     raise ValueError(f"unknown engine backend {settings.engine_backend!r}")
 
 

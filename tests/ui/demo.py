@@ -248,8 +248,10 @@ def seed_demo(sessions: sessionmaker[Session], settings: Settings, blobs: BlobSt
             )
         service.sample_for_qa(session, ReviewerRef("lena.ortiz@example.com", Role.lead), 12)
         for i in range(9):
-            who = [RAVI, MEI, ANN][i % 3]
-            item = service.claim_next(session, who, 600)
+            # The sample is random: a reviewer gets no QA item whose original decision was their own.
+            rotation = [RAVI, MEI, ANN][i % 3 :] + [RAVI, MEI, ANN][: i % 3]
+            claims = ((who, service.claim_next(session, who, 600)) for who in rotation)
+            who, item = next(((w, it) for w, it in claims if it is not None), (rotation[0], None))
             assert item is not None and item.lease_token is not None and item.origin_id is not None
             origin = session.get(ReviewItem, item.origin_id)
             assert origin is not None and origin.decision is not None
