@@ -132,10 +132,14 @@ class StaticDecoder:
         batch, seq, _ = embeds.shape
         position_ids = positions if positions.dim() == 3 else positions.unsqueeze(0).expand(3, batch, seq)
         cos, sin = self.lm.rotary_emb(embeds, position_ids)
-        bias = torch.zeros(mask.shape, dtype=torch.float32, device=self.device).masked_fill_(
-            ~mask, float("-inf")
-        )
-        bias = bias.unsqueeze(1)  # (B, 1, S, L), broadcast over the query heads of each group
+        kv_len = int(slots[-1]) + 1 if seq > 1 else mask.shape[-1]
+        bias: torch.Tensor | None = None
+        sdpa_mask: torch.Tensor | None = None
+        if seq > 1:
+            sdpa_mask = mask[:, :, :kv_len].unsqueeze(1)  # (B, 1, S, used slots)
+        else:
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+            bias = bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)  # (B, 1, 1, L): broadcast over heads
         groups = self.n_heads // self.n_kv
         hidden = embeds
         for index, layer in enumerate(self.layers):
@@ -149,12 +153,25 @@ class StaticDecoder:
             keys, values = state.keys[index], state.values[index]
             keys.index_copy_(2, slots, k.to(keys.dtype))
             values.index_copy_(2, slots, v.to(values.dtype))
-            # (B, kv, groups*S, D) @ (B, kv, D, L): each cached key is read once for its whole group.
-            qg = q.reshape(batch, self.n_kv, groups * seq, self.head_dim)
-            scores = torch.matmul(qg, keys.transpose(2, 3)).float() * self.scale
-            scores = scores.view(batch, self.n_kv, groups, seq, -1) + bias.unsqueeze(2)
-            probs = torch.softmax(scores, dim=-1).to(values.dtype).view(batch, self.n_kv, groups * seq, -1)
-            out = torch.matmul(probs, values).view(batch, self.n_heads, seq, self.head_dim)
+            if bias is None:
+                # Many queries (prefill, forced block): a fused kernel over the slots in use.
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.to(keys.dtype),
+                    keys[:, :, :kv_len],
+                    values[:, :, :kv_len],
+                    attn_mask=sdpa_mask,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )
+            else:
+                # One query (decode): (B, kv, groups, D) @ (B, kv, D, L) reads each cached key once per group.
+                qg = q.reshape(batch, self.n_kv, groups * seq, self.head_dim)
+                scores = torch.matmul(qg, keys.transpose(2, 3)).float() * self.scale
+                scores = scores.view(batch, self.n_kv, groups, seq, -1) + bias.unsqueeze(2)
+                probs = (
+                    torch.softmax(scores, dim=-1).to(values.dtype).view(batch, self.n_kv, groups * seq, -1)
+                )
+                out = torch.matmul(probs, values).view(batch, self.n_heads, seq, self.head_dim)
             out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
             hidden = residual + attn.o_proj(out)
             residual = hidden
