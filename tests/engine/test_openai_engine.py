@@ -36,30 +36,10 @@ from moderation.engine.openai_engine import (
 from tests.openai_server import serve
 
 from .conftest import TEST_MAX_NEW_TOKENS, engine_settings
+from .test_transformers_engine import CATEGORIES, TENANT_CATEGORY, _request
 
-TENANT_CATEGORY = CategorySpec("gambling", "casino games, betting or lottery promotion")
-CATEGORIES = (*prompts.DEFAULT_CATEGORIES, TENANT_CATEGORY)
 #: Same model, same prompts, same tokens, fp32 on the CPU: observed differences are ~1e-6.
 PARITY_TOLERANCE = 1e-4
-
-
-def _image(size: tuple[int, int], seed: int) -> Image.Image:
-    img = Image.new("RGB", size)
-    w, h = size
-    img.putdata(
-        [
-            ((x * 3 + seed * 40) % 256, (y * 5 + seed * 70) % 256, (x * y + seed) % 256)
-            for y in range(h)
-            for x in range(w)
-        ]
-    )
-    return img
-
-
-def _request(
-    size: tuple[int, int], caption: str, seed: int, categories: tuple[CategorySpec, ...] = CATEGORIES
-) -> EngineRequest:
-    return EngineRequest(image=_image(size, seed), caption=caption, categories=categories)
 
 
 @pytest.fixture(scope="module")

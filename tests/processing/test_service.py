@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,11 +16,10 @@ from moderation.jobs import TASK_DELIVER_WEBHOOK, TASK_PROCESS_SUBMISSION
 from moderation.processing.service import BatchProcessor, review_priority, sweep
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
-from moderation.submissions.service import submit
 from moderation.tenants.models import Tenant
-from moderation.tenants.service import create_tenant
-from moderation.webhooks.models import WebhookDelivery, WebhookEndpoint
-from tests.conftest import RecordingDispatcher, make_jpeg
+from moderation.webhooks.models import WebhookDelivery
+from tests.conftest import RecordingDispatcher
+from tests.processing.conftest import submit_one
 
 
 class ScriptedEngine(ModerationEngine):
@@ -59,36 +56,6 @@ class ScriptedEngine(ModerationEngine):
         return EngineHealth(ok=True, detail="ok", device="cpu")
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> LocalBlobStore:
-    return LocalBlobStore(tmp_path / "blobs", fsync=False)
-
-
-@pytest.fixture
-def tenant(sessions: sessionmaker[Session], settings: Settings) -> Tenant:
-    with sessions() as session, session.begin():
-        tenant = create_tenant(session, "acme", settings).tenant
-        session.add(
-            WebhookEndpoint(
-                tenant_id=tenant.id,
-                url="http://hooks.example/x",
-                events=["submission.decided", "submission.failed"],
-                secret="whsec_AAAA",
-            )
-        )
-        session.expunge(tenant)
-    return tenant
-
-
-def _submit(
-    sessions: sessionmaker[Session], tenant: Tenant, store: LocalBlobStore, settings: Settings, caption: str
-) -> uuid.UUID:
-    with sessions() as session, session.begin():
-        return submit(
-            session, tenant, image=make_jpeg(64, 64), caption=caption, blob_store=store, settings=settings
-        ).submission.id
-
-
 def test_batch_decides_routes_and_notifies(
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -97,7 +64,7 @@ def test_batch_decides_routes_and_notifies(
     dispatched: RecordingDispatcher,
 ) -> None:
     settings.batch_max_size = 8
-    ids = [_submit(sessions, tenant, store, settings, f"post conflict={s}") for s in (0.95, 0.1, 0.5)]
+    ids = [submit_one(sessions, tenant, store, settings, f"post conflict={s}") for s in (0.95, 0.1, 0.5)]
     engine = ScriptedEngine()
     report = BatchProcessor(sessions, engine, store, settings).run(ids[1])
     assert engine.batches == [3]
@@ -133,7 +100,7 @@ def test_batch_respects_max_size(
     dispatched: RecordingDispatcher,
 ) -> None:
     settings.batch_max_size = 2
-    ids = [_submit(sessions, tenant, store, settings, f"c{i}") for i in range(5)]
+    ids = [submit_one(sessions, tenant, store, settings, f"c{i}") for i in range(5)]
     engine = ScriptedEngine()
     processor = BatchProcessor(sessions, engine, store, settings)
     for sid in ids:
@@ -149,7 +116,7 @@ def test_engine_error_requeues_then_fails_after_max_attempts(
     dispatched: RecordingDispatcher,
 ) -> None:
     settings.max_attempts = 2
-    sid = _submit(sessions, tenant, store, settings, "boom")
+    sid = submit_one(sessions, tenant, store, settings, "boom")
     engine = ScriptedEngine()
     engine.fail_with = RuntimeError("CUDA out of memory")
     processor = BatchProcessor(sessions, engine, store, settings)
@@ -171,7 +138,7 @@ def test_lost_lease_discards_the_late_verdict(
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
-    sid = _submit(sessions, tenant, store, settings, "slow one conflict=0.1")
+    sid = submit_one(sessions, tenant, store, settings, "slow one conflict=0.1")
 
     class TakenOver(ScriptedEngine):
         def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
@@ -195,8 +162,8 @@ def test_unreadable_blob_fails_only_that_submission(
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
-    good = _submit(sessions, tenant, store, settings, "good conflict=0.1")
-    bad = _submit(sessions, tenant, store, settings, "bad")
+    good = submit_one(sessions, tenant, store, settings, "good conflict=0.1")
+    bad = submit_one(sessions, tenant, store, settings, "bad")
     with sessions() as session, session.begin():
         session.execute(update(Submission).where(Submission.id == bad).values(image_sha256="0" * 64))
     report = BatchProcessor(sessions, ScriptedEngine(), store, settings).run(good)
@@ -211,9 +178,9 @@ def test_sweeper_recovers_lost_jobs_and_expired_leases(
     dispatched: RecordingDispatcher,
 ) -> None:
     settings.max_attempts = 2
-    lost = _submit(sessions, tenant, store, settings, "job lost with redis")
-    stalled = _submit(sessions, tenant, store, settings, "worker died")
-    doomed = _submit(sessions, tenant, store, settings, "keeps killing workers")
+    lost = submit_one(sessions, tenant, store, settings, "job lost with redis")
+    stalled = submit_one(sessions, tenant, store, settings, "worker died")
+    doomed = submit_one(sessions, tenant, store, settings, "keeps killing workers")
     long_ago = utcnow() - timedelta(hours=1)
     with sessions() as session, session.begin():
         session.execute(update(Submission).where(Submission.id == lost).values(enqueued_at=long_ago))
@@ -250,9 +217,9 @@ def test_retried_submission_is_judged_alone(
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
-    suspect = _submit(sessions, tenant, store, settings, "maybe a poison pill")
+    suspect = submit_one(sessions, tenant, store, settings, "maybe a poison pill")
     for i in range(3):
-        _submit(sessions, tenant, store, settings, f"innocent {i}")
+        submit_one(sessions, tenant, store, settings, f"innocent {i}")
     with sessions() as session, session.begin():
         session.execute(update(Submission).where(Submission.id == suspect).values(attempts=1))
     engine = ScriptedEngine()
