@@ -152,10 +152,6 @@ class SubmissionRepository:
         claimed.sort(key=lambda s: (s.id != first_id, s.created_at))
         return token, claimed
 
-    def claimable_exists(self, first_id: uuid.UUID) -> Submission | None:
-        """The submission if it exists, for deciding what a task for it should do."""
-        return self.session.get(Submission, first_id)
-
     def finish_fenced(self, submission_id: uuid.UUID, lease_token: uuid.UUID, values: dict[str, Any]) -> bool:
         """Move a leased submission on, only if this worker still holds its lease (fencing)."""
         result = self.session.execute(

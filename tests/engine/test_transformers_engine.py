@@ -19,8 +19,8 @@ from moderation.engine.prompts import (
     CAPTION_OPEN,
     DEFAULT_CATEGORIES,
     PROMPT_VERSION,
+    judge_system,
     quote_caption,
-    scoring_question,
 )
 from moderation.engine.transformers_engine import (
     FIXTURE_WARNING,
@@ -176,8 +176,8 @@ def test_english_and_chinese_captions(engine: Any) -> None:
     _assert_valid(en, CATEGORIES)
     _assert_valid(zh, CATEGORIES)
     assert en.conflict_score != zh.conflict_score
-    assert "配文" in scoring_question("一碗面条。", CATEGORIES, "zh")
-    assert "caption" in scoring_question("A bowl of noodles.", CATEGORIES, "en")
+    assert "配文" in judge_system(CATEGORIES, "zh")
+    assert "caption" in judge_system(CATEGORIES, "en")
 
 
 def test_caption_cannot_break_out_of_its_quote(engine: Any) -> None:
