@@ -112,3 +112,15 @@ def prepare_image(
 def detect_language(text: str) -> str:
     """``"zh"`` when the text contains CJK characters, else ``"en"``."""
     return "zh" if _CJK_RE.search(text or "") else "en"
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic colourful test image (no randomness source needed)."""
+    img = Image.new("RGB", (width, height))
+    pixels = [
+        ((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, ((x + y) * 3 + seed * 11) % 256)
+        for y in range(height)
+        for x in range(width)
+    ]
+    img.putdata(pixels)
+    return img

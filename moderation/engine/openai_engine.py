@@ -43,16 +43,19 @@ from PIL import Image
 
 from moderation.engine import prompts
 from moderation.engine.base import EngineHealth, EngineRequest, EngineResult, ModelInfo, ModerationEngine
-from moderation.engine.images import VISUAL_TOKEN_FACTOR, detect_language, prepare_image
+from moderation.engine.images import VISUAL_TOKEN_FACTOR, prepare_image, synthetic_image
+from moderation.engine.scoring import (
+    NO_VARIANTS,
+    YES_VARIANTS,
+    confidence_from,
+    parse_description,
+    request_language,
+)
 
 if TYPE_CHECKING:
     from moderation.config import Settings
 
 logger = logging.getLogger(__name__)
-
-#: The same spellings the transformers engine sums (kept equal by a test; that module imports torch).
-YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
-NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -65,37 +68,6 @@ class OpenAIEngineError(RuntimeError):
 class _Answer:
     score: float
     mass: float
-
-
-def binary_entropy(p: float) -> float:
-    """Binary entropy of ``p`` in nats (same as the transformers engine's)."""
-    p = min(max(p, 0.0), 1.0)
-    if p in (0.0, 1.0):
-        return 0.0
-    return -(p * math.log(p) + (1.0 - p) * math.log(1.0 - p))
-
-
-def confidence_from(conflict_score: float, mass: float) -> float:
-    """Confidence = yes/no mass x (1 - H(score) / ln 2), clamped to [0, 1] (same as the transformers engine)."""
-    value = min(max(mass, 0.0), 1.0) * (1.0 - binary_entropy(conflict_score) / math.log(2.0))
-    return min(max(value, 0.0), 1.0)
-
-
-def request_language(request: EngineRequest) -> str:
-    """Prompt language: Chinese when the request says so or the caption contains CJK, else English."""
-    if (request.language or "").lower().startswith("zh"):
-        return "zh"
-    return detect_language(request.caption)
-
-
-def _parse_description(
-    text: str, language: str, conflict_score: float, category_scores: dict[str, float]
-) -> tuple[str, str, str]:
-    # The parser lives with the transformers engine, which imports torch at module level; import it only
-    # when needed so that building this engine stays torch-free.
-    from moderation.engine.transformers_engine import parse_description
-
-    return parse_description(text, language, conflict_score, category_scores)
 
 
 def answer_score(top_logprobs: Sequence[dict[str, Any]]) -> _Answer:
@@ -142,14 +114,6 @@ def image_data_url(image: Image.Image, image_format: str = "PNG") -> str:
         image.save(buffer, format="PNG")
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"data:image/{fmt.lower()};base64,{encoded}"
-
-
-def _synthetic_image(width: int, height: int) -> Image.Image:
-    img = Image.new("RGB", (width, height))
-    img.putdata(
-        [((x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256) for y in range(height) for x in range(width)]
-    )
-    return img
 
 
 class OpenAIEngine(ModerationEngine):
@@ -259,7 +223,7 @@ class OpenAIEngine(ModerationEngine):
             conflict = answers[k]
             category_scores = {c.name: answers[k + 1 + i].score for i, c in enumerate(request.categories)}
             k += 1 + len(request.categories)
-            description, visible, explanation = _parse_description(
+            description, visible, explanation = parse_description(
                 text, language, conflict.score, category_scores
             )
             results.append(
@@ -289,7 +253,7 @@ class OpenAIEngine(ModerationEngine):
             [result] = self.moderate(
                 [
                     EngineRequest(
-                        image=_synthetic_image(64, 64),
+                        image=synthetic_image(64, 64),
                         caption="Health check: a colourful gradient.",
                         categories=prompts.DEFAULT_CATEGORIES[:2],
                     )
@@ -440,4 +404,5 @@ __all__ = [
     "answer_prefixes",
     "answer_score",
     "confidence_from",
+    "request_language",
 ]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Sequence
@@ -48,7 +47,15 @@ from moderation.engine.base import (
 )
 from moderation.engine.decoder import StaticDecoder
 from moderation.engine.fixture import CHAT_TEMPLATE_PATH, FIXTURE_MARKER, is_fixture_folder
-from moderation.engine.images import VISUAL_TOKEN_FACTOR, detect_language, prepare_image
+from moderation.engine.images import VISUAL_TOKEN_FACTOR, prepare_image, synthetic_image
+from moderation.engine.scoring import (
+    NO_VARIANTS,
+    YES_VARIANTS,
+    binary_entropy,
+    confidence_from,
+    parse_description,
+    request_language,
+)
 
 if TYPE_CHECKING:
     from moderation.config import Settings
@@ -59,13 +66,6 @@ FIXTURE_WARNING = "FIXTURE MODEL IN USE — verdicts are random, not for product
 
 _USER_HEADER = "<|im_start|>user\n"
 
-YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
-NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
-
-MAX_DESCRIPTION_CHARS = 600
-MAX_VISIBLE_TEXT_CHARS = 500
-MAX_EXPLANATION_CHARS = 400
-
 # Tokens the describe pass must never emit: a stray vision placeholder would desynchronise M-RoPE.
 _SUPPRESSED_TOKENS = (
     "<|image_pad|>",
@@ -74,20 +74,6 @@ _SUPPRESSED_TOKENS = (
     "<|vision_end|>",
     "<|vision_pad|>",
 )
-_SPECIAL_TEXT_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?(?:think|tool_call|tool_response)>")
-_NONE_VISIBLE = {
-    "none",
-    "none.",
-    "n/a",
-    "no text",
-    "no visible text",
-    "无",
-    "无。",
-    "没有",
-    "(none)",
-    "“无”",
-    '"none"',
-}
 
 
 class EngineConfigError(ValueError):
@@ -139,95 +125,6 @@ def _quantization_config(setting: str, device: torch.device, dtype: torch.dtype)
             llm_int8_skip_modules=skip,
         )
     raise EngineConfigError(f"unknown quantization {setting!r}")
-
-
-def binary_entropy(p: float) -> float:
-    """Binary entropy of ``p`` in nats (0 at p=0 or 1, ln 2 at p=0.5)."""
-    p = min(max(p, 0.0), 1.0)
-    if p in (0.0, 1.0):
-        return 0.0
-    return -(p * math.log(p) + (1.0 - p) * math.log(1.0 - p))
-
-
-def confidence_from(conflict_score: float, mass: float) -> float:
-    """Confidence = yes/no mass at the conflict position x (1 - H(score) / ln 2), clamped to [0, 1]."""
-    value = min(max(mass, 0.0), 1.0) * (1.0 - binary_entropy(conflict_score) / math.log(2.0))
-    return min(max(value, 0.0), 1.0)
-
-
-def _clean(text: str) -> str:
-    text = _SPECIAL_TEXT_RE.sub(" ", text.replace("\ufffd", ""))
-    return re.sub(r"\s+", " ", text).strip().strip("*").strip()
-
-
-def _cap(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - 1]
-    space = cut.rfind(" ")
-    if space > limit // 2:
-        cut = cut[:space]
-    return cut.rstrip() + "…"
-
-
-def _label_regex() -> tuple[re.Pattern[str], dict[str, str]]:
-    by_label: dict[str, str] = {}
-    for field, names in prompts.all_labels().items():
-        for name in names:
-            by_label[name.lower()] = field
-    alternatives = "|".join(re.escape(n) for n in sorted(by_label, key=len, reverse=True))
-    pattern = re.compile(rf"(?im)^[ \t>*#_-]*({alternatives})[ \t*_]*[:：]")
-    return pattern, by_label
-
-
-_LABEL_RE, _LABEL_FIELDS = _label_regex()
-
-
-def parse_description(
-    text: str, language: str, conflict_score: float, category_scores: dict[str, float]
-) -> tuple[str, str, str]:
-    """Split generated text into (description, visible text, explanation); never fails."""
-    raw = _SPECIAL_TEXT_RE.sub(" ", text or "")
-    fields: dict[str, str] = {}
-    matches = list(_LABEL_RE.finditer(raw))
-    if matches:
-        preamble = raw[: matches[0].start()]
-        for i, match in enumerate(matches):
-            end = matches[i + 1].start() if i + 1 < len(matches) else len(raw)
-            field = _LABEL_FIELDS[match.group(1).lower()]
-            fields.setdefault(field, raw[match.end() : end])
-        if "description" not in fields and _clean(preamble):
-            fields["description"] = preamble
-    else:
-        fields["description"] = raw
-    description = _cap(_clean(fields.get("description", "")), MAX_DESCRIPTION_CHARS)
-    visible = _clean(fields.get("visible_text", ""))
-    if visible.lower() in _NONE_VISIBLE:
-        visible = ""
-    visible = _cap(visible, MAX_VISIBLE_TEXT_CHARS)
-    explanation = _cap(_clean(fields.get("explanation", "")), MAX_EXPLANATION_CHARS)
-    if not explanation:
-        explanation = prompts.fallback_explanation(conflict_score, category_scores, language)
-    return description, visible, explanation
-
-
-def request_language(request: EngineRequest) -> str:
-    """Prompt language: Chinese when the request says so or the caption contains CJK, else English."""
-    if (request.language or "").lower().startswith("zh"):
-        return "zh"
-    return detect_language(request.caption)
-
-
-def _synthetic_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A deterministic colourful test image (no randomness source needed)."""
-    img = Image.new("RGB", (width, height))
-    pixels = [
-        ((x * 7 + seed * 31) % 256, (y * 5 + seed * 17) % 256, ((x + y) * 3 + seed * 11) % 256)
-        for y in range(height)
-        for x in range(width)
-    ]
-    img.putdata(pixels)
-    return img
 
 
 class TransformersEngine(ModerationEngine):
@@ -413,7 +310,7 @@ class TransformersEngine(ModerationEngine):
         """Run a 1-item inference on a small synthetic image and report the outcome."""
         started = time.perf_counter()
         request = EngineRequest(
-            image=_synthetic_image(64, 64),
+            image=synthetic_image(64, 64),
             caption="Health check: a colourful gradient.",
             categories=prompts.DEFAULT_CATEGORIES[:2],
         )
@@ -444,7 +341,7 @@ class TransformersEngine(ModerationEngine):
             )
             requests.append(
                 EngineRequest(
-                    image=_synthetic_image(*size, seed=i),
+                    image=synthetic_image(*size, seed=i),
                     caption=caption,
                     categories=prompts.DEFAULT_CATEGORIES,
                 )

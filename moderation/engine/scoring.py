@@ -1,0 +1,112 @@
+"""Pure helpers shared by every engine backend: yes/no spellings, confidence, language, parsing the lines.
+
+No torch here, so a backend that talks to a remote server does not load it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from moderation.engine import prompts
+from moderation.engine.base import EngineRequest
+from moderation.engine.images import detect_language
+
+YES_VARIANTS = (" yes", "yes", " Yes", "Yes", " YES", "YES")
+NO_VARIANTS = (" no", "no", " No", "No", " NO", "NO")
+
+MAX_DESCRIPTION_CHARS = 600
+MAX_VISIBLE_TEXT_CHARS = 500
+MAX_EXPLANATION_CHARS = 400
+
+_SPECIAL_TEXT_RE = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?(?:think|tool_call|tool_response)>")
+_NONE_VISIBLE = {
+    "none",
+    "none.",
+    "n/a",
+    "no text",
+    "no visible text",
+    "无",
+    "无。",
+    "没有",
+    "(none)",
+    "“无”",
+    '"none"',
+}
+
+
+def binary_entropy(p: float) -> float:
+    """Binary entropy of ``p`` in nats (0 at p=0 or 1, ln 2 at p=0.5)."""
+    p = min(max(p, 0.0), 1.0)
+    if p in (0.0, 1.0):
+        return 0.0
+    return -(p * math.log(p) + (1.0 - p) * math.log(1.0 - p))
+
+
+def confidence_from(conflict_score: float, mass: float) -> float:
+    """Confidence = yes/no mass at the conflict position x (1 - H(score) / ln 2), clamped to [0, 1]."""
+    value = min(max(mass, 0.0), 1.0) * (1.0 - binary_entropy(conflict_score) / math.log(2.0))
+    return min(max(value, 0.0), 1.0)
+
+
+def _clean(text: str) -> str:
+    text = _SPECIAL_TEXT_RE.sub(" ", text.replace("\ufffd", ""))
+    return re.sub(r"\s+", " ", text).strip().strip("*").strip()
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    space = cut.rfind(" ")
+    if space > limit // 2:
+        cut = cut[:space]
+    return cut.rstrip() + "…"
+
+
+def _label_regex() -> tuple[re.Pattern[str], dict[str, str]]:
+    by_label: dict[str, str] = {}
+    for field, names in prompts.all_labels().items():
+        for name in names:
+            by_label[name.lower()] = field
+    alternatives = "|".join(re.escape(n) for n in sorted(by_label, key=len, reverse=True))
+    pattern = re.compile(rf"(?im)^[ \t>*#_-]*({alternatives})[ \t*_]*[:：]")
+    return pattern, by_label
+
+
+_LABEL_RE, _LABEL_FIELDS = _label_regex()
+
+
+def parse_description(
+    text: str, language: str, conflict_score: float, category_scores: dict[str, float]
+) -> tuple[str, str, str]:
+    """Split generated text into (description, visible text, explanation); never fails."""
+    raw = _SPECIAL_TEXT_RE.sub(" ", text or "")
+    fields: dict[str, str] = {}
+    matches = list(_LABEL_RE.finditer(raw))
+    if matches:
+        preamble = raw[: matches[0].start()]
+        for i, match in enumerate(matches):
+            end = matches[i + 1].start() if i + 1 < len(matches) else len(raw)
+            field = _LABEL_FIELDS[match.group(1).lower()]
+            fields.setdefault(field, raw[match.end() : end])
+        if "description" not in fields and _clean(preamble):
+            fields["description"] = preamble
+    else:
+        fields["description"] = raw
+    description = _cap(_clean(fields.get("description", "")), MAX_DESCRIPTION_CHARS)
+    visible = _clean(fields.get("visible_text", ""))
+    if visible.lower() in _NONE_VISIBLE:
+        visible = ""
+    visible = _cap(visible, MAX_VISIBLE_TEXT_CHARS)
+    explanation = _cap(_clean(fields.get("explanation", "")), MAX_EXPLANATION_CHARS)
+    if not explanation:
+        explanation = prompts.fallback_explanation(conflict_score, category_scores, language)
+    return description, visible, explanation
+
+
+def request_language(request: EngineRequest) -> str:
+    """Prompt language: Chinese when the request says so or the caption contains CJK, else English."""
+    if (request.language or "").lower().startswith("zh"):
+        return "zh"
+    return detect_language(request.caption)
