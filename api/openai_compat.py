@@ -44,13 +44,6 @@ DEFAULT_MAX_TOKENS = 256
 OPENAI_MAX_TOP_LOGPROBS = 20
 
 # Tokens the server never emits: a stray vision placeholder in the text would break the next request.
-_SUPPRESSED_TOKENS = (
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-)
 
 
 class CompatError(Exception):
@@ -127,6 +120,7 @@ class QwenRunner:
         from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
         from moderation.engine.fixture import CHAT_TEMPLATE_PATH, is_fixture_folder
+        from moderation.engine.scoring import eos_token_ids, suppressed_token_ids
 
         path = Path(model_dir).expanduser().resolve()
         self.is_fixture = is_fixture_folder(path)
@@ -142,23 +136,8 @@ class QwenRunner:
             self.processor.chat_template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
         self.tokenizer: Any = self.processor.tokenizer
         self.vocab_size = int(self.model.config.text_config.vocab_size)
-        unk = self.tokenizer.unk_token_id
-        self.suppress_ids = [
-            tid
-            for tid in (self.tokenizer.convert_tokens_to_ids(t) for t in _SUPPRESSED_TOKENS)
-            if isinstance(tid, int) and tid != unk
-        ]
-        eos: list[int] = []
-        configured = getattr(self.model.generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            eos.append(configured)
-        elif configured:
-            eos.extend(int(i) for i in configured)
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid != unk and tid not in eos:
-                eos.append(tid)
-        self.eos_ids = eos
+        self.suppress_ids = suppressed_token_ids(self.tokenizer)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
         self._token_text: dict[int, str] = {}
         self.lock = threading.Lock()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from moderation.engine import prompts
 from moderation.engine.base import EngineRequest
@@ -110,3 +111,36 @@ def request_language(request: EngineRequest) -> str:
     if (request.language or "").lower().startswith("zh"):
         return "zh"
     return detect_language(request.caption)
+
+
+# Tokens generation must never emit: a stray vision placeholder would desynchronise M-RoPE.
+SUPPRESSED_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+)
+
+
+def suppressed_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the vision placeholder tokens this tokenizer knows."""
+    ids = (tokenizer.convert_tokens_to_ids(t) for t in SUPPRESSED_TOKENS)
+    return [tid for tid in ids if isinstance(tid, int) and tid != tokenizer.unk_token_id]
+
+
+def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
+    """Every id that ends a reply: the checkpoint's, the chat template's and the tokenizer's own."""
+    ids: list[int] = []
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.append(configured)
+    elif configured:
+        ids.extend(int(i) for i in configured)
+    for token in ("<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid not in ids and tid != tokenizer.unk_token_id:
+            ids.append(tid)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids

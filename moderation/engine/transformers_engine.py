@@ -53,8 +53,10 @@ from moderation.engine.scoring import (
     YES_VARIANTS,
     binary_entropy,
     confidence_from,
+    eos_token_ids,
     parse_description,
     request_language,
+    suppressed_token_ids,
 )
 
 if TYPE_CHECKING:
@@ -65,15 +67,6 @@ logger = logging.getLogger(__name__)
 FIXTURE_WARNING = "FIXTURE MODEL IN USE — verdicts are random, not for production"
 
 _USER_HEADER = "<|im_start|>user\n"
-
-# Tokens the describe pass must never emit: a stray vision placeholder would desynchronise M-RoPE.
-_SUPPRESSED_TOKENS = (
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-)
 
 
 class EngineConfigError(ValueError):
@@ -166,15 +159,11 @@ class TransformersEngine(ModerationEngine):
         self._no_ids = self._single_token_ids(NO_VARIANTS)
         if not self._yes_ids or not self._no_ids:
             raise RuntimeError("the tokenizer has no single-token spelling of yes/no; cannot score")
-        self._eos_ids = self._eos_token_ids()
+        self._eos_ids = eos_token_ids(self._tokenizer, self._model.generation_config)
         self._pad_id = self._tokenizer.pad_token_id
         if self._pad_id is None:
             self._pad_id = self._eos_ids[0]
-        self._suppress_ids = [
-            tid
-            for tid in (self._tokenizer.convert_tokens_to_ids(t) for t in _SUPPRESSED_TOKENS)
-            if isinstance(tid, int) and tid != self._tokenizer.unk_token_id
-        ]
+        self._suppress_ids = suppressed_token_ids(self._tokenizer)
         self._blocks: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
         self._image_token_id = int(self._tokenizer.convert_tokens_to_ids("<|image_pad|>"))
         self._merge = int(image_processor.merge_size)
@@ -359,21 +348,6 @@ class TransformersEngine(ModerationEngine):
             if len(encoded) == 1:
                 ids.add(int(encoded[0]))
         return sorted(ids)
-
-    def _eos_token_ids(self) -> list[int]:
-        ids: list[int] = []
-        configured = getattr(self._model.generation_config, "eos_token_id", None)
-        if isinstance(configured, int):
-            ids.append(configured)
-        elif configured:
-            ids.extend(int(i) for i in configured)
-        for token in ("<|im_end|>", "<|endoftext|>"):
-            tid = self._tokenizer.convert_tokens_to_ids(token)
-            if isinstance(tid, int) and tid not in ids and tid != self._tokenizer.unk_token_id:
-                ids.append(tid)
-        if self._tokenizer.eos_token_id is not None and self._tokenizer.eos_token_id not in ids:
-            ids.append(int(self._tokenizer.eos_token_id))
-        return ids
 
     def _chat_texts(
         self, images: Sequence[Image.Image], systems: Sequence[str], users: Sequence[str]
