@@ -1,30 +1,37 @@
 """Greedy decoding of Qwen3-VL's text model over a static KV cache, replayed as CUDA graphs on a GPU.
 
-The prompt (image and text) is prefilled by the transformers model itself; its key/value states are then
-copied into preallocated per-layer buffers and every later token runs through this module's own loop over
-the model's decoder layers (same weights, same submodules). That loop has fixed shapes and no host
-synchronisation, so on CUDA one decode step is captured once per (batch, cache length) bucket and replayed:
-the per-token Python overhead of ``generate`` (tens of milliseconds for a 36-layer model) disappears.
+Every submission of a batch starts with the same instruction prefix (system message and the user turn's
+header). Its keys and values are computed once per distinct prefix and stored once per layer; the per-row
+cache holds only each row's suffix (image, quoted caption), the generated tokens and the forced answer
+block. Attention over a row is one softmax over [shared prefix | row slots]: the prefix's scores for all
+rows come from one matrix product against the single copy, so no prefix key is copied or read per row.
+
+The suffix is prefilled through this module's own loop over the model's decoder layers (same weights, same
+submodules). Decode steps have fixed shapes and no host synchronisation, so on CUDA one step is captured
+once per (batch, cache length, attention window) and replayed: the per-token Python overhead of
+``generate`` (tens of milliseconds for a 36-layer model) disappears, and a step reads only the window of
+row slots in use (a multiple of ``WINDOW``), not the whole preallocated cache.
 
 After the image, Qwen3-VL's multimodal RoPE gives all three position axes the same value for text tokens,
 so text positions here are plain integers per row (``cache index + rope delta``), fed to the model's own
 rotary embedding with the three axes equal.
-
-Attention is grouped-query attention computed as two batched matrix products over the cache, with an
-explicit mask: no key/value head is ever copied, and rows of different prompt lengths share one buffer.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKET = 256
+#: Decode steps attend to the row slots in use rounded up to this many (one captured graph per window).
+WINDOW = 64
+#: Prefix buffers grow in steps of this many tokens.
+PREFIX_BUCKET = 128
 MAX_PREFIXES = 16
 DONE_CHECK_EVERY = 16
 
@@ -43,19 +50,23 @@ def round_up(value: int, multiple: int) -> int:
 class _State:
     """Static buffers of one (batch, length) bucket; a captured graph reads and writes only these."""
 
-    keys: list[torch.Tensor]
+    keys: list[torch.Tensor]  # per layer (B, kv, L, D): row slots
     values: list[torch.Tensor]
-    mask: torch.Tensor  # (B, L) bool: which cache slots each row may attend to
+    prefix_keys: list[torch.Tensor]  # per layer (1, kv, P_cap, D): the shared prefix, once
+    prefix_values: list[torch.Tensor]
+    prefix_bias: torch.Tensor  # (P_cap,) float32: 0 for the prefix's tokens, -inf for unused capacity
+    mask: torch.Tensor  # (B, L) bool: which row slots each row may attend to
     token: torch.Tensor  # (B,) next input token
     position: torch.Tensor  # (B,) text position of that token
-    write_index: torch.Tensor  # () cache slot the step writes
+    write_index: torch.Tensor  # () row slot the step writes
     out_tokens: torch.Tensor  # (B, max_steps) generated tokens
     step: torch.Tensor  # () index into out_tokens
-    graph: Any = None
+    prefix_len: int = 0
+    graphs: dict[int, Any] = field(default_factory=dict)  # attention window -> captured decode step
 
 
 class StaticDecoder:
-    """Runs decode steps and teacher-forced blocks over static buffers of the text model."""
+    """Runs prefill, decode steps and teacher-forced blocks over static buffers of the text model."""
 
     def __init__(
         self,
@@ -92,26 +103,51 @@ class StaticDecoder:
 
     # -- buffers ---------------------------------------------------------------------------------
 
-    def _state(self, batch: int, length: int, max_steps: int) -> _State:
+    def _kv(self, batch: int, length: int) -> list[torch.Tensor]:
+        shape = (batch, self.n_kv, length, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+
+    def _new_state(self, batch: int, length: int, max_steps: int, prefix_capacity: int) -> _State:
+        return _State(
+            keys=self._kv(batch, length),
+            values=self._kv(batch, length),
+            prefix_keys=self._kv(1, prefix_capacity),
+            prefix_values=self._kv(1, prefix_capacity),
+            prefix_bias=torch.full((prefix_capacity,), float("-inf"), device=self.device),
+            mask=torch.zeros(batch, length, dtype=torch.bool, device=self.device),
+            token=torch.zeros(batch, dtype=torch.long, device=self.device),
+            position=torch.zeros(batch, dtype=torch.long, device=self.device),
+            write_index=torch.zeros((), dtype=torch.long, device=self.device),
+            out_tokens=torch.zeros(batch, max_steps, dtype=torch.long, device=self.device),
+            step=torch.zeros((), dtype=torch.long, device=self.device),
+        )
+
+    def _state(self, batch: int, length: int, max_steps: int, prefix_len: int) -> _State:
         key = (batch, length, max_steps)
         state = self._states.get(key)
+        if state is not None and state.prefix_keys[0].shape[2] < prefix_len:
+            # A longer prefix than this bucket has seen: new buffers, and graphs that read them.
+            del self._states[key]
+            state = None
         if state is None:
             # One bucket at a time: a new shape frees the previous buffers (graphs keep theirs in the pool).
             if not self.use_cuda_graphs:
                 self._states.clear()
-            shape = (batch, self.n_kv, length, self.head_dim)
-            state = _State(
-                keys=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
-                values=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
-                mask=torch.zeros(batch, length, dtype=torch.bool, device=self.device),
-                token=torch.zeros(batch, dtype=torch.long, device=self.device),
-                position=torch.zeros(batch, dtype=torch.long, device=self.device),
-                write_index=torch.zeros((), dtype=torch.long, device=self.device),
-                out_tokens=torch.zeros(batch, max_steps, dtype=torch.long, device=self.device),
-                step=torch.zeros((), dtype=torch.long, device=self.device),
-            )
+            state = self._new_state(batch, length, max_steps, round_up(max(prefix_len, 1), PREFIX_BUCKET))
             self._states[key] = state
         return state
+
+    def _load_prefix(self, state: _State, prefix_ids: tuple[int, ...]) -> None:
+        """Copy a prefix's keys and values into the state's prefix buffers (in place: graphs keep reading them)."""
+        length = len(prefix_ids)
+        for (k, v), keys, values in zip(
+            self.prefix_states(prefix_ids), state.prefix_keys, state.prefix_values, strict=True
+        ):
+            keys[:, :, :length].copy_(k)
+            values[:, :, :length].copy_(v)
+        state.prefix_bias.fill_(float("-inf"))
+        state.prefix_bias[:length] = 0.0
+        state.prefix_len = length
 
     # -- the transformer, over the static cache ----------------------------------------------------
 
@@ -122,25 +158,33 @@ class StaticDecoder:
         positions: torch.Tensor,
         slots: torch.Tensor,
         mask: torch.Tensor,
+        kv_len: int,
         deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Hidden states of ``embeds`` (B, S, H) written at cache ``slots`` (S,), attending per ``mask`` (B, S, L).
+        """Hidden states of ``embeds`` (B, S, H) written at row ``slots`` (S,), attending per ``mask``.
 
-        ``positions`` is (B, S) for text or (3, B, S) for M-RoPE; ``deepstack`` is the visual token mask
-        (B, S) and the vision tower's per-layer features, added after the first layers as Qwen3-VL does.
+        Every query sees the whole shared prefix. ``mask`` (B, S, kv_len) says which of the first
+        ``kv_len`` row slots each query sees when S > 1; for one query (a decode step) it is ignored and
+        the state's row mask over the first ``kv_len`` slots is used. ``positions`` is (B, S) for text or
+        (3, B, S) for M-RoPE; ``deepstack`` is the visual token mask (B, S) and the vision tower's
+        per-layer features, added after the first layers as Qwen3-VL does.
         """
         batch, seq, _ = embeds.shape
         position_ids = positions if positions.dim() == 3 else positions.unsqueeze(0).expand(3, batch, seq)
         cos, sin = self.lm.rotary_emb(embeds, position_ids)
-        kv_len = int(slots[-1]) + 1 if seq > 1 else mask.shape[-1]
-        bias: torch.Tensor | None = None
-        sdpa_mask: torch.Tensor | None = None
-        if seq > 1:
-            sdpa_mask = mask[:, :, :kv_len].unsqueeze(1)  # (B, 1, S, used slots)
-        else:
-            bias = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
-            bias = bias.masked_fill_(~mask, float("-inf")).unsqueeze(1)  # (B, 1, 1, L): broadcast over heads
+        prefix_len = state.prefix_len
         groups = self.n_heads // self.n_kv
+        if seq > 1:
+            if prefix_len:
+                seen = torch.ones(batch, seq, prefix_len, dtype=torch.bool, device=self.device)
+                mask = torch.cat([seen, mask], dim=-1)
+            sdpa_mask = mask.unsqueeze(1)  # (B, 1, S, prefix + kv_len)
+        else:
+            row_bias = torch.zeros(batch, kv_len, dtype=torch.float32, device=self.device)
+            row_bias.masked_fill_(~state.mask[:, :kv_len], float("-inf"))
+            capacity = state.prefix_bias.shape[0]
+            bias = torch.cat([state.prefix_bias.expand(batch, capacity), row_bias], dim=-1)
+            bias = bias.view(batch, 1, 1, capacity + kv_len)  # broadcast over kv heads and groups
         hidden = embeds
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -153,25 +197,23 @@ class StaticDecoder:
             keys, values = state.keys[index], state.values[index]
             keys.index_copy_(2, slots, k.to(keys.dtype))
             values.index_copy_(2, slots, v.to(values.dtype))
-            if bias is None:
-                # Many queries (prefill, forced block): a fused kernel over the slots in use.
+            q = q.to(keys.dtype)
+            if seq > 1:
+                # Many queries (prefill, forced block): one fused kernel over [prefix | row slots in use].
+                row_keys, row_values = keys[:, :, :kv_len], values[:, :, :kv_len]
+                if prefix_len:
+                    shape = (batch, self.n_kv, prefix_len, self.head_dim)
+                    row_keys = torch.cat(
+                        [state.prefix_keys[index][:, :, :prefix_len].expand(shape), row_keys], 2
+                    )
+                    row_values = torch.cat(
+                        [state.prefix_values[index][:, :, :prefix_len].expand(shape), row_values], 2
+                    )
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    q.to(keys.dtype),
-                    keys[:, :, :kv_len],
-                    values[:, :, :kv_len],
-                    attn_mask=sdpa_mask,
-                    scale=self.scale,
-                    enable_gqa=True,
+                    q, row_keys, row_values, attn_mask=sdpa_mask, scale=self.scale, enable_gqa=True
                 )
             else:
-                # One query (decode): (B, kv, groups, D) @ (B, kv, D, L) reads each cached key once per group.
-                qg = q.reshape(batch, self.n_kv, groups * seq, self.head_dim)
-                scores = torch.matmul(qg, keys.transpose(2, 3)).float() * self.scale
-                scores = scores.view(batch, self.n_kv, groups, seq, -1) + bias.unsqueeze(2)
-                probs = (
-                    torch.softmax(scores, dim=-1).to(values.dtype).view(batch, self.n_kv, groups * seq, -1)
-                )
-                out = torch.matmul(probs, values).view(batch, self.n_heads, seq, self.head_dim)
+                out = self._decode_attention(state, index, q, kv_len, bias, groups)
             out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
             hidden = residual + attn.o_proj(out)
             residual = hidden
@@ -182,12 +224,40 @@ class StaticDecoder:
                 hidden[visual_mask] = hidden[visual_mask] + features[index].to(hidden.dtype)
         return self.lm.norm(hidden)
 
-    def _step(self, state: _State) -> None:
+    def _decode_attention(
+        self, state: _State, index: int, q: torch.Tensor, window: int, bias: torch.Tensor, groups: int
+    ) -> torch.Tensor:
+        """One query per row over [shared prefix | first ``window`` row slots]; (B, heads, 1, D).
+
+        Queries are grouped per key/value head, so no key is ever repeated: the prefix's scores for all
+        rows are one (kv, B*groups, D) @ (kv, D, P) product against its single copy.
+        """
+        batch = q.shape[0]
+        qg = q.reshape(batch, self.n_kv, groups, self.head_dim)
+        row_keys = state.keys[index][:, :, :window]
+        row_values = state.values[index][:, :, :window]
+        prefix_keys = state.prefix_keys[index][0]  # (kv, P_cap, D)
+        prefix_values = state.prefix_values[index][0]
+        capacity = prefix_keys.shape[1]
+        q_by_head = qg.transpose(0, 1).reshape(self.n_kv, batch * groups, self.head_dim)
+        prefix_scores = torch.matmul(q_by_head, prefix_keys.transpose(1, 2))  # (kv, B*g, P_cap)
+        prefix_scores = prefix_scores.view(self.n_kv, batch, groups, capacity).transpose(0, 1)
+        row_scores = torch.matmul(qg, row_keys.transpose(2, 3))  # (B, kv, g, window)
+        scores = torch.cat([prefix_scores, row_scores], dim=-1).float() * self.scale + bias
+        probs = torch.softmax(scores, dim=-1).to(row_values.dtype)
+        prefix_probs, row_probs = probs.split([capacity, window], dim=-1)
+        out = torch.matmul(row_probs, row_values)  # (B, kv, g, D)
+        prefix_probs = prefix_probs.transpose(0, 1).reshape(self.n_kv, batch * groups, capacity)
+        prefix_out = torch.matmul(prefix_probs, prefix_values).view(self.n_kv, batch, groups, self.head_dim)
+        out = out + prefix_out.transpose(0, 1)
+        return out.reshape(batch, self.n_heads, 1, self.head_dim)
+
+    def _step(self, state: _State, window: int) -> None:
         """One greedy decode step entirely on the device: reads and advances the state's tensors."""
         embeds = self.lm.embed_tokens(state.token).unsqueeze(1)
         slots = state.write_index.view(1)
         state.mask.index_fill_(1, slots, True)
-        hidden = self._forward(state, embeds, state.position.unsqueeze(1), slots, state.mask.unsqueeze(1))
+        hidden = self._forward(state, embeds, state.position.unsqueeze(1), slots, state.mask, window)
         logits = self.lm_head(hidden[:, -1]).float()
         if self._suppress is not None:
             logits.index_fill_(1, self._suppress, float("-inf"))
@@ -200,7 +270,7 @@ class StaticDecoder:
         state.write_index.add_(1)
         state.step.add_(1)
 
-    def _capture(self, state: _State) -> Any:
+    def _capture(self, state: _State, window: int) -> Any:
         snapshot = [
             t.clone() for t in (state.token, state.position, state.write_index, state.step, state.mask)
         ]
@@ -208,11 +278,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._step_fn(state)
+                self._step_fn(state, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step_fn(state)
+            self._step_fn(state, window)
         self._pool = graph.pool()
         for target, saved in zip(
             (state.token, state.position, state.write_index, state.step, state.mask), snapshot, strict=True
@@ -223,28 +293,18 @@ class StaticDecoder:
     # -- public ------------------------------------------------------------------------------------
 
     def prefix_states(self, prefix_ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of a shared prompt prefix (text positions 0..P-1), computed once and kept."""
+        """Keys and values (1, kv, P, D) per layer of a shared prompt prefix (positions 0..P-1), kept."""
         cached = self._prefixes.get(prefix_ids)
         if cached is not None:
             self._prefixes.move_to_end(prefix_ids)
             return cached
         length = len(prefix_ids)
-        shape = (1, self.n_kv, length, self.head_dim)
-        scratch = _State(
-            keys=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
-            values=[torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers],
-            mask=torch.ones(1, length, dtype=torch.bool, device=self.device),
-            token=torch.zeros(1, dtype=torch.long, device=self.device),
-            position=torch.zeros(1, dtype=torch.long, device=self.device),
-            write_index=torch.zeros((), dtype=torch.long, device=self.device),
-            out_tokens=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-            step=torch.zeros((), dtype=torch.long, device=self.device),
-        )
+        scratch = self._new_state(1, length, 1, 1)  # no prefix of its own: the prefix is its row
         ids = torch.tensor([prefix_ids], dtype=torch.long, device=self.device)
         positions = torch.arange(length, device=self.device).unsqueeze(0)
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=self.device)).unsqueeze(0)
         slots = torch.arange(length, device=self.device)
-        self._forward(scratch, self.lm.embed_tokens(ids), positions, slots, causal)
+        self._forward(scratch, self.lm.embed_tokens(ids), positions, slots, causal, length)
         cached = list(zip(scratch.keys, scratch.values, strict=True))
         self._prefixes[prefix_ids] = cached
         while len(self._prefixes) > MAX_PREFIXES:
@@ -264,34 +324,28 @@ class StaticDecoder:
         max_new_tokens: int,
         extra_slots: int,
     ) -> tuple[_State, torch.Tensor]:
-        """Fill the cache with a shared prefix and each row's suffix (image, caption); last hidden state per row.
+        """Load the shared prefix and fill each row's slots with its suffix (image, caption); last hidden state per row.
 
-        Rows are laid out as [prefix][left padding][suffix]; ``positions`` (3, B, S) are the suffix's M-RoPE
-        positions, continuing from the prefix's length.
+        Row slots are [left padding][suffix]; ``positions`` (3, B, S) are the suffix's M-RoPE positions,
+        continuing from the prefix's length.
         """
         real_batch, seq = suffix_ids.shape
-        prefix_len = len(prefix_ids)
         batch = bucket(real_batch, BATCH_BUCKETS) if self.use_cuda_graphs else real_batch
-        length = round_up(prefix_len + seq + max_new_tokens + extra_slots, LENGTH_BUCKET)
-        state = self._state(batch, length, max_new_tokens)
+        length = round_up(seq + max_new_tokens + extra_slots, LENGTH_BUCKET)
+        state = self._state(batch, length, max_new_tokens, len(prefix_ids))
+        self._load_prefix(state, prefix_ids)
         state.mask.zero_()
-        state.mask[:, :prefix_len] = True
-        state.mask[:real_batch, prefix_len : prefix_len + seq] = suffix_mask.bool()
-        for (k, v), keys, values in zip(
-            self.prefix_states(prefix_ids), state.keys, state.values, strict=True
-        ):
-            keys[:, :, :prefix_len].copy_(k.expand(batch, -1, -1, -1))
-            values[:, :, :prefix_len].copy_(v.expand(batch, -1, -1, -1))
+        state.mask[:real_batch, :seq] = suffix_mask.bool()
         embeds = self.lm.embed_tokens(suffix_ids)
         embeds[visual_mask] = image_embeds.to(embeds.dtype)
-        slots = torch.arange(prefix_len, prefix_len + seq, device=self.device)
+        slots = torch.arange(seq, device=self.device)
         causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=self.device))
-        mask = state.mask[:real_batch].unsqueeze(1).expand(real_batch, seq, -1).clone()
-        mask[:, :, prefix_len : prefix_len + seq] &= causal.unsqueeze(0)
-        mask[:, :, 0] |= ~mask.any(dim=-1)  # padding queries still need one visible key
+        mask = state.mask[:real_batch, :seq].unsqueeze(1) & causal.unsqueeze(0)
+        if not state.prefix_len:
+            mask[:, :, 0] |= ~mask.any(dim=-1)  # padding queries still need one visible key
         rows = _rows(state, real_batch)
-        hidden = self._forward(rows, embeds, positions, slots, mask, (visual_mask, deepstack))
-        state.write_index.fill_(prefix_len + seq)
+        hidden = self._forward(rows, embeds, positions, slots, mask, seq, (visual_mask, deepstack))
+        state.write_index.fill_(seq)
         return state, hidden[:, -1]
 
     def decode(
@@ -303,9 +357,10 @@ class StaticDecoder:
         max_new_tokens: int,
         min_new_tokens: int,
     ) -> tuple[torch.Tensor, int]:
-        """Greedy-decode after ``prefill``; the tokens (B, steps + 1) and the first free cache slot."""
+        """Greedy-decode after ``prefill``; the tokens (B, steps + 1) and the first free row slot."""
         real_batch = first_token.shape[0]
         batch = state.token.shape[0]
+        length = state.keys[0].shape[2]
         start = int(state.write_index.item())
         if batch > real_batch:  # padding rows attend to one slot so their softmax stays finite
             state.mask[real_batch:, 0] = True
@@ -317,13 +372,15 @@ class StaticDecoder:
         state.out_tokens.zero_()
         steps = max_new_tokens - 1  # the prefill already produced the first token
         ran = 0
-        if self.use_cuda_graphs and state.graph is None:
-            state.graph = self._capture(state)
         for ran in range(1, steps + 1):
-            if state.graph is not None:
-                state.graph.replay()
+            window = min(length, round_up(start + ran, WINDOW))  # this step writes slot start + ran - 1
+            if self.use_cuda_graphs:
+                graph = state.graphs.get(window)
+                if graph is None:
+                    graph = state.graphs[window] = self._capture(state, window)
+                graph.replay()
             else:
-                self._step(state)
+                self._step(state, window)
             if ran >= min_new_tokens and ran % DONE_CHECK_EVERY == 0:
                 produced = torch.cat([first_token.view(-1, 1), state.out_tokens[:real_batch, :ran]], dim=1)
                 if bool(torch.isin(produced, self._eos).any(dim=1).all()):
@@ -341,21 +398,23 @@ class StaticDecoder:
         start_positions: torch.Tensor,
         prompt_len: int,
     ) -> torch.Tensor:
-        """Run a forced block (B, S) after each row's kept generated tokens; returns its hidden states."""
+        """Run a forced block (B, S) after each row's kept generated tokens; returns its hidden states.
+
+        ``prompt_len`` is the suffix length (row slots before the first generated token).
+        """
         real_batch, seq = block_ids.shape
+        kv_len = start_slot + seq
         # Rows see their prompt, the generated tokens they keep, and the block causally.
-        visible = state.mask[:real_batch].clone()
+        visible = state.mask[:real_batch, :kv_len].clone()
         generated = visible[:, prompt_len:start_slot]
         generated.copy_(generated_keep[:, : generated.shape[1]])
-        slots = torch.arange(start_slot, start_slot + seq, device=self.device)
+        slots = torch.arange(start_slot, kv_len, device=self.device)
         mask = visible.unsqueeze(1).expand(real_batch, seq, -1).clone()
         causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool, device=self.device))
-        mask[:, :, start_slot : start_slot + seq] = causal.unsqueeze(0) & block_mask.bool().unsqueeze(1)
-        # Padding tokens of a shorter block still need one visible key.
-        mask[:, :, 0] |= ~mask.any(dim=-1)
+        mask[:, :, start_slot:kv_len] = causal.unsqueeze(0) & block_mask.bool().unsqueeze(1)
         positions = start_positions.view(-1, 1) + torch.arange(seq, device=self.device).view(1, -1)
         embeds = self.lm.embed_tokens(block_ids)
-        return self._forward(_rows(state, real_batch), embeds, positions, slots, mask)
+        return self._forward(_rows(state, real_batch), embeds, positions, slots, mask, kv_len)
 
 
 def _rows(state: _State, real_batch: int) -> _State:
@@ -363,12 +422,16 @@ def _rows(state: _State, real_batch: int) -> _State:
     return _State(
         keys=[k[:real_batch] for k in state.keys],
         values=[v[:real_batch] for v in state.values],
+        prefix_keys=state.prefix_keys,
+        prefix_values=state.prefix_values,
+        prefix_bias=state.prefix_bias,
         mask=state.mask[:real_batch],
         token=state.token,
         position=state.position,
         write_index=state.write_index,
         out_tokens=state.out_tokens,
         step=state.step,
+        prefix_len=state.prefix_len,
     )
 
 

@@ -514,7 +514,7 @@ class TransformersEngine(ModerationEngine):
             min_new_tokens=self._min_new_tokens,
         )
         mark("decode")
-        prompt_len = len(prefix_ids) + suffix_ids.shape[1]
+        prompt_len = suffix_ids.shape[1]  # row slots before the first generated token
         steps = tokens.shape[1] - 1  # tokens in the cache; the last one is fed with the block
         eos = torch.tensor(self._eos_ids, device=self._device)
         is_eos = torch.isin(tokens, eos)

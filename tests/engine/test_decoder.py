@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from moderation.engine import prompts
-from moderation.engine.decoder import BATCH_BUCKETS, bucket, round_up
+from moderation.engine.decoder import BATCH_BUCKETS, WINDOW, StaticDecoder, bucket, round_up
 from moderation.engine.images import prepare_image
 from moderation.engine.transformers_engine import _USER_HEADER
 
@@ -77,3 +77,67 @@ def test_prefill_logits_and_greedy_tokens_match_transformers(engine: Any) -> Non
 def test_buckets() -> None:
     assert [bucket(n, BATCH_BUCKETS) for n in (1, 3, 8, 9, 100, 300)] == [1, 4, 8, 16, 128, 300]
     assert round_up(257, 256) == 512 and round_up(256, 256) == 256
+
+
+def test_forced_block_after_long_decode_matches_a_full_forward_pass(engine: Any) -> None:
+    """Decode past several attention windows, force a block, and compare its logits with one plain forward."""
+    images, texts = _texts(engine)
+    steps = 2 * WINDOW + 5
+    decoder = StaticDecoder(
+        engine._model,
+        use_cuda_graphs=False,
+        suppress_ids=engine._suppress_ids,
+        eos_ids=engine._eos_ids,
+        min_new_tokens=steps,  # no end-of-sequence: every row keeps all its tokens
+    )
+    cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
+    prefix = tuple(int(i) for i in engine._tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"])
+    block = torch.tensor([engine._tokenizer.encode("conflict: no\nsexual: no", add_special_tokens=False)] * 2)
+    with torch.inference_mode():
+        batch = engine._encode([t[cut:] for t in texts], images)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        positions, following = engine._suffix_positions(ids, mask, batch["image_grid_thw"], len(prefix))
+        embeds, deepstack = engine._vision(batch["pixel_values"], batch["image_grid_thw"])
+        state, last = decoder.prefill(
+            prefix,
+            ids,
+            mask,
+            positions,
+            ids == engine._image_token_id,
+            embeds,
+            deepstack,
+            max_new_tokens=steps,
+            extra_slots=block.shape[1] + 1,
+        )
+        first = engine._model.lm_head(last).float()
+        first[:, engine._suppress_ids] = float("-inf")
+        first[:, engine._eos_ids] = float("-inf")
+        tokens, next_slot = decoder.decode(
+            state, first.argmax(dim=-1), following, max_new_tokens=steps, min_new_tokens=steps
+        )
+        assert tokens.shape[1] == steps and next_slot == ids.shape[1] + steps - 1
+        forced = torch.cat([tokens[:, -1:], block], dim=1)
+        hidden = decoder.teacher_force(
+            state,
+            forced,
+            torch.ones_like(forced, dtype=torch.bool),
+            torch.ones(2, steps - 1, dtype=torch.bool),
+            start_slot=next_slot,
+            start_positions=following + steps - 1,
+            prompt_len=ids.shape[1],
+        )
+        ours = engine._model.lm_head(hidden).float()
+        full = engine._encode(texts, images)
+        extra = torch.cat([tokens[:, :-1], forced], dim=1)
+        reference = (
+            engine._model(
+                input_ids=torch.cat([full["input_ids"], extra], dim=1),
+                attention_mask=torch.cat([full["attention_mask"], torch.ones_like(extra)], dim=1),
+                pixel_values=full["pixel_values"],
+                image_grid_thw=full["image_grid_thw"],
+                mm_token_type_ids=torch.cat([full["mm_token_type_ids"], torch.zeros_like(extra)], dim=1),
+            )
+            .logits[:, -forced.shape[1] :]
+            .float()
+        )
+    assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
