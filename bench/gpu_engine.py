@@ -198,6 +198,7 @@ def _request(data: bytes) -> EngineRequest:
 
 def bench_engine(engine: TransformersEngine, jpegs: list[bytes], device: str, batch: int) -> dict[str, Any]:
     """The engine end to end: JPEG bytes → decoded image → verdict scores and texts."""
+    engine.moderate([_request(d) for d in jpegs[:batch]])  # warm-up: this size's graphs
     engine.profile = True
     engine.moderate([_request(d) for d in jpegs[:batch]])
     stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in engine.timings.items())
@@ -219,6 +220,17 @@ def bench_engine(engine: TransformersEngine, jpegs: list[bytes], device: str, ba
     return row(f"engine, batch {batch}", len(jpegs), total, latencies, device)
 
 
+def kernel_table(engine: TransformersEngine, jpegs: list[bytes], limit: int) -> None:
+    """Print the GPU kernels that took the most time in one batch (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.moderate([_request(d) for d in jpegs])  # shapes of this batch size warmed up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine.moderate([_request(d) for d in jpegs])
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=limit), flush=True)
+
+
 def main() -> int:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(
@@ -235,6 +247,12 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=8, help="submissions judged alone")
     parser.add_argument("--modes", default="naive,plain,engine,single")
     parser.add_argument("--quantization", default="none", help="comma list of none,int8")
+    parser.add_argument(
+        "--engine-batches", help="comma list of batch sizes for the engine mode (default: --batch)"
+    )
+    parser.add_argument(
+        "--kernels", type=int, default=0, help="print the N costliest GPU kernels of one batch"
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
     from transformers import Qwen3VLProcessor
@@ -283,9 +301,16 @@ def main() -> int:
                 bench_plain_batch(model, processor, jpegs[:n], device, 512 * 512, args.batch)
                 | {"dtype": label}
             )
+        if args.kernels:
+            kernel_table(engine, jpegs[: args.batch], args.kernels)
         if "engine" in modes:
-            reset()
-            rows.append(bench_engine(engine, jpegs[:n], device, args.batch) | {"dtype": label})
+            for size in [int(b) for b in (args.engine_batches or str(args.batch)).split(",")]:
+                if size * args.rounds > len(jpegs):
+                    jpegs += [make_jpeg(i) for i in range(len(jpegs), size * args.rounds)]
+                reset()
+                rows.append(
+                    bench_engine(engine, jpegs[: size * args.rounds], device, size) | {"dtype": label}
+                )
         if "single" in modes:
             reset()
             rows.append(bench_engine(engine, jpegs[: args.single], device, 1) | {"dtype": label})

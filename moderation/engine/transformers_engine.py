@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +60,7 @@ from moderation.engine.scoring import (
     request_language,
     suppressed_token_ids,
 )
+from moderation.engine.vision_inputs import PatchSpec, pixel_patches
 
 if TYPE_CHECKING:
     from moderation.config import Settings
@@ -66,7 +69,11 @@ logger = logging.getLogger(__name__)
 
 FIXTURE_WARNING = "FIXTURE MODEL IN USE — verdicts are random, not for production"
 
+#: Threads preparing a batch's images (decode, orientation, resize) before inference.
+IMAGE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
 _USER_HEADER = "<|im_start|>user\n"
+_IMAGE_PAD = "<|image_pad|>"
 
 
 class EngineConfigError(ValueError):
@@ -151,6 +158,8 @@ class TransformersEngine(ModerationEngine):
         self._min_pixels = image_min_pixels
         self._warmup_batch_size = max(1, warmup_batch_size)
         self._lock = threading.Lock()
+        # Pillow releases the GIL while decoding and resizing: a batch's images are prepared in parallel.
+        self._image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="engine-images")
         image_processor = processor.image_processor
         self._factor = (
             int(image_processor.patch_size) * int(image_processor.merge_size) or VISUAL_TOKEN_FACTOR
@@ -165,7 +174,8 @@ class TransformersEngine(ModerationEngine):
             self._pad_id = self._eos_ids[0]
         self._suppress_ids = suppressed_token_ids(self._tokenizer)
         self._blocks: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
-        self._image_token_id = int(self._tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        self._image_token_id = int(self._tokenizer.convert_tokens_to_ids(_IMAGE_PAD))
+        self._patch_spec = PatchSpec.of(image_processor)
         self._merge = int(image_processor.merge_size)
         #: When True, ``timings`` holds the seconds each stage of the last batch took (synchronising the device).
         self.profile = False
@@ -271,9 +281,7 @@ class TransformersEngine(ModerationEngine):
         """Judge a batch: one scoring forward pass and one batched generation for all requests."""
         if not requests:
             return []
-        images = [
-            prepare_image(r.image, self._max_pixels, self._min_pixels, factor=self._factor) for r in requests
-        ]
+        images = list(self._image_pool.map(self._prepare, requests))
         languages = [request_language(r) for r in requests]
         with self._lock, torch.inference_mode():
             scored, texts, token_counts = self._judge(requests, images, languages)
@@ -341,6 +349,9 @@ class TransformersEngine(ModerationEngine):
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _prepare(self, request: EngineRequest) -> Image.Image:
+        return prepare_image(request.image, self._max_pixels, self._min_pixels, factor=self._factor)
+
     def _single_token_ids(self, variants: Sequence[str]) -> list[int]:
         ids: set[int] = set()
         for variant in variants:
@@ -363,12 +374,24 @@ class TransformersEngine(ModerationEngine):
         return [texts] if isinstance(texts, str) else list(texts)
 
     def _encode(self, texts: list[str], images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        # prepare_image already sized every image to multiples of the patch-merge factor within our budget,
-        # so the processor must not resize again (its own defaults differ from our settings).
-        batch = self._processor(
-            text=texts, images=list(images), padding=True, return_tensors="pt", do_resize=False
-        )
-        return {k: v.to(self._device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        """Token ids (left-padded), attention mask, pixel patches and grids, all on the engine's device.
+
+        What ``Qwen3VLProcessor`` returns with ``do_resize=False`` (``prepare_image`` has already sized every
+        image within our budget), except that the pixels are normalised and patched on the device.
+        """
+        pixel_values, grid_thw = pixel_patches(images, self._patch_spec, self._device)
+        expanded = []
+        for text, image in zip(texts, images, strict=True):
+            if text.count(_IMAGE_PAD) != 1:
+                raise ValueError("each prompt must hold exactly one image placeholder")
+            expanded.append(text.replace(_IMAGE_PAD, _IMAGE_PAD * self._patch_spec.tokens(*image.size)))
+        tokens = self._tokenizer(expanded, padding=True, return_tensors="pt", add_special_tokens=False)
+        return {
+            "input_ids": tokens["input_ids"].to(self._device),
+            "attention_mask": tokens["attention_mask"].to(self._device),
+            "pixel_values": pixel_values,
+            "image_grid_thw": grid_thw,
+        }
 
     def _answer_block(self, keys: tuple[str, ...]) -> tuple[list[int], list[int]]:
         """Token ids of the forced answer block for these keys, and the index of each answer token."""
@@ -483,6 +506,7 @@ class TransformersEngine(ModerationEngine):
         )
         mark("encode")
         image_embeds, deepstack = self._vision(batch["pixel_values"], batch["image_grid_thw"])
+        mark("vision")
         keys_per_request = [
             (prompts.CONFLICT_KEY, *(prompts.answer_key(c) for c in r.categories)) for r in requests
         ]

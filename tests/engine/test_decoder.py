@@ -24,6 +24,11 @@ def _texts(engine: Any) -> tuple[list[Any], list[str]]:
     return images, engine._chat_texts(images, systems, users)
 
 
+def _processor_inputs(engine: Any, texts: list[str], images: list[Any]) -> Any:
+    """The reference model inputs: transformers' own processor, no resizing."""
+    return engine._processor(text=texts, images=images, padding=True, return_tensors="pt", do_resize=False)
+
+
 def _ours(engine: Any, images: list[Any], texts: list[str], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """First-token logits and greedy tokens from the engine's prefill + decoder."""
     cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
@@ -56,7 +61,7 @@ def test_prefill_logits_and_greedy_tokens_match_transformers(engine: Any) -> Non
     images, texts = _texts(engine)
     steps = 12
     with torch.inference_mode():
-        full = engine._encode(texts, images)
+        full = _processor_inputs(engine, texts, images)
         reference_logits = engine._model(**full).logits[:, -1].float()
         reference = engine._model.generate(
             **full,
@@ -127,7 +132,7 @@ def test_forced_block_after_long_decode_matches_a_full_forward_pass(engine: Any)
             prompt_len=ids.shape[1],
         )
         ours = engine._model.lm_head(hidden).float()
-        full = engine._encode(texts, images)
+        full = _processor_inputs(engine, texts, images)
         extra = torch.cat([tokens[:, :-1], forced], dim=1)
         reference = (
             engine._model(
