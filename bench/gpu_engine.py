@@ -229,6 +229,16 @@ def kernel_table(engine: TransformersEngine, jpegs: list[bytes], limit: int) -> 
         engine.moderate([_request(d) for d in jpegs])
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=limit), flush=True)
+    images = [engine._prepare(_request(d)) for d in jpegs]
+    text = "<|vision_start|><|image_pad|><|vision_end|>"
+    batch = engine._encode([text] * len(images), images)
+    with torch.inference_mode():
+        engine._vision(batch["pixel_values"], batch["image_grid_thw"])
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine._vision(batch["pixel_values"], batch["image_grid_thw"])
+            torch.cuda.synchronize()
+    print("vision tower alone:", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=limit), flush=True)
 
 
 def main() -> int:

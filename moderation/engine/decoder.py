@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,8 +99,20 @@ class StaticDecoder:
         self._eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
         # Decode step s produces token s + 1; end-of-sequence is forbidden before token min_new_tokens.
         self._eos_allowed_from_step = torch.tensor(max(0, min_new_tokens - 1), device=self.device)
-        # torch.compile fuses the many small kernels of a step (norms, rotary, activations) before capture.
-        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
+        self.eps = float(config.rms_norm_eps)
+        self._weights = [_layer_weights(layer, config) for layer in self.layers]
+        plain = all(isinstance(w, torch.Tensor) for weights in self._weights for w in weights)
+        # torch.compile fuses the many small kernels of a layer (norms, rotary, softmax, activations). The
+        # compiled functions take every weight as an argument, so one compilation serves all 36 layers (and,
+        # with dynamic shapes, every batch, prompt length and attention window): seconds, not minutes.
+        compiled = compile_step and plain
+        self._attention_inputs: Callable[..., Any] = (
+            _compiled(_attention_inputs) if compiled else _attention_inputs
+        )
+        self._output_and_mlp: Callable[..., Any] = _compiled(_output_and_mlp) if compiled else _output_and_mlp
+        self._grouped_attention: Callable[..., Any] = (
+            _compiled(_grouped_attention) if compiled else _grouped_attention
+        )
 
     # -- buffers ---------------------------------------------------------------------------------
 
@@ -173,7 +186,6 @@ class StaticDecoder:
         position_ids = positions if positions.dim() == 3 else positions.unsqueeze(0).expand(3, batch, seq)
         cos, sin = self.lm.rotary_emb(embeds, position_ids)
         prefix_len = state.prefix_len
-        groups = self.n_heads // self.n_kv
         if seq > 1:
             if prefix_len:
                 seen = torch.ones(batch, seq, prefix_len, dtype=torch.bool, device=self.device)
@@ -186,14 +198,10 @@ class StaticDecoder:
             bias = torch.cat([state.prefix_bias.expand(batch, capacity), row_bias], dim=-1)
             bias = bias.view(batch, 1, 1, capacity + kv_len)  # broadcast over kv heads and groups
         hidden = embeds
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q = attn.q_norm(attn.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)).transpose(1, 2)
-            k = attn.k_norm(attn.k_proj(x).view(batch, seq, self.n_kv, self.head_dim)).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, seq, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = _rotate(q, k, cos, sin)
+        for index, weights in enumerate(self._weights):
+            q, k, v = self._attention_inputs(
+                hidden, cos, sin, *weights[:6], self.eps, self.n_heads, self.n_kv, self.head_dim
+            )
             keys, values = state.keys[index], state.values[index]
             keys.index_copy_(2, slots, k.to(keys.dtype))
             values.index_copy_(2, slots, v.to(values.dtype))
@@ -213,44 +221,22 @@ class StaticDecoder:
                     q, row_keys, row_values, attn_mask=sdpa_mask, scale=self.scale, enable_gqa=True
                 )
             else:
-                out = self._decode_attention(state, index, q, kv_len, bias, groups)
+                out = self._grouped_attention(
+                    q,
+                    keys[:, :, :kv_len],
+                    values[:, :, :kv_len],
+                    state.prefix_keys[index][0],
+                    state.prefix_values[index][0],
+                    bias,
+                    self.scale,
+                )
             out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
-            hidden = residual + attn.o_proj(out)
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._output_and_mlp(hidden, out, *weights[6:], self.eps)
             if deepstack is not None and index < len(deepstack[1]):
                 visual_mask, features = deepstack
                 hidden = hidden.clone()
                 hidden[visual_mask] = hidden[visual_mask] + features[index].to(hidden.dtype)
         return self.lm.norm(hidden)
-
-    def _decode_attention(
-        self, state: _State, index: int, q: torch.Tensor, window: int, bias: torch.Tensor, groups: int
-    ) -> torch.Tensor:
-        """One query per row over [shared prefix | first ``window`` row slots]; (B, heads, 1, D).
-
-        Queries are grouped per key/value head, so no key is ever repeated: the prefix's scores for all
-        rows are one (kv, B*groups, D) @ (kv, D, P) product against its single copy.
-        """
-        batch = q.shape[0]
-        qg = q.reshape(batch, self.n_kv, groups, self.head_dim)
-        row_keys = state.keys[index][:, :, :window]
-        row_values = state.values[index][:, :, :window]
-        prefix_keys = state.prefix_keys[index][0]  # (kv, P_cap, D)
-        prefix_values = state.prefix_values[index][0]
-        capacity = prefix_keys.shape[1]
-        q_by_head = qg.transpose(0, 1).reshape(self.n_kv, batch * groups, self.head_dim)
-        prefix_scores = torch.matmul(q_by_head, prefix_keys.transpose(1, 2))  # (kv, B*g, P_cap)
-        prefix_scores = prefix_scores.view(self.n_kv, batch, groups, capacity).transpose(0, 1)
-        row_scores = torch.matmul(qg, row_keys.transpose(2, 3))  # (B, kv, g, window)
-        scores = torch.cat([prefix_scores, row_scores], dim=-1).float() * self.scale + bias
-        probs = torch.softmax(scores, dim=-1).to(row_values.dtype)
-        prefix_probs, row_probs = probs.split([capacity, window], dim=-1)
-        out = torch.matmul(row_probs, row_values)  # (B, kv, g, D)
-        prefix_probs = prefix_probs.transpose(0, 1).reshape(self.n_kv, batch * groups, capacity)
-        prefix_out = torch.matmul(prefix_probs, prefix_values).view(self.n_kv, batch, groups, self.head_dim)
-        out = out + prefix_out.transpose(0, 1)
-        return out.reshape(batch, self.n_heads, 1, self.head_dim)
 
     def _step(self, state: _State, window: int) -> None:
         """One greedy decode step entirely on the device: reads and advances the state's tensors."""
@@ -278,11 +264,11 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._step_fn(state, window)
+                self._step(state, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step_fn(state, window)
+            self._step(state, window)
         self._pool = graph.pool()
         for target, saved in zip(
             (state.token, state.position, state.write_index, state.step, state.mask), snapshot, strict=True
@@ -415,6 +401,123 @@ class StaticDecoder:
         positions = start_positions.view(-1, 1) + torch.arange(seq, device=self.device).view(1, -1)
         embeds = self.lm.embed_tokens(block_ids)
         return self._forward(_rows(state, real_batch), embeds, positions, slots, mask, kv_len)
+
+
+def _layer_weights(layer: Any, config: Any) -> tuple[Any, ...]:
+    """A decoder layer's parameters in the order the layer functions take them.
+
+    Plain linear layers give their weight tensors; quantized ones (bitsandbytes) stay modules and are called.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_bias", False):
+        raise ValueError("the decoder supports Qwen3-VL text layers (SiLU MLP, no attention bias)")
+
+    def linear(module: Any) -> Any:
+        return module.weight if type(module) is torch.nn.Linear else module
+
+    return (
+        layer.input_layernorm.weight,
+        linear(attn.q_proj),
+        linear(attn.k_proj),
+        linear(attn.v_proj),
+        attn.q_norm.weight,
+        attn.k_norm.weight,
+        linear(attn.o_proj),
+        layer.post_attention_layernorm.weight,
+        linear(mlp.gate_proj),
+        linear(mlp.up_proj),
+        linear(mlp.down_proj),
+    )
+
+
+def _compiled(fn: Any) -> Any:
+    return torch.compile(fn, dynamic=True)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3's RMSNorm: normalised in float32, scaled in the input's dtype."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _linear(x: torch.Tensor, weight: Any) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight) if isinstance(weight, torch.Tensor) else weight(x)
+
+
+def _attention_inputs(
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm: torch.Tensor,
+    q_proj: Any,
+    k_proj: Any,
+    v_proj: Any,
+    q_norm: torch.Tensor,
+    k_norm: torch.Tensor,
+    eps: float,
+    n_heads: int,
+    n_kv: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values (B, heads, S, D) of a layer: input norm, projections, q/k norms, rotary."""
+    batch, seq, _ = hidden.shape
+    x = _rms_norm(hidden, norm, eps)
+    q = _rms_norm(_linear(x, q_proj).view(batch, seq, n_heads, head_dim), q_norm, eps).transpose(1, 2)
+    k = _rms_norm(_linear(x, k_proj).view(batch, seq, n_kv, head_dim), k_norm, eps).transpose(1, 2)
+    v = _linear(x, v_proj).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    q, k = _rotate(q, k, cos, sin)
+    return q, k, v
+
+
+def _output_and_mlp(
+    hidden: torch.Tensor,
+    attention: torch.Tensor,
+    o_proj: Any,
+    norm: torch.Tensor,
+    gate_proj: Any,
+    up_proj: Any,
+    down_proj: Any,
+    eps: float,
+) -> torch.Tensor:
+    """The rest of a layer: output projection and residual, post-attention norm, SiLU MLP and residual."""
+    hidden = hidden + _linear(attention, o_proj)
+    x = _rms_norm(hidden, norm, eps)
+    return hidden + _linear(torch.nn.functional.silu(_linear(x, gate_proj)) * _linear(x, up_proj), down_proj)
+
+
+def _grouped_attention(
+    q: torch.Tensor,
+    row_keys: torch.Tensor,
+    row_values: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row (B, heads, 1, D) over [shared prefix (kv, P, D) | its row slots (B, kv, W, D)].
+
+    Queries are grouped per key/value head, so no key is ever repeated: the prefix's scores for all rows
+    are one (kv, B*groups, D) @ (kv, D, P) product against its single copy. ``bias`` (B, 1, 1, P + W) is 0
+    where a row may attend and -inf elsewhere.
+    """
+    batch, n_heads, _, head_dim = q.shape
+    n_kv, capacity = prefix_keys.shape[0], prefix_keys.shape[1]
+    window = row_keys.shape[2]
+    groups = n_heads // n_kv
+    qg = q.reshape(batch, n_kv, groups, head_dim)
+    q_by_head = qg.transpose(0, 1).reshape(n_kv, batch * groups, head_dim)
+    prefix_scores = torch.matmul(q_by_head, prefix_keys.transpose(1, 2))  # (kv, B*g, P)
+    prefix_scores = prefix_scores.view(n_kv, batch, groups, capacity).transpose(0, 1)
+    row_scores = torch.matmul(qg, row_keys.transpose(2, 3))  # (B, kv, g, W)
+    scores = torch.cat([prefix_scores, row_scores], dim=-1).float() * scale + bias
+    probs = torch.softmax(scores, dim=-1).to(row_values.dtype)
+    prefix_probs, row_probs = probs.split([capacity, window], dim=-1)
+    out = torch.matmul(row_probs, row_values)  # (B, kv, g, D)
+    prefix_probs = prefix_probs.transpose(0, 1).reshape(n_kv, batch * groups, capacity)
+    prefix_out = torch.matmul(prefix_probs, prefix_values).view(n_kv, batch, groups, head_dim)
+    return (out + prefix_out.transpose(0, 1)).reshape(batch, n_heads, 1, head_dim)
 
 
 def _rows(state: _State, real_batch: int) -> _State:

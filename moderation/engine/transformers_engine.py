@@ -60,6 +60,7 @@ from moderation.engine.scoring import (
     request_language,
     suppressed_token_ids,
 )
+from moderation.engine.vision_attention import batch_vision_attention
 from moderation.engine.vision_inputs import PatchSpec, pixel_patches
 
 if TYPE_CHECKING:
@@ -180,6 +181,8 @@ class TransformersEngine(ModerationEngine):
         #: When True, ``timings`` holds the seconds each stage of the last batch took (synchronising the device).
         self.profile = False
         self.timings: dict[str, float] = {}
+        if not batch_vision_attention(model.model.visual):
+            logger.warning("vision tower layout not recognised: its attention runs once per image")
         self._decoder = StaticDecoder(
             model,
             use_cuda_graphs=use_cuda_graphs,
