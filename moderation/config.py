@@ -108,12 +108,18 @@ class Settings(BaseSettings):
         default=True, description="Replay each decode step as a CUDA graph (GPU, unquantized)."
     )
     compile_decode: bool = Field(
-        default=False,
-        description="torch.compile the decode step before graph capture: faster tokens, ~70 s compile per batch size.",
+        default=True,
+        description=(
+            "torch.compile the text model's layers (GPU, unquantized): ~1.3x throughput for 20-50 s of "
+            "compiling at worker start (cached on disk after the first start)."
+        ),
     )
 
     # Batching and pipeline
-    batch_max_size: int = Field(default=8, description="Most submissions a GPU worker judges in one batch.")
+    batch_max_size: int = Field(
+        default=64,
+        description="Most submissions a GPU worker judges in one batch (64 fits in 28 GiB with an 8B model).",
+    )
     batch_wait_ms: int = Field(
         default=50, description="How long a batch waits for more submissions to arrive."
     )

@@ -262,7 +262,10 @@ class TransformersEngine(ModerationEngine):
             max_new_tokens=settings.max_new_tokens,
             image_max_pixels=settings.image_max_pixels,
             image_min_pixels=settings.image_min_pixels,
-            warmup_batch_size=min(settings.batch_max_size, 8),
+            # On a GPU the warm-up batch is the largest batch, so its graphs and compiles exist before work.
+            warmup_batch_size=settings.batch_max_size
+            if device.type == "cuda"
+            else min(settings.batch_max_size, 8),
             # bitsandbytes kernels are not capturable; quantized models decode eagerly.
             use_cuda_graphs=settings.cuda_graphs and settings.quantization == "none",
             compile_decode=settings.compile_decode,
@@ -382,7 +385,7 @@ class TransformersEngine(ModerationEngine):
         What ``Qwen3VLProcessor`` returns with ``do_resize=False`` (``prepare_image`` has already sized every
         image within our budget), except that the pixels are normalised and patched on the device.
         """
-        pixel_values, grid_thw = pixel_patches(images, self._patch_spec, self._device)
+        pixel_values, grid_thw = pixel_patches(images, self._patch_spec, self._device, self._image_pool)
         expanded = []
         for text, image in zip(texts, images, strict=True):
             if text.count(_IMAGE_PAD) != 1:

@@ -9,6 +9,7 @@ image. tests/engine/test_vision_inputs.py checks the result against the processo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +45,7 @@ class PatchSpec:
 
 
 def pixel_patches(
-    images: Sequence[Image.Image], spec: PatchSpec, device: torch.device
+    images: Sequence[Image.Image], spec: PatchSpec, device: torch.device, pool: Executor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``pixel_values`` (patches, C*T*P*P) float32 and ``image_grid_thw`` (N, 3), as the processor makes them."""
     patch, merge, temporal = spec.patch_size, spec.merge_size, spec.temporal_patch_size
@@ -57,9 +58,16 @@ def pixel_patches(
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
     parts: list[torch.Tensor | None] = [None] * len(images)
     for (width, height), indices in by_size.items():
-        pixels = torch.from_numpy(np.stack([np.asarray(images[i]) for i in indices]))
-        if device.type == "cuda":
-            pixels = pixels.pin_memory()
+        # Pixels are copied straight into (pinned) host memory, by several threads when a pool is given.
+        pixels = torch.empty(
+            (len(indices), height, width, 3), dtype=torch.uint8, pin_memory=device.type == "cuda"
+        )
+        host = pixels.numpy()
+
+        def fill(j: int, host: np.ndarray = host, indices: list[int] = indices) -> None:
+            host[j] = np.asarray(images[indices[j]])
+
+        list(pool.map(fill, range(len(indices))) if pool else map(fill, range(len(indices))))
         stacked = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         stacked = (stacked * (1.0 / 255.0) - mean) / std
         count = len(indices)
