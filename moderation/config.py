@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         default=50_000_000, description="Most pixels an image may have (422 above)."
     )
+    intake_image_check: Literal["structural", "decode"] = Field(
+        default="structural",
+        description="How intake checks an image beyond its header: `structural` walks the file's container "
+        "(complete, well formed; the GPU worker fails what still cannot be decoded), `decode` decodes it.",
+    )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
         default=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Accepted formats (415 otherwise)."
