@@ -110,3 +110,27 @@ def test_a_request_that_loses_the_insert_race_answers_with_the_winner(
     assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(winner.submission.id)]
     with sessions() as session:
         assert len(session.scalars(select(Submission)).all()) == 1
+
+
+def test_the_job_reaches_the_broker_only_after_commit_and_never_after_rollback(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    with sessions() as session:
+        result = service.submit(
+            session, tenant, image=make_jpeg(), caption="kept", blob_store=store, settings=settings
+        )
+        assert dispatched.jobs == []
+        session.commit()
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(result.submission.id)]
+    with pytest.raises(RuntimeError), sessions() as session, session.begin():
+        service.submit(
+            session, tenant, image=make_jpeg(), caption="dropped", blob_store=store, settings=settings
+        )
+        raise RuntimeError("the request failed after submit")
+    assert len(dispatched.jobs) == 1
+    with sessions() as session:
+        assert [s.caption for s in session.scalars(select(Submission))] == ["kept"]
