@@ -164,9 +164,8 @@ async def create_submission(request: Request) -> JSONResponse:
                     **fields,
                 )
                 session.commit()
-                submission = result.submission
                 return SubmissionAccepted(
-                    id=submission.id, status=str(submission.status), created_at=submission.created_at
+                    id=result.id, status=str(result.status), created_at=result.created_at
                 ), result.created
 
         body, created = await run_in_threadpool(_store)
