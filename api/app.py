@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
 import redis.asyncio
 from fastapi import FastAPI
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
         app.state.rate_limiter = RateLimiter(app.state.redis_async)
+        app.state.store_limiter = anyio.CapacityLimiter(settings.effective_intake_store_concurrency)
         if dispatcher is not None:
             jobs.set_dispatcher(dispatcher)
         else:

@@ -6,6 +6,7 @@ import time
 import uuid
 from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -113,8 +114,9 @@ async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
 @router.post("", status_code=202, response_model=SubmissionAccepted)
 async def create_submission(request: Request) -> JSONResponse:
     """Accept an image and its caption for moderation; answers 202 at once."""
-    # Hot path: one thread-pool hop (store + commit + dispatch); authentication comes from the tenant
-    # cache and the rate limiter is asynchronous, so both stay on the event loop.
+    # Hot path: one thread-pool hop (store + commit + dispatch), at most intake_store_concurrency at once;
+    # authentication comes from the tenant cache and the rate limiter is asynchronous, so both stay on the
+    # event loop.
     started = time.perf_counter()
     state = request.app.state
     settings: Settings = state.settings
@@ -168,7 +170,7 @@ async def create_submission(request: Request) -> JSONResponse:
                     id=result.id, status=str(result.status), created_at=result.created_at
                 ), result.created
 
-        body, created = await run_in_threadpool(_store)
+        body, created = await anyio.to_thread.run_sync(_store, limiter=state.store_limiter)
         outcome = "accepted" if created else "replayed"
     except ModerationError as exc:
         outcome = exc.code
