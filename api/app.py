@@ -6,7 +6,9 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import redis
+import redis.asyncio
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
@@ -30,7 +32,12 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.redis = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        app.state.rate_limiter = RateLimiter(app.state.redis)
+        # The limiter's one round trip per request runs on the event loop, not in a worker thread.
+        app.state.redis_async = redis.asyncio.Redis.from_url(
+            settings.redis_url, socket_timeout=2, socket_connect_timeout=2
+        )
+        app.state.rate_limiter = RateLimiter(app.state.redis_async)
+        app.state.store_limiter = anyio.CapacityLimiter(settings.effective_intake_store_concurrency)
         if dispatcher is not None:
             jobs.set_dispatcher(dispatcher)
         else:
@@ -43,6 +50,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
             )
         yield
         app.state.redis.close()
+        await app.state.redis_async.aclose()
 
     app = FastAPI(
         title="Moderation API",

@@ -51,11 +51,22 @@ class TenantCache:
         self._entries[key_hash] = (time.monotonic() + self.ttl, tenant)
 
 
+def _key_hash(authorization: str | None) -> str:
+    token = (authorization or "").partition(" ")[2].strip()
+    return hash_api_key(token) if token else ""
+
+
+def cached_tenant(request: Request, authorization: str | None) -> Tenant | None:
+    """The detached tenant of an Authorization header authenticated in the last few seconds, else None."""
+    key_hash = _key_hash(authorization)
+    cache: TenantCache = request.app.state.tenant_cache
+    return cache.get(key_hash) if key_hash else None
+
+
 def resolve_tenant(request: Request, session: Session, authorization: str | None) -> Tenant:
     """The tenant of an Authorization header, attached to ``session``; cached for a few seconds."""
     cache: TenantCache = request.app.state.tenant_cache
-    token = (authorization or "").partition(" ")[2].strip()
-    key_hash = hash_api_key(token) if token else ""
+    key_hash = _key_hash(authorization)
     if key_hash and (cached := cache.get(key_hash)) is not None:
         return session.merge(cached, load=False)
     tenant = authenticate(session, authorization)

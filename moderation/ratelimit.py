@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio
 
 from moderation.errors import RateLimited
 
@@ -39,21 +40,21 @@ class RateDecision:
 
 
 class RateLimiter:
-    """Limits each key to ``per_minute`` requests with a burst of ``burst``."""
+    """Limits each key to ``per_minute`` requests with a burst of ``burst``; runs on the event loop."""
 
-    def __init__(self, client: redis.Redis, *, fail_open: bool = True) -> None:
+    def __init__(self, client: redis.asyncio.Redis, *, fail_open: bool = True) -> None:
         self.client = client
         self.fail_open = fail_open
         self._script = client.register_script(_GCRA)
 
-    def check(self, key: str, per_minute: int, burst: int) -> RateDecision:
+    async def check(self, key: str, per_minute: int, burst: int) -> RateDecision:
         """Count one request against ``key``; Redis trouble lets requests through (logged)."""
         if per_minute <= 0:
             return RateDecision(True, 0.0)
         interval_ms = 60_000.0 / per_minute
         now_ms = time.time() * 1000
         try:
-            allowed, retry_ms = self._script(
+            allowed, retry_ms = await self._script(
                 keys=[f"ratelimit:{key}"], args=[interval_ms, max(0, burst - 1), now_ms]
             )
         except redis.RedisError:
@@ -63,9 +64,9 @@ class RateLimiter:
             return RateDecision(True, 0.0)
         return RateDecision(bool(int(allowed)), float(retry_ms) / 1000)
 
-    def enforce(self, key: str, per_minute: int, burst: int) -> None:
+    async def enforce(self, key: str, per_minute: int, burst: int) -> None:
         """Raise RateLimited when ``key`` is over its rate."""
-        decision = self.check(key, per_minute, burst)
+        decision = await self.check(key, per_minute, burst)
         if not decision.allowed:
             raise RateLimited(
                 f"rate limit of {per_minute} requests per minute exceeded",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from celery import Celery, uuid
 from kombu import Queue
 
 from moderation.config import Settings, get_settings
@@ -56,12 +56,41 @@ class CeleryDispatcher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._declared: set[str] = set()
+        self._sent_event = bool(app.conf.task_send_sent_event)
 
     def dispatch(self, job: Job) -> None:
         """Send one job to its queue."""
-        self.app.send_task(
-            job.task, args=list(job.args), queue=job.queue, countdown=job.countdown, **job.options
+        if job.options:
+            self.app.send_task(
+                job.task, args=list(job.args), queue=job.queue, countdown=job.countdown, **job.options
+            )
+            return
+        # The steps of send_task that a job of ID-only arguments needs, without its per-call routing,
+        # option merging, result object and queue declaration: about half the CPU of send_task.
+        amqp = self.app.amqp
+        parent = self.app.current_worker_task
+        args = list(job.args)
+        message = amqp.create_task_message(
+            uuid(),
+            job.task,
+            args,
+            {},
+            countdown=job.countdown,
+            reply_to=self.app.thread_oid,
+            create_sent_event=self._sent_event,
+            root_id=(parent.request.root_id or parent.request.id) if parent else None,
+            parent_id=parent.request.id if parent else None,
+            ignore_result=True,
+            argsrepr=repr(args),
+            kwargsrepr="{}",
         )
+        # Celery declares the queue on every publish (cached per connection, but not free); once per
+        # process is enough, as queues outlive connections (durable on AMQP, implicit on Redis).
+        declare: list[Queue] | None = [] if job.queue in self._declared else None
+        with self.app.producer_or_acquire() as producer:
+            amqp.send_task_message(producer, job.task, message, queue=job.queue, declare=declare)
+        self._declared.add(job.queue)
 
 
 celery_app = make_celery()

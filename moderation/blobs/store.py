@@ -74,18 +74,31 @@ def _fsync_dir(path: Path) -> None:
 
 
 class LocalBlobStore(BlobStore):
-    """Blobs as files at ``root/ab/cd/<sha256>``, written atomically (temp file, fsync, rename, fsync dir)."""
+    """Blobs as files at ``root/ab/<sha256>``, written atomically (temp file, fsync, rename, fsync dir).
+
+    Stores written before the one-level layout hold blobs at ``root/ab/cd/<sha256>``; those are still
+    read, found by ``put`` and deleted, and new blobs go to the one-level path.
+    """
 
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = Path(root)
         self.fsync = fsync
+        # Fan-out folders this process has made sure of (created, and their entry synced to disk).
+        self._ready_dirs: set[Path] = set()
 
     def path_for(self, sha256: str) -> Path:
-        """Where the blob with this digest lives."""
+        """Where a new blob with this digest is written."""
+        key = normalize_sha256(sha256)
+        return self.root / key[:2] / key
+
+    def legacy_path_for(self, sha256: str) -> Path:
+        """Where the two-level layout of older stores kept the blob with this digest."""
         key = normalize_sha256(sha256)
         return self.root / key[:2] / key[2:4] / key
 
     def _make_dirs(self, directory: Path) -> None:
+        if directory in self._ready_dirs:
+            return
         missing: list[Path] = []
         current = directory
         while not current.is_dir():
@@ -93,18 +106,22 @@ class LocalBlobStore(BlobStore):
             current = current.parent
         directory.mkdir(parents=True, exist_ok=True)
         if self.fsync:
-            # A new directory's entry lives in its parent; sync parents so the path survives a crash.
-            for created in missing:
+            # A new directory's entry lives in its parent; sync parents so the path survives a crash. The
+            # parent of a folder that already existed is synced too (once per process), since another
+            # writer may have created it and not yet synced it.
+            for created in missing or [directory]:
                 _fsync_dir(created.parent)
+        self._ready_dirs.add(directory)
 
     def put(self, data: bytes) -> str:
         """Store ``data`` atomically unless an intact copy exists; concurrent writers of one blob are safe."""
         key = hashlib.sha256(data).hexdigest()
         path = self.path_for(key)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_size == len(data):
-                    return key
+            for existing in (path, self.legacy_path_for(key)):
+                with contextlib.suppress(FileNotFoundError):
+                    if existing.stat().st_size == len(data):
+                        return key
             self._make_dirs(path.parent)
             fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
             try:
@@ -132,17 +149,25 @@ class LocalBlobStore(BlobStore):
         try:
             return path.read_bytes()
         except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise BlobStoreError(f"could not read blob {path.name}: {exc.strerror or exc}") from exc
+        legacy = self.legacy_path_for(sha256)
+        try:
+            return legacy.read_bytes()
+        except FileNotFoundError:
             raise NotFound(f"blob {path.name} not found") from None
         except OSError as exc:
             raise BlobStoreError(f"could not read blob {path.name}: {exc.strerror or exc}") from exc
 
     def exists(self, sha256: str) -> bool:
         """Whether the blob's file exists."""
-        return self.path_for(sha256).is_file()
+        return self.path_for(sha256).is_file() or self.legacy_path_for(sha256).is_file()
 
     def delete(self, sha256: str) -> None:
         """Remove the blob's file, if any."""
         self.path_for(sha256).unlink(missing_ok=True)
+        self.legacy_path_for(sha256).unlink(missing_ok=True)
 
     def check(self) -> None:
         """Create the root if needed and prove it is writable with a probe file."""

@@ -53,6 +53,13 @@ logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
 
+#: Error code at the start of ``last_error`` of a submission whose stored image cannot be decoded.
+IMAGE_UNDECODABLE = "image_undecodable"
+
+
+class _UnusableImage(Exception):
+    """A submission's image cannot be loaded from the blob store or cannot be decoded."""
+
 
 def worker_name() -> str:
     """Host and process of this worker, recorded with each attempt."""
@@ -246,7 +253,8 @@ class BatchProcessor:
                 request = self._request_for(item.submission, tenant)
             except Exception as exc:
                 logger.warning("submission %s has an unusable image: %s", item.submission.id, exc)
-                self._fail(item, f"image could not be loaded: {exc}", report)
+                error = str(exc) if isinstance(exc, _UnusableImage) else f"image could not be loaded: {exc}"
+                self._fail(item, error, report)
                 continue
             prepared.append(_Prepared(item, tenant, request))
         decided, ready = self._before_engine(prepared)
@@ -396,9 +404,16 @@ class BatchProcessor:
         )
 
     def _request_for(self, submission: Submission, tenant: Tenant) -> EngineRequest:
-        data = self.blob_store.get(submission.image_sha256)
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        try:
+            data = self.blob_store.get(submission.image_sha256)
+        except Exception as exc:
+            raise _UnusableImage(f"image could not be loaded: {exc}") from exc
+        # Intake only checks the file's structure, so this is the first full decode of the image.
+        try:
+            image = Image.open(io.BytesIO(data))
+            image.load()
+        except Exception as exc:
+            raise _UnusableImage(f"{IMAGE_UNDECODABLE}: image could not be decoded: {exc}") from exc
         return EngineRequest(image=image, caption=submission.caption, categories=categories_for(tenant))
 
     def _write_verdicts(self, drafts: list[_Draft], report: BatchReport) -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from moderation.db import new_id, utcnow
 from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
+
+_SUBMISSIONS = cast(Table, Submission.__table__)
+# Built once: a Core insert executed with a parameter dict skips the ORM's per-call statement handling.
+_INSERT_IF_NEW = insert(_SUBMISSIONS).on_conflict_do_nothing().returning(_SUBMISSIONS.c.id)
 
 
 class SubmissionRepository:
@@ -58,8 +62,8 @@ class SubmissionRepository:
 
     def insert_if_new(self, values: dict[str, Any]) -> uuid.UUID | None:
         """Insert a submission unless its idempotency key or external id exists; the new id or None."""
-        stmt = insert(Submission).values(**values).on_conflict_do_nothing().returning(Submission.id)
-        return self.session.scalar(stmt)
+        inserted: uuid.UUID | None = self.session.execute(_INSERT_IF_NEW, values).scalar()
+        return inserted
 
     def attach_inserted(self, values: dict[str, Any]) -> Submission:
         """The submission just inserted with ``values``, put in the session as loaded, without reading it back."""

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -30,10 +34,23 @@ from moderation.tenants.models import Tenant
 
 @dataclass(frozen=True)
 class IntakeResult:
-    """The stored submission and whether this request created it (False on an idempotent replay)."""
+    """What intake answers (id, status, creation time) and whether this request created the submission."""
 
-    submission: Submission
+    id: uuid.UUID
+    status: SubmissionStatus
+    created_at: datetime
     created: bool
+    _load: Callable[[], Submission] = field(repr=False, compare=False)
+
+    @cached_property
+    def submission(self) -> Submission:
+        """The submission as an ORM object in the intake session (built on first use, not read back)."""
+        return self._load()
+
+    @classmethod
+    def replay(cls, existing: Submission) -> IntakeResult:
+        """The answer of an idempotent replay: the original submission."""
+        return cls(existing.id, existing.status, existing.created_at, False, lambda: existing)
 
 
 def process_job(submission_id: uuid.UUID) -> Job:
@@ -77,7 +94,7 @@ def submit(
     repo = SubmissionRepository(session)
     existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
     if existing is not None:
-        return IntakeResult(existing, created=False)
+        return IntakeResult.replay(existing)
     info = validate_image(image, settings)
     sha256 = blob_store.put(image)
     now = utcnow()
@@ -106,10 +123,12 @@ def submit(
         existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
         if existing is None:  # pragma: no cover - the conflicting row must exist
             raise RuntimeError("idempotent insert conflicted but no submission was found")
-        return IntakeResult(existing, created=False)
-    submission = repo.attach_inserted(values)
-    enqueue_after_commit(session, process_job(submission.id))
-    return IntakeResult(submission, created=True)
+        return IntakeResult.replay(existing)
+    enqueue_after_commit(session, process_job(new_submission_id))
+    # The answer needs three values; the ORM object is built only if a caller asks for it.
+    return IntakeResult(
+        new_submission_id, SubmissionStatus.queued, now, True, functools.partial(repo.attach_inserted, values)
+    )
 
 
 def get_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID) -> SubmissionOut:

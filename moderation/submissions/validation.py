@@ -12,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from moderation.config import Settings
 from moderation.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from moderation.submissions.structure import ImageStructureError, check_structure
 
 # Magic numbers of the formats we know how to sniff; anything else is 415.
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -48,7 +49,7 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def validate_image(data: bytes, settings: Settings) -> ImageInfo:
-    """Check size, format, pixel count and full decodability of an image; raise a clear error otherwise."""
+    """Check size, format, pixel count and structure (or full decodability) of an image; raise clear errors."""
     if len(data) > settings.max_image_bytes:
         raise PayloadTooLarge(
             f"image is {len(data)} bytes; the limit is {settings.max_image_bytes}", code="image_too_large"
@@ -75,10 +76,15 @@ def validate_image(data: bytes, settings: Settings) -> ImageInfo:
                     code="image_too_many_pixels",
                 )
             fmt = (img.format or sniffed).upper()
-            if fmt == "JPEG":
-                # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation is caught cheaply.
-                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            img.load()
+            if settings.intake_image_check == "structural":
+                check_structure(data, sniffed, img)
+            else:
+                if fmt == "JPEG":
+                    # Decoding at 1/8 scale still reads every entropy-coded byte, so truncation is caught.
+                    img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                img.load()
+    except ImageStructureError as exc:
+        raise InvalidInput(f"image is not well formed: {exc}", code="image_undecodable") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidInput(f"image has too many pixels: {exc}", code="image_too_many_pixels") from exc
     except InvalidInput:

@@ -14,6 +14,7 @@ from typing import Any
 import boto3
 import pytest
 
+import moderation.blobs.store as store_module
 from moderation.blobs import (
     BlobStore,
     BlobStoreError,
@@ -52,11 +53,56 @@ def test_local_round_trip_and_layout(tmp_path: Path, fsync: bool) -> None:
     assert key == hashlib.sha256(data).hexdigest()
     assert store.get(key) == data
     assert store.exists(key)
-    assert all_files(tmp_path / "blobs") == [tmp_path / "blobs" / key[:2] / key[2:4] / key]
+    assert all_files(tmp_path / "blobs") == [tmp_path / "blobs" / key[:2] / key]
     assert store.get(key.upper()) == data
     store.delete(key)
     assert not store.exists(key)
     store.delete(key)
+
+
+def test_local_reads_blobs_of_the_older_two_level_layout(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path)
+    data = b"stored before the one-level layout"
+    key = hashlib.sha256(data).hexdigest()
+    legacy = tmp_path / key[:2] / key[2:4] / key
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(data)
+    assert store.legacy_path_for(key) == legacy
+    assert store.exists(key) and store.get(key) == data
+    # Storing the same bytes again finds the old copy instead of writing a second one.
+    assert store.put(data) == key
+    assert all_files(tmp_path) == [legacy]
+    store.delete(key)
+    assert not store.exists(key) and all_files(tmp_path) == []
+    with pytest.raises(NotFound):
+        store.get(key)
+
+
+def _blobs_in_folder(prefix: str, count: int) -> list[bytes]:
+    """``count`` different blobs whose digests start with ``prefix``."""
+    found = (str(i).encode() for i in range(100_000))
+    return [data for data in found if hashlib.sha256(data).hexdigest().startswith(prefix)][:count]
+
+
+def test_local_put_syncs_each_new_fan_out_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real_fsync_dir = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda path: (synced.append(path), real_fsync_dir(path)))
+    root = tmp_path / "blobs"
+    store = LocalBlobStore(root)
+    first, second, third = _blobs_in_folder("ab", 3)
+    store.put(first)
+    # The fan-out folder's entry in the new root, the root's entry in tmp_path, then the blob's entry.
+    assert synced == [root, tmp_path, root / "ab"]
+    synced.clear()
+    store.put(second)
+    assert synced == [root / "ab"]
+    # Another process may have just made the folder without syncing it yet: its entry is synced once more.
+    synced.clear()
+    LocalBlobStore(root).put(third)
+    assert synced == [root, root / "ab"]
 
 
 def test_local_put_is_idempotent(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import uuid
+import zlib
 from datetime import timedelta
 
 from sqlalchemy import select, update
@@ -16,6 +18,8 @@ from moderation.jobs import TASK_DELIVER_WEBHOOK, TASK_PROCESS_SUBMISSION
 from moderation.processing.service import BatchProcessor, review_priority, sweep
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
+from moderation.submissions.repository import SubmissionRepository
+from moderation.submissions.schemas import SubmissionOut
 from moderation.tenants.models import Tenant
 from moderation.webhooks.models import WebhookDelivery
 from tests.conftest import RecordingDispatcher
@@ -230,3 +234,34 @@ def test_retried_submission_is_judged_alone(
 def test_review_priority_puts_risky_items_first() -> None:
     assert review_priority(0.9, {"violence": 0.1}) < review_priority(0.4, {"violence": 0.1})
     assert review_priority(0.1, {"weapons": 0.95}) < review_priority(0.5, {})
+
+
+def test_image_that_passes_intake_but_cannot_be_decoded_fails_with_a_code(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    # Intake only checks structure: a PNG with valid chunks and CRCs but no zlib stream in its IDAT gets in.
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
+    image = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"not a zlib stream") + chunk(b"IEND", b"")
+    assert settings.intake_image_check == "structural"
+    sid = submit_one(sessions, tenant, store, settings, "broken pixels", image=image)
+    engine = ScriptedEngine()
+    report = BatchProcessor(sessions, engine, store, settings).run(sid)
+    assert report.failed == [sid] and engine.batches == []
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(sid)]
+    with sessions() as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.status == SubmissionStatus.failed
+        assert (sub.last_error or "").startswith("image_undecodable: image could not be decoded")
+        loaded = SubmissionRepository(session).get(sid)
+        assert loaded is not None and SubmissionOut.from_model(loaded).error == sub.last_error
+        attempts = session.scalars(select(ProcessingAttempt)).all()
+        assert [a.outcome for a in attempts] == ["failed"]
+        events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
+        assert events == ["submission.failed"]

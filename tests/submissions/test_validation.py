@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -120,3 +122,110 @@ def test_identifiers_and_metadata() -> None:
         with pytest.raises(InvalidInput) as err:
             parse_metadata(bad)
         assert err.value.code == "invalid_metadata"
+
+
+def _encode(fmt: str, size: tuple[int, int] = (120, 90), **options: object) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 40).convert("RGB").save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_with_bad_pixel_data() -> bytes:
+    """A well-formed PNG (valid chunks and CRCs) whose IDAT is not a zlib stream: only decoding finds out."""
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 16, 16, 8, 2, 0, 0, 0))
+    return (
+        b"\x89PNG\r\n\x1a\n" + header + _png_chunk(b"IDAT", b"not a zlib stream") + _png_chunk(b"IEND", b"")
+    )
+
+
+STRUCTURAL_SAMPLES = {
+    "jpeg": lambda: _encode("JPEG"),
+    "jpeg-progressive": lambda: _encode("JPEG", progressive=True),
+    "png": lambda: _encode("PNG"),
+    "gif": lambda: _encode("GIF"),
+    "webp": lambda: _encode("WEBP"),
+    "webp-lossless": lambda: _encode("WEBP", lossless=True),
+    "bmp": lambda: _encode("BMP"),
+    "tiff": lambda: _encode("TIFF"),
+    "tiff-lzw": lambda: _encode("TIFF", compression="tiff_lzw"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURAL_SAMPLES))
+def test_structural_check_accepts_whole_files(name: str) -> None:
+    data = STRUCTURAL_SAMPLES[name]()
+    info = validate_image(data, SETTINGS)
+    assert (info.width, info.height) == (120, 90)
+    assert SETTINGS.intake_image_check == "structural"
+
+
+@pytest.mark.parametrize("name", sorted(STRUCTURAL_SAMPLES))
+def test_structural_check_rejects_truncated_files(name: str) -> None:
+    data = STRUCTURAL_SAMPLES[name]()
+    for cut in sorted({len(data) - 1, len(data) - 7, len(data) * 9 // 10, len(data) // 2, 60, 20}):
+        with pytest.raises(InvalidInput) as err:
+            validate_image(data[:cut], SETTINGS)
+        assert err.value.code == "image_undecodable", (name, cut)
+
+
+def test_structural_check_accepts_animations_and_trailing_bytes() -> None:
+    frames = [Image.new("RGB", (50, 40), color) for color in ("red", "blue", "green")]
+    for fmt in ("GIF", "WEBP", "PNG"):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:])
+        assert validate_image(buf.getvalue(), SETTINGS).format == fmt
+    # Cameras and phones append data after the end of the image; decoders ignore it.
+    assert validate_image(make_jpeg(64, 48) + b"trailer" * 100, SETTINGS).format == "JPEG"
+    assert validate_image(make_png() + b"\x00" * 64, SETTINGS).format == "PNG"
+
+
+def _jpeg_header(data: bytes) -> bytes:
+    """The bytes of a baseline JPEG up to and including its scan header."""
+    pos = 2
+    while data[pos + 1] != 0xDA:
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return data[: pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # A valid JPEG header followed by noise with no end-of-image marker.
+        lambda: _jpeg_header(make_jpeg(64, 48)) + bytes(range(0, 255)) * 40,
+        # A JPEG whose scan header comes before its frame header.
+        lambda: b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x00" * 64 + b"\xff\xd9",
+        # A PNG whose IHDR is valid, then garbage where the next chunk should be.
+        lambda: make_png()[:33] + b"\x12\x34\x56\x78garbage!" * 20,
+        # A PNG with one flipped byte in its pixel data (bad CRC).
+        lambda: (lambda d: d[:60] + bytes([d[60] ^ 0x55]) + d[61:])(_encode("PNG")),
+        # A PNG with no IDAT chunk.
+        lambda: make_png()[:33] + _png_chunk(b"IEND", b""),
+        # A GIF header with an unknown block where the image should be.
+        lambda: (lambda d: d[: 13 + 3 * (2 << (d[10] & 7))] + b"\x99" + b"\x00" * 100)(_encode("GIF")),
+        # A WebP whose RIFF header claims more bytes than were sent.
+        lambda: (lambda d: d[:4] + (len(d) + 100).to_bytes(4, "little") + d[8:])(_encode("WEBP")),
+        # A WebP whose chunk runs past the end of its RIFF container.
+        lambda: (lambda d: d[:16] + (len(d)).to_bytes(4, "little") + d[20:])(_encode("WEBP")),
+    ],
+)
+def test_structural_check_rejects_malformed_files(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidInput) as err:
+        validate_image(make(), SETTINGS)
+    assert err.value.code == "image_undecodable" and err.value.status_code == 422
+
+
+def test_decode_setting_decodes_what_the_structural_check_cannot_see() -> None:
+    bad_pixels = _png_with_bad_pixel_data()
+    assert validate_image(bad_pixels, SETTINGS).format == "PNG"
+    decode = SETTINGS.model_copy(update={"intake_image_check": "decode"})
+    with pytest.raises(InvalidInput) as err:
+        validate_image(bad_pixels, decode)
+    assert err.value.code == "image_undecodable"
+    assert validate_image(make_jpeg(320, 200), decode).format == "JPEG"
+    jpeg = make_jpeg(800, 600)
+    with pytest.raises(InvalidInput):
+        validate_image(jpeg[: len(jpeg) // 2], decode)

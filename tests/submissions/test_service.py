@@ -1,0 +1,136 @@
+"""Accepting submissions: the stored row, idempotent replays and the race between two equal requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation.blobs import LocalBlobStore
+from moderation.config import Settings
+from moderation.db import new_id
+from moderation.jobs import TASK_PROCESS_SUBMISSION
+from moderation.submissions import service
+from moderation.submissions.models import Submission, SubmissionStatus
+from moderation.submissions.repository import SubmissionRepository
+from moderation.tenants.models import Tenant
+from moderation.tenants.service import create_tenant
+from tests.conftest import RecordingDispatcher, make_jpeg
+
+
+@pytest.fixture
+def tenant(sessions: sessionmaker[Session], settings: Settings) -> Tenant:
+    """A tenant, detached."""
+    with sessions() as session, session.begin():
+        tenant = create_tenant(session, "acme", settings).tenant
+        session.expunge(tenant)
+    return tenant
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalBlobStore:
+    """A local blob store in the test's folder."""
+    return LocalBlobStore(tmp_path / "blobs", fsync=False)
+
+
+def _submit(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    **kwargs: object,
+) -> service.IntakeResult:
+    with sessions() as session, session.begin():
+        return service.submit(
+            session, tenant, image=make_jpeg(64, 48), blob_store=store, settings=settings, **kwargs
+        )
+
+
+def test_the_answer_is_built_from_the_inserted_values_and_matches_the_row(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    result = _submit(sessions, tenant, store, settings, caption="a cat", metadata='{"lang": "en"}')
+    assert result.created and dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(result.submission.id)]
+    with sessions() as session:
+        row = session.scalars(select(Submission).where(Submission.id == result.submission.id)).one()
+        for column in Submission.__table__.columns:
+            key = "metadata_" if column.key == "metadata" else column.key
+            assert getattr(result.submission, key) == getattr(row, key), key
+    assert row.status == SubmissionStatus.queued and row.metadata_ == {"lang": "en"}
+    assert (row.image_format, row.image_width, row.image_height) == ("JPEG", 64, 48)
+    assert store.exists(row.image_sha256)
+
+
+def test_insert_if_new_inserts_each_key_once(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    first = _submit(sessions, tenant, store, settings, caption="x", idempotency_key="k", external_id="e")
+    with sessions() as session:
+        row = session.scalars(select(Submission).where(Submission.id == first.submission.id)).one()
+        values = {c.key: getattr(row, "metadata_" if c.key == "metadata" else c.key) for c in row.__table__.c}
+        repo = SubmissionRepository(session)
+        for changes in ({"external_id": "other"}, {"idempotency_key": "other"}):
+            conflicting = {**values, **changes, "id": new_id()}
+            assert repo.insert_if_new(conflicting) is None
+        fresh = {**values, "id": new_id(), "idempotency_key": "k2", "external_id": "e2"}
+        assert repo.insert_if_new(fresh) == fresh["id"]
+        session.rollback()
+
+
+def test_a_request_that_loses_the_insert_race_answers_with_the_winner(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    winner = _submit(sessions, tenant, store, settings, caption="first", idempotency_key="same")
+    # The loser checked for the key before the winner committed, so its own insert is the one that conflicts.
+    real_find = SubmissionRepository.find_existing
+    calls: list[int] = []
+
+    def find_late(self: SubmissionRepository, *args: object, **kwargs: object) -> Submission | None:
+        calls.append(1)
+        return None if len(calls) == 1 else real_find(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SubmissionRepository, "find_existing", find_late)
+    loser = _submit(sessions, tenant, store, settings, caption="second", idempotency_key="same")
+    assert not loser.created and loser.submission.id == winner.submission.id and len(calls) == 2
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(winner.submission.id)]
+    with sessions() as session:
+        assert len(session.scalars(select(Submission)).all()) == 1
+
+
+def test_the_job_reaches_the_broker_only_after_commit_and_never_after_rollback(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    with sessions() as session:
+        result = service.submit(
+            session, tenant, image=make_jpeg(), caption="kept", blob_store=store, settings=settings
+        )
+        assert dispatched.jobs == []
+        session.commit()
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(result.submission.id)]
+    with pytest.raises(RuntimeError), sessions() as session, session.begin():
+        service.submit(
+            session, tenant, image=make_jpeg(), caption="dropped", blob_store=store, settings=settings
+        )
+        raise RuntimeError("the request failed after submit")
+    assert len(dispatched.jobs) == 1
+    with sessions() as session:
+        assert [s.caption for s in session.scalars(select(Submission))] == ["kept"]

@@ -1,0 +1,49 @@
+"""The Celery dispatcher: what reaches the Redis broker for each kind of job."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import redis
+
+from moderation.config import Settings
+from moderation.jobs import Job
+from moderation.submissions.service import process_job
+from moderation.webhooks.service import delivery_job
+from tests.conftest import TEST_REDIS_URL
+from workers.celery_app import CeleryDispatcher, make_celery
+
+
+def _messages(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    messages = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        message = json.loads(raw)
+        message["args"], message["kwargs"], _ = json.loads(base64.b64decode(message["body"]))
+        messages.append(message)
+    return messages
+
+
+def test_jobs_reach_their_queues_as_celery_task_messages(redis_client: redis.Redis) -> None:
+    app = make_celery(Settings(redis_url=TEST_REDIS_URL))
+    dispatcher = CeleryDispatcher(app)
+    sid, did = uuid.uuid4(), uuid.uuid4()
+    for _ in range(2):  # the first publish of a queue declares it, later ones do not
+        dispatcher.dispatch(process_job(sid))
+    dispatcher.dispatch(delivery_job(did, countdown=30))
+    dispatcher.dispatch(Job("moderation.sweep", (), "maintenance", options={"expires": 60}))
+    gpu = _messages(redis_client, "gpu")
+    assert [(m["headers"]["task"], m["args"], m["kwargs"]) for m in gpu] == [
+        ("moderation.process_submission", [str(sid)], {})
+    ] * 2
+    assert gpu[0]["headers"]["id"] != gpu[1]["headers"]["id"]
+    assert gpu[0]["headers"]["eta"] is None and gpu[0]["headers"]["ignore_result"] is True
+    assert gpu[0]["properties"]["delivery_info"] == {"exchange": "", "routing_key": "gpu"}
+    (webhook,) = _messages(redis_client, "webhooks")
+    assert webhook["headers"]["task"] == "moderation.deliver_webhook" and webhook["args"] == [str(did)]
+    assert webhook["headers"]["eta"] is not None
+    # Jobs with extra options go through send_task, which understands all of them.
+    (sweep,) = _messages(redis_client, "maintenance")
+    assert sweep["headers"]["task"] == "moderation.sweep" and sweep["headers"]["expires"] is not None
