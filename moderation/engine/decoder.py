@@ -102,7 +102,7 @@ class StaticDecoder:
         self._eos_allowed_from_step = torch.tensor(max(0, min_new_tokens - 1), device=self.device)
         self.eps = float(config.rms_norm_eps)
         self._weights = [_layer_weights(layer, config) for layer in self.layers]
-        plain = all(isinstance(w, torch.Tensor) for weights in self._weights for w in weights)
+        plain = all(w is None or isinstance(w, torch.Tensor) for weights in self._weights for w in weights)
         # torch.compile fuses the many small kernels of a layer (norms, rotary, softmax, activations). The
         # compiled functions take every weight as an argument, so one compilation serves all 36 layers (and,
         # with dynamic shapes, every batch, prompt length and attention window): seconds, not minutes.
@@ -409,28 +409,67 @@ class StaticDecoder:
 def _layer_weights(layer: Any, config: Any) -> tuple[Any, ...]:
     """A decoder layer's parameters in the order the layer functions take them.
 
-    Plain linear layers give their weight tensors; quantized ones (bitsandbytes) stay modules and are called.
+    Plain linear layers give weight tensors, with q/k/v and gate/up each fused into one matrix (the
+    projection is then one matrix product; k, v and up are None); quantized ones (bitsandbytes) stay
+    modules and are called.
     """
     attn, mlp = layer.self_attn, layer.mlp
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "attention_bias", False):
         raise ValueError("the decoder supports Qwen3-VL text layers (SiLU MLP, no attention bias)")
-
-    def linear(module: Any) -> Any:
-        return module.weight if type(module) is torch.nn.Linear else module
-
+    projections = (
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    )
+    if all(type(m) is torch.nn.Linear for m in projections):
+        return (
+            layer.input_layernorm.weight,
+            _fused(attn, "_moderation_qkv", (attn.q_proj, attn.k_proj, attn.v_proj)),
+            None,
+            None,
+            attn.q_norm.weight,
+            attn.k_norm.weight,
+            attn.o_proj.weight,
+            layer.post_attention_layernorm.weight,
+            _fused(mlp, "_moderation_gate_up", (mlp.gate_proj, mlp.up_proj)),
+            None,
+            mlp.down_proj.weight,
+        )
     return (
         layer.input_layernorm.weight,
-        linear(attn.q_proj),
-        linear(attn.k_proj),
-        linear(attn.v_proj),
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
         attn.q_norm.weight,
         attn.k_norm.weight,
-        linear(attn.o_proj),
+        attn.o_proj,
         layer.post_attention_layernorm.weight,
-        linear(mlp.gate_proj),
-        linear(mlp.up_proj),
-        linear(mlp.down_proj),
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
     )
+
+
+def _fused(owner: Any, name: str, modules: tuple[Any, ...]) -> torch.Tensor:
+    """One weight matrix for linear layers sharing an input; each layer's weight becomes a view of its rows.
+
+    The model keeps working unchanged (its layers read their views) and no weight is stored twice.
+    """
+    fused = getattr(owner, name, None)
+    if fused is None:
+        with torch.no_grad():
+            fused = torch.cat([m.weight for m in modules], dim=0)
+            start = 0
+            for m in modules:
+                rows = m.weight.shape[0]
+                m.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+                start += rows
+        setattr(owner, name, fused)
+    return fused
 
 
 def _compiled(fn: Any, *, dynamic: bool = True) -> Any:
@@ -472,9 +511,15 @@ def _attention_inputs(
     """Queries, keys and values (B, heads, S, D) of a layer: input norm, projections, q/k norms, rotary."""
     batch, seq, _ = hidden.shape
     x = _rms_norm(hidden, norm, eps)
-    q = _rms_norm(_linear(x, q_proj).view(batch, seq, n_heads, head_dim), q_norm, eps).transpose(1, 2)
-    k = _rms_norm(_linear(x, k_proj).view(batch, seq, n_kv, head_dim), k_norm, eps).transpose(1, 2)
-    v = _linear(x, v_proj).view(batch, seq, n_kv, head_dim).transpose(1, 2)
+    if k_proj is None:  # q, k and v fused into one matrix
+        q_out, k_out, v_out = _linear(x, q_proj).split(
+            [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1
+        )
+    else:
+        q_out, k_out, v_out = _linear(x, q_proj), _linear(x, k_proj), _linear(x, v_proj)
+    q = _rms_norm(q_out.reshape(batch, seq, n_heads, head_dim), q_norm, eps).transpose(1, 2)
+    k = _rms_norm(k_out.reshape(batch, seq, n_kv, head_dim), k_norm, eps).transpose(1, 2)
+    v = v_out.reshape(batch, seq, n_kv, head_dim).transpose(1, 2)
     q, k = _rotate(q, k, cos, sin)
     return q, k, v
 
@@ -492,7 +537,11 @@ def _output_and_mlp(
     """The rest of a layer: output projection and residual, post-attention norm, SiLU MLP and residual."""
     hidden = hidden + _linear(attention, o_proj)
     x = _rms_norm(hidden, norm, eps)
-    return hidden + _linear(torch.nn.functional.silu(_linear(x, gate_proj)) * _linear(x, up_proj), down_proj)
+    if up_proj is None:  # gate and up fused into one matrix
+        gate, up = _linear(x, gate_proj).chunk(2, dim=-1)
+    else:
+        gate, up = _linear(x, gate_proj), _linear(x, up_proj)
+    return hidden + _linear(torch.nn.functional.silu(gate) * up, down_proj)
 
 
 def _grouped_attention(

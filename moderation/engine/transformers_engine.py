@@ -181,7 +181,8 @@ class TransformersEngine(ModerationEngine):
         #: When True, ``timings`` holds the seconds each stage of the last batch took (synchronising the device).
         self.profile = False
         self.timings: dict[str, float] = {}
-        if not batch_vision_attention(model.model.visual):
+        compile_layers = compile_decode and use_cuda_graphs and device.type == "cuda"
+        if not batch_vision_attention(model.model.visual, compile_rotary=compile_layers):
             logger.warning("vision tower layout not recognised: its attention runs once per image")
         self._decoder = StaticDecoder(
             model,
@@ -189,7 +190,7 @@ class TransformersEngine(ModerationEngine):
             suppress_ids=self._suppress_ids,
             eos_ids=self._eos_ids,
             min_new_tokens=self._min_new_tokens,
-            compile_step=compile_decode and use_cuda_graphs and device.type == "cuda",
+            compile_step=compile_layers,
         )
 
     # -- loading -----------------------------------------------------------------------------------

@@ -146,3 +146,16 @@ def test_forced_block_after_long_decode_matches_a_full_forward_pass(engine: Any)
             .float()
         )
     assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_projections_share_the_model_weights(engine: Any) -> None:
+    """q/k/v and gate/up run as one matrix each, and the model's own layers read views of it (no copy)."""
+    layer = engine._model.model.language_model.layers[0]
+    qkv, gate_up = layer.self_attn._moderation_qkv, layer.mlp._moderation_gate_up
+    assert qkv.shape[0] == sum(
+        m.weight.shape[0] for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+    )
+    assert layer.self_attn.q_proj.weight.data_ptr() == qkv.data_ptr()
+    assert layer.self_attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
+    assert torch.equal(gate_up[layer.mlp.gate_proj.weight.shape[0] :], layer.mlp.up_proj.weight)
