@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,6 +45,10 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
             from workers.celery_app import CeleryDispatcher, make_celery
 
             jobs.set_dispatcher(CeleryDispatcher(make_celery(settings)))
+        # Everything imported and built so far lives as long as the process: keep it out of the cyclic
+        # garbage collector's scans, whose full passes over it otherwise stall requests for milliseconds.
+        gc.collect()
+        gc.freeze()
         if settings.allow_private_network:
             logger.warning(
                 "DEVELOPMENT MODE: image_url fetches and webhooks may reach private and loopback addresses"
