@@ -263,6 +263,9 @@ def main() -> int:
     parser.add_argument(
         "--kernels", type=int, default=0, help="print the N costliest GPU kernels of one batch"
     )
+    parser.add_argument(
+        "--memory-gib", type=float, help="cap this process's GPU memory (to see the engine adapt its batch)"
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
     from transformers import Qwen3VLProcessor
@@ -294,6 +297,9 @@ def main() -> int:
             use_cuda_graphs=quantization == "none",
             compile_decode=args.compile,
         )
+        if args.memory_gib:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
         # Warm-up: kernels, allocator, cuBLAS handles, and the CUDA graphs of both batch sizes.
         started = time.perf_counter()
         engine.moderate([_request(jpegs[0])])
@@ -326,6 +332,10 @@ def main() -> int:
             rows.append(bench_engine(engine, jpegs[: args.single], device, 1) | {"dtype": label})
         for r in rows:
             print(json.dumps(r), flush=True)
+        if engine._fitting_batch is not None:
+            print(
+                f"{label}: the engine ran out of memory and now judges at most {engine._fitting_batch} at once"
+            )
         del engine, model
         if device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -128,8 +128,11 @@ class Settings(BaseSettings):
 
     # Batching and pipeline
     batch_max_size: int = Field(
-        default=64,
-        description="Most submissions a GPU worker judges in one batch (64 fits in 28 GiB with an 8B model).",
+        default=128,
+        description=(
+            "Most submissions a GPU worker judges in one batch (128 takes ~38 GiB with the 8B model; on a "
+            "smaller card the engine halves its batch when it runs out of memory)."
+        ),
     )
     batch_wait_ms: int = Field(
         default=50, description="How long a batch waits for more submissions to arrive."

@@ -165,6 +165,11 @@ class StaticDecoder:
         state.prefix_bias[:length] = 0.0
         state.prefix_len = length
 
+    def forget_batches_over(self, batch: int) -> None:
+        """Free the buffers and graphs of batch buckets larger than ``batch`` (after running out of memory)."""
+        for key in [k for k in self._states if k[0] > batch]:
+            del self._states[key]
+
     # -- the transformer, over the static cache ----------------------------------------------------
 
     def _forward(

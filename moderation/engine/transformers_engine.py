@@ -159,6 +159,8 @@ class TransformersEngine(ModerationEngine):
         self._min_pixels = image_min_pixels
         self._warmup_batch_size = max(1, warmup_batch_size)
         self._lock = threading.Lock()
+        #: Largest batch known to fit on the device (None until one has run out of memory).
+        self._fitting_batch: int | None = None
         # Pillow releases the GIL while decoding and resizing: a batch's images are prepared in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="engine-images")
         image_processor = processor.image_processor
@@ -291,7 +293,7 @@ class TransformersEngine(ModerationEngine):
         images = list(self._image_pool.map(self._prepare, requests))
         languages = [request_language(r) for r in requests]
         with self._lock, torch.inference_mode():
-            scored, texts, token_counts = self._judge(requests, images, languages)
+            scored, texts, token_counts = self._judge_fitting(requests, images, languages)
         results: list[EngineResult] = []
         for s, text, count, language in zip(scored, texts, token_counts, languages, strict=True):
             description, visible, explanation = parse_description(
@@ -358,6 +360,42 @@ class TransformersEngine(ModerationEngine):
 
     def _prepare(self, request: EngineRequest) -> Image.Image:
         return prepare_image(request.image, self._max_pixels, self._min_pixels, factor=self._factor)
+
+    def _judge_fitting(
+        self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
+    ) -> tuple[list[_Scored], list[str], list[int]]:
+        """``_judge`` in chunks no larger than the device has room for, halving the chunk on out-of-memory.
+
+        A batch size that ran out of GPU memory once is never tried again in this process, so a worker
+        configured for a larger card keeps working (at a smaller batch) on a smaller one.
+        """
+        scored: list[_Scored] = []
+        texts: list[str] = []
+        counts: list[int] = []
+        start = 0
+        while start < len(requests):
+            size = min(self._fitting_batch or len(requests), len(requests) - start)
+            end = start + size
+            try:
+                part = self._judge(requests[start:end], images[start:end], languages[start:end])
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self._fitting_batch = size // 2
+                self._decoder.forget_batches_over(self._fitting_batch)
+                if self._device.type == "cuda":
+                    torch.cuda.empty_cache()
+                logger.warning(
+                    "GPU out of memory judging %d submissions at once: batches of at most %d from now on",
+                    size,
+                    self._fitting_batch,
+                )
+                continue
+            scored += part[0]
+            texts += part[1]
+            counts += part[2]
+            start = end
+        return scored, texts, counts
 
     def _single_token_ids(self, variants: Sequence[str]) -> list[int]:
         ids: set[int] = set()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from moderation.engine import load_engine
@@ -243,3 +244,42 @@ def test_parse_caps_lengths() -> None:
         {},
     )
     assert len(description) <= 600 and len(visible) <= 500 and len(explanation) <= 400
+
+
+def test_out_of_memory_halves_the_batch_and_remembers(
+    engine: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device that cannot hold more than two submissions at once still judges a batch of five, alike."""
+    requests = [_request((64 + 32 * (i % 2), 64), f"caption number {i}", i) for i in range(5)]
+    expected = engine.moderate(requests)
+    judge = engine._judge
+    sizes: list[int] = []
+
+    def small_device(reqs: Any, images: Any, languages: Any) -> Any:
+        sizes.append(len(reqs))
+        if len(reqs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated: this device holds 2)")
+        return judge(reqs, images, languages)
+
+    monkeypatch.setattr(engine, "_judge", small_device)
+    monkeypatch.setattr(engine, "_fitting_batch", None)
+    with caplog.at_level(logging.WARNING):
+        results = engine.moderate(requests)
+    assert sizes == [5, 2, 2, 1]
+    assert engine._fitting_batch == 2
+    assert "batches of at most 2" in caplog.text
+    for a, b in zip(results, expected, strict=True):
+        _assert_scores_close(a, b)
+    sizes.clear()
+    engine.moderate(requests[:3])
+    assert sizes == [2, 1]  # the size that failed is not tried again
+
+
+def test_out_of_memory_on_one_submission_is_raised(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_room(reqs: Any, images: Any, languages: Any) -> Any:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_judge", no_room)
+    monkeypatch.setattr(engine, "_fitting_batch", None)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        engine.moderate([_request((64, 64), "alone", 0)])
