@@ -29,15 +29,17 @@ def _processor_inputs(engine: Any, texts: list[str], images: list[Any]) -> Any:
     return engine._processor(text=texts, images=images, padding=True, return_tensors="pt", do_resize=False)
 
 
-def _ours(engine: Any, images: list[Any], texts: list[str], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """First-token logits and greedy tokens from the engine's prefill + decoder."""
+def _prefill(
+    engine: Any, decoder: Any, images: list[Any], texts: list[str], steps: int, extra_slots: int
+) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
+    """Prefill through ``decoder`` as the engine does: its state, last hidden states, next positions, suffix length."""
     cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
     prefix = tuple(int(i) for i in engine._tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"])
     batch = engine._encode([t[cut:] for t in texts], images)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     positions, following = engine._suffix_positions(ids, mask, batch["image_grid_thw"], len(prefix))
     embeds, deepstack = engine._vision(batch["pixel_values"], batch["image_grid_thw"])
-    state, last = engine._decoder.prefill(
+    state, last = decoder.prefill(
         prefix,
         ids,
         mask,
@@ -46,8 +48,14 @@ def _ours(engine: Any, images: list[Any], texts: list[str], steps: int) -> tuple
         embeds,
         deepstack,
         max_new_tokens=steps,
-        extra_slots=0,
+        extra_slots=extra_slots,
     )
+    return state, last, following, ids.shape[1]
+
+
+def _ours(engine: Any, images: list[Any], texts: list[str], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-token logits and greedy tokens from the engine's prefill + decoder."""
+    state, last, following, _ = _prefill(engine, engine._decoder, images, texts, steps, 0)
     logits = engine._model.lm_head(last).float()
     masked = logits.clone()
     masked[:, engine._suppress_ids] = float("-inf")
@@ -95,24 +103,10 @@ def test_forced_block_after_long_decode_matches_a_full_forward_pass(engine: Any)
         eos_ids=engine._eos_ids,
         min_new_tokens=steps,  # no end-of-sequence: every row keeps all its tokens
     )
-    cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
-    prefix = tuple(int(i) for i in engine._tokenizer(texts[0][:cut], add_special_tokens=False)["input_ids"])
     block = torch.tensor([engine._tokenizer.encode("conflict: no\nsexual: no", add_special_tokens=False)] * 2)
     with torch.inference_mode():
-        batch = engine._encode([t[cut:] for t in texts], images)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        positions, following = engine._suffix_positions(ids, mask, batch["image_grid_thw"], len(prefix))
-        embeds, deepstack = engine._vision(batch["pixel_values"], batch["image_grid_thw"])
-        state, last = decoder.prefill(
-            prefix,
-            ids,
-            mask,
-            positions,
-            ids == engine._image_token_id,
-            embeds,
-            deepstack,
-            max_new_tokens=steps,
-            extra_slots=block.shape[1] + 1,
+        state, last, following, suffix_len = _prefill(
+            engine, decoder, images, texts, steps, block.shape[1] + 1
         )
         first = engine._model.lm_head(last).float()
         first[:, engine._suppress_ids] = float("-inf")
@@ -120,7 +114,7 @@ def test_forced_block_after_long_decode_matches_a_full_forward_pass(engine: Any)
         tokens, next_slot = decoder.decode(
             state, first.argmax(dim=-1), following, max_new_tokens=steps, min_new_tokens=steps
         )
-        assert tokens.shape[1] == steps and next_slot == ids.shape[1] + steps - 1
+        assert tokens.shape[1] == steps and next_slot == suffix_len + steps - 1
         forced = torch.cat([tokens[:, -1:], block], dim=1)
         hidden = decoder.teacher_force(
             state,
@@ -129,7 +123,7 @@ def test_forced_block_after_long_decode_matches_a_full_forward_pass(engine: Any)
             torch.ones(2, steps - 1, dtype=torch.bool),
             start_slot=next_slot,
             start_positions=following + steps - 1,
-            prompt_len=ids.shape[1],
+            prompt_len=suffix_len,
         )
         ours = engine._model.lm_head(hidden).float()
         full = _processor_inputs(engine, texts, images)
