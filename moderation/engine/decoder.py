@@ -35,6 +35,8 @@ WINDOW = 64
 PREFIX_BUCKET = 128
 MAX_PREFIXES = 16
 RECOMPILE_LIMIT = 256
+#: Eager steps run on a state's buffers before a graph is captured (their writes are undone or overwritten).
+CAPTURE_WARMUP_STEPS = 3
 DONE_CHECK_EVERY = 16
 
 
@@ -134,7 +136,10 @@ class StaticDecoder:
             token=torch.zeros(batch, dtype=torch.long, device=self.device),
             position=torch.zeros(batch, dtype=torch.long, device=self.device),
             write_index=torch.zeros((), dtype=torch.long, device=self.device),
-            out_tokens=torch.zeros(batch, max_steps, dtype=torch.long, device=self.device),
+            # Spare columns: capturing a graph mid-decode runs a few real warm-up steps past the current one.
+            out_tokens=torch.zeros(
+                batch, max_steps + CAPTURE_WARMUP_STEPS, dtype=torch.long, device=self.device
+            ),
             step=torch.zeros((), dtype=torch.long, device=self.device),
         )
 
@@ -271,7 +276,7 @@ class StaticDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):
+            for _ in range(CAPTURE_WARMUP_STEPS):
                 self._step(state, window)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
@@ -325,7 +330,7 @@ class StaticDecoder:
         """
         real_batch, seq = suffix_ids.shape
         batch = bucket(real_batch, BATCH_BUCKETS) if self.use_cuda_graphs else real_batch
-        length = round_up(seq + max_new_tokens + extra_slots, LENGTH_BUCKET)
+        length = round_up(seq + max_new_tokens + extra_slots + CAPTURE_WARMUP_STEPS, LENGTH_BUCKET)
         state = self._state(batch, length, max_new_tokens, len(prefix_ids))
         self._load_prefix(state, prefix_ids)
         state.mask.zero_()

@@ -7,7 +7,14 @@ from typing import Any
 import torch
 
 from moderation.engine import prompts
-from moderation.engine.decoder import BATCH_BUCKETS, WINDOW, StaticDecoder, bucket, round_up
+from moderation.engine.decoder import (
+    BATCH_BUCKETS,
+    CAPTURE_WARMUP_STEPS,
+    WINDOW,
+    StaticDecoder,
+    bucket,
+    round_up,
+)
 from moderation.engine.images import prepare_image
 from moderation.engine.transformers_engine import _USER_HEADER
 
@@ -153,3 +160,18 @@ def test_fused_projections_share_the_model_weights(engine: Any) -> None:
     assert layer.self_attn.v_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == gate_up.untyped_storage().data_ptr()
     assert torch.equal(gate_up[layer.mlp.gate_proj.weight.shape[0] :], layer.mlp.up_proj.weight)
+
+
+def test_a_graph_captured_on_the_last_step_has_room_for_its_warm_up_steps(engine: Any) -> None:
+    """Capturing mid-decode runs real warm-up steps past the current one: they must stay inside the buffers."""
+    images, texts = _texts(engine)
+    steps = 8
+    decoder = StaticDecoder(
+        engine._model, use_cuda_graphs=False, suppress_ids=engine._suppress_ids, eos_ids=engine._eos_ids
+    )
+    with torch.inference_mode():
+        state, _, _, suffix_len = _prefill(engine, decoder, images, texts, steps, 0)
+        state.step.fill_(steps - 1)  # the last decode step, as when its attention window is new
+        state.write_index.fill_(suffix_len + steps - 1)
+        for _ in range(CAPTURE_WARMUP_STEPS + 1):  # the warm-up steps, then the captured one
+            decoder._step(state, state.keys[0].shape[2])
