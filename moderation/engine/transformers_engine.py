@@ -161,6 +161,8 @@ class TransformersEngine(ModerationEngine):
         self._lock = threading.Lock()
         #: Largest batch known to fit on the device (None until one has run out of memory).
         self._fitting_batch: int | None = None
+        #: Largest batch judged without running out of memory.
+        self._largest_fitted = 0
         # Pillow releases the GIL while decoding and resizing: a batch's images are prepared in parallel.
         self._image_pool = ThreadPoolExecutor(max_workers=IMAGE_THREADS, thread_name_prefix="engine-images")
         image_processor = processor.image_processor
@@ -366,31 +368,43 @@ class TransformersEngine(ModerationEngine):
     ) -> tuple[list[_Scored], list[str], list[int]]:
         """``_judge`` in chunks no larger than the device has room for, halving the chunk on out-of-memory.
 
-        A batch size that ran out of GPU memory once is never tried again in this process, so a worker
-        configured for a larger card keeps working (at a smaller batch) on a smaller one.
+        A batch larger than any that has fit before and that runs out of GPU memory sets a lasting cap
+        (half its size), so a worker configured for a larger card keeps working on a smaller one. Running
+        out at a size that has fit before is taken as transient (fragmentation): that call halves, the
+        cap stays.
         """
         scored: list[_Scored] = []
         texts: list[str] = []
         counts: list[int] = []
+        limit = self._fitting_batch or len(requests)
         start = 0
         while start < len(requests):
-            size = min(self._fitting_batch or len(requests), len(requests) - start)
+            size = min(limit, len(requests) - start)
             end = start + size
             try:
                 part = self._judge(requests[start:end], images[start:end], languages[start:end])
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
-                self._fitting_batch = size // 2
-                self._decoder.forget_batches_over(self._fitting_batch)
+                out_of_memory = True
+            else:
+                out_of_memory = False
+            if out_of_memory:  # outside the handler, so the failed attempt's tensors are already freed
+                limit = size // 2
+                if size > self._largest_fitted:
+                    self._fitting_batch = max(limit, self._largest_fitted)
+                    self._decoder.forget_batches_over(self._fitting_batch)
+                    logger.warning(
+                        "GPU out of memory judging %d submissions at once: batches of at most %d from now on",
+                        size,
+                        self._fitting_batch,
+                    )
+                else:
+                    logger.warning("GPU out of memory judging %d submissions (has fit before): halving", size)
                 if self._device.type == "cuda":
                     torch.cuda.empty_cache()
-                logger.warning(
-                    "GPU out of memory judging %d submissions at once: batches of at most %d from now on",
-                    size,
-                    self._fitting_batch,
-                )
                 continue
+            self._largest_fitted = max(self._largest_fitted, size)
             scored += part[0]
             texts += part[1]
             counts += part[2]

@@ -263,6 +263,7 @@ def test_out_of_memory_halves_the_batch_and_remembers(
 
     monkeypatch.setattr(engine, "_judge", small_device)
     monkeypatch.setattr(engine, "_fitting_batch", None)
+    monkeypatch.setattr(engine, "_largest_fitted", 0)
     with caplog.at_level(logging.WARNING):
         results = engine.moderate(requests)
     assert sizes == [5, 2, 2, 1]
@@ -275,11 +276,33 @@ def test_out_of_memory_halves_the_batch_and_remembers(
     assert sizes == [2, 1]  # the size that failed is not tried again
 
 
+def test_out_of_memory_at_a_size_that_fit_before_does_not_lower_the_cap(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient failure (fragmentation) on a small batch halves that call only."""
+    requests = [_request((64, 64), f"caption {i}", i) for i in range(4)]
+    judge = engine._judge
+    failures = [4]
+
+    def flaky(reqs: Any, images: Any, languages: Any) -> Any:
+        if failures and len(reqs) == failures[0]:
+            failures.pop()
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, transient)")
+        return judge(reqs, images, languages)
+
+    monkeypatch.setattr(engine, "_judge", flaky)
+    monkeypatch.setattr(engine, "_fitting_batch", None)
+    monkeypatch.setattr(engine, "_largest_fitted", 8)
+    assert len(engine.moderate(requests)) == 4
+    assert engine._fitting_batch is None
+
+
 def test_out_of_memory_on_one_submission_is_raised(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_room(reqs: Any, images: Any, languages: Any) -> Any:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(engine, "_judge", no_room)
     monkeypatch.setattr(engine, "_fitting_batch", None)
+    monkeypatch.setattr(engine, "_largest_fitted", 0)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         engine.moderate([_request((64, 64), "alone", 0)])
