@@ -25,6 +25,10 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_SOS = 0xDA
 _JPEG_EOI = 0xD9
 _JPEG_TEM = 0x01
+_JPEG_FILL = re.compile(rb"\xff*")
+#: More markers than any real JPEG has (progressive files have tens): a crafted flood of them is refused
+#: before walking it costs the event loop real time.
+MAX_JPEG_MARKERS = 10_000
 
 
 def _u16be(data: bytes, pos: int) -> int:
@@ -53,11 +57,17 @@ def check_jpeg(data: bytes) -> None:
     n = len(data)
     pos = 2
     seen_frame = False
+    markers = 0
     while True:
-        if pos >= n or data[pos] != 0xFF:
-            raise ImageStructureError(f"JPEG has no marker where one must be (byte {pos})")
-        while pos < n and data[pos] == 0xFF:
-            pos += 1
+        markers += 1
+        if markers > MAX_JPEG_MARKERS:
+            raise ImageStructureError("JPEG has more markers than any real image")
+        if pos < n and data[pos] != 0xFF:
+            # Decoders skip stray bytes between segments (libjpeg: "extraneous bytes before marker").
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                raise ImageStructureError("JPEG is truncated before its first scan")
+        pos = _JPEG_FILL.match(data, pos).end()  # type: ignore[union-attr]
         if pos >= n:
             raise ImageStructureError("JPEG is truncated before its first scan")
         marker = data[pos]
@@ -84,6 +94,9 @@ def check_jpeg(data: bytes) -> None:
         pos = end
     # Entropy-coded data, and the tables and scans between progressive scans, until the end-of-image marker.
     while True:
+        markers += 1
+        if markers > MAX_JPEG_MARKERS:
+            raise ImageStructureError("JPEG has more markers than any real image")
         found = _JPEG_MARKER.search(data, pos)
         if found is None:
             raise ImageStructureError("JPEG is truncated: no end-of-image marker")
@@ -163,9 +176,13 @@ def check_gif(data: bytes) -> None:
                 raise ImageStructureError("GIF image data is malformed")
             pos = _skip_gif_sub_blocks(data, pos + 1)
             frames += 1
+        elif frames:
+            return  # stray bytes after a complete frame: decoders stop there, as at a trailer
         else:
             raise ImageStructureError(f"GIF has an unknown block 0x{block:02X} at byte {pos - 1}")
-    raise ImageStructureError("GIF is truncated: no trailer")
+    if frames == 0:
+        raise ImageStructureError("GIF is truncated: no complete image")
+    # No trailer after complete frames: decoders and browsers show those frames.
 
 
 def check_webp(data: bytes) -> None:
@@ -223,6 +240,8 @@ def check_tiff(data: bytes, image: Image.Image) -> None:
     counts = counts if isinstance(counts, tuple) else (counts,)
     if len(offsets) != len(counts):
         raise ImageStructureError("TIFF strip offsets and byte counts disagree")
+    if not all(type(v) is int for v in (*offsets, *counts)):
+        raise ImageStructureError("TIFF strip offsets or byte counts are not integers")
     if any(o + c > len(data) for o, c in zip(offsets, counts, strict=True)):
         raise ImageStructureError("TIFF is truncated: image data lies past the end of the file")
 

@@ -76,6 +76,8 @@ def validate_image(data: bytes, settings: Settings) -> ImageInfo:
                     code="image_too_many_pixels",
                 )
             fmt = (img.format or sniffed).upper()
+            if fmt == "MPO":  # phone cameras' multi-picture JPEG: a plain JPEG followed by more pictures
+                fmt = "JPEG"
             if settings.intake_image_check == "structural":
                 check_structure(data, sniffed, img)
             else:
@@ -91,6 +93,10 @@ def validate_image(data: bytes, settings: Settings) -> ImageInfo:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"image could not be decoded: {exc}", code="image_undecodable") from exc
+    except Exception as exc:  # malformed files make Pillow's parsers fail in other ways too (TypeError, ...)
+        raise InvalidInput(
+            f"image could not be decoded: {type(exc).__name__}: {exc}", code="image_undecodable"
+        ) from exc
     if fmt not in allowed:
         raise UnsupportedMediaType(f"image format {fmt} is not accepted", code="unsupported_image_format")
     return ImageInfo(format=fmt, width=width, height=height)

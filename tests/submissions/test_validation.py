@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import types
 import zlib
 
 import pytest
@@ -11,6 +12,16 @@ from PIL import Image
 
 from moderation.config import Settings
 from moderation.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from moderation.submissions import validation
+from moderation.submissions.structure import (
+    MAX_JPEG_MARKERS,
+    ImageStructureError,
+    check_gif,
+    check_jpeg,
+    check_png,
+    check_tiff,
+    check_webp,
+)
 from moderation.submissions.validation import (
     decode_caption,
     parse_metadata,
@@ -166,7 +177,10 @@ def test_structural_check_accepts_whole_files(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(STRUCTURAL_SAMPLES))
 def test_structural_check_rejects_truncated_files(name: str) -> None:
     data = STRUCTURAL_SAMPLES[name]()
-    for cut in sorted({len(data) - 1, len(data) - 7, len(data) * 9 // 10, len(data) // 2, 60, 20}):
+    cuts = {len(data) - 1, len(data) - 7, len(data) * 9 // 10, len(data) // 2, 60, 20}
+    if name == "gif":
+        cuts.discard(len(data) - 1)  # only the trailer gone: a complete image (see the test below)
+    for cut in sorted(cuts):
         with pytest.raises(InvalidInput) as err:
             validate_image(data[:cut], SETTINGS)
         assert err.value.code == "image_undecodable", (name, cut)
@@ -229,3 +243,63 @@ def test_decode_setting_decodes_what_the_structural_check_cannot_see() -> None:
     jpeg = make_jpeg(800, 600)
     with pytest.raises(InvalidInput):
         validate_image(jpeg[: len(jpeg) // 2], decode)
+
+
+def test_structural_checks_themselves_reject_malformed_files() -> None:
+    """The same kinds of damage, given to the checks directly (Pillow's header parser is not involved)."""
+    gif, webp, png = _encode("GIF"), _encode("WEBP"), _encode("PNG")
+    cases = [
+        (check_jpeg, _jpeg_header(make_jpeg(64, 48)) + bytes(range(0, 255)) * 40),
+        (check_jpeg, b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x00" * 64 + b"\xff\xd9"),
+        (check_png, png[:33] + b"\x12\x34\x56\x78garbage!" * 20),
+        (check_png, png[:60] + bytes([png[60] ^ 0x55]) + png[61:]),
+        (check_gif, gif[: 13 + 3 * (2 << (gif[10] & 7))] + b"\x99" + b"\x00" * 100),
+        (check_gif, gif[: len(gif) // 2]),
+        (check_webp, webp[:4] + (len(webp) + 100).to_bytes(4, "little") + webp[8:]),
+        (check_webp, webp[:16] + len(webp).to_bytes(4, "little") + webp[20:]),
+        (check_webp, webp[:12]),
+    ]
+    for check, data in cases:
+        with pytest.raises(ImageStructureError):
+            check(data)
+
+
+def test_structural_check_accepts_what_decoders_accept() -> None:
+    gif = _encode("GIF")
+    assert gif.endswith(b"\x3b")
+    check_gif(gif[:-1])  # no trailer after a complete image
+    check_gif(gif[:-1] + b"\x00junk")  # stray bytes after a complete image
+    jpeg = make_jpeg(64, 48)
+    app0_end = 4 + int.from_bytes(jpeg[4:6], "big")
+    check_jpeg(jpeg[:app0_end] + b"\x00\x00junk" + jpeg[app0_end:])  # libjpeg: extraneous bytes
+    assert validate_image(jpeg[:app0_end] + b"\x00\x00junk" + jpeg[app0_end:], SETTINGS).format == "JPEG"
+
+
+def test_phone_multi_picture_jpegs_are_jpegs() -> None:
+    buf = io.BytesIO()
+    first, second = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    assert validate_image(buf.getvalue(), SETTINGS).format == "JPEG"
+
+
+def test_a_flood_of_markers_is_refused() -> None:
+    data = _jpeg_header(make_jpeg(64, 48)) + b"\xff\x01" * (MAX_JPEG_MARKERS + 10) + b"\xff\xd9"
+    with pytest.raises(ImageStructureError, match="more markers"):
+        check_jpeg(data)
+
+
+def test_tiff_strip_tables_must_be_integers() -> None:
+    image = types.SimpleNamespace(tag_v2={273: "ASCII instead of offsets", 279: (10,)})
+    with pytest.raises(ImageStructureError, match="not integers"):
+        check_tiff(b"\x00" * 100, image)  # type: ignore[arg-type]
+
+
+def test_any_parser_failure_is_a_422_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(data: bytes, fmt: str, image: Image.Image) -> None:
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(validation, "check_structure", broken)
+    with pytest.raises(InvalidInput) as err:
+        validate_image(make_jpeg(64, 48), SETTINGS)
+    assert err.value.code == "image_undecodable" and "TypeError" in str(err.value)
