@@ -47,3 +47,21 @@ def test_jobs_reach_their_queues_as_celery_task_messages(redis_client: redis.Red
     # Jobs with extra options go through send_task, which understands all of them.
     (sweep,) = _messages(redis_client, "maintenance")
     assert sweep["headers"]["task"] == "moderation.sweep" and sweep["headers"]["expires"] is not None
+
+
+def test_a_dead_broker_is_given_up_on_quickly_and_logged(caplog: Any) -> None:
+    """Intake commits first; a publish that cannot reach the broker is logged for the sweeper, not retried long."""
+    import logging
+
+    from moderation import jobs
+
+    app = make_celery(Settings(redis_url="redis://127.0.0.1:9/0"))  # nothing listens on port 9
+    assert app.conf.task_publish_retry_policy["max_retries"] == 1
+    previous = jobs.get_dispatcher()
+    jobs.set_dispatcher(CeleryDispatcher(app))
+    try:
+        with caplog.at_level(logging.ERROR, logger="moderation.jobs"):
+            jobs.dispatch_now(process_job(uuid.uuid4()))
+    finally:
+        jobs.set_dispatcher(previous)
+    assert "the sweeper will recover it" in caplog.text

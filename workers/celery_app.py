@@ -37,6 +37,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
+        # A publish that fails is logged and the sweeper re-enqueues its submission from Postgres, so a
+        # broker outage must not hold intake requests (and their store slots) in long retry loops.
+        task_publish_retry_policy={
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
         broker_transport_options={"visibility_timeout": max(3600, settings.processing_lease_seconds * 2)},
         worker_hijack_root_logger=False,
         beat_schedule={
