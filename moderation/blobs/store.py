@@ -123,7 +123,13 @@ class LocalBlobStore(BlobStore):
                     if existing.stat().st_size == len(data):
                         return key
             self._make_dirs(path.parent)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+            except FileNotFoundError:
+                # The fan-out folder went away since this process made it (an operator cleaned up).
+                self._ready_dirs.discard(path.parent)
+                self._make_dirs(path.parent)
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as tmp:
                     tmp.write(data)
