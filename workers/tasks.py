@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from celery import signals
+from celery.exceptions import WorkerShutdown
 from sqlalchemy.exc import OperationalError
 
 from moderation import jobs
@@ -16,7 +17,7 @@ from moderation.config import get_settings
 from moderation.db import get_sessionmaker, reset_engine
 from moderation.engine.base import ModerationEngine
 from moderation.net.safe_http import OutboundPolicy, SafeHttpClient
-from moderation.processing.service import BatchProcessor, sweep
+from moderation.processing.service import BatchProcessor, EngineUnhealthy, sweep
 from moderation.webhooks.service import attempt_delivery
 from workers.celery_app import CeleryDispatcher, celery_app
 
@@ -94,7 +95,13 @@ def _preload_engine(sender: Any = None, **_: Any) -> None:
 def process_submission(submission_id: str) -> dict[str, int]:
     """Judge the submission (and whatever else is queued, as one batch)."""
     processor = BatchProcessor(get_sessionmaker(), get_engine(), get_blob_store(), get_settings())
-    report = processor.run(uuid.UUID(submission_id))
+    try:
+        report = processor.run(uuid.UUID(submission_id))
+    except EngineUnhealthy:
+        # Leave: the orchestrator restarts the worker with a fresh device context and a freshly loaded
+        # model; the batch's attempts are recorded and the sweeper re-enqueues its submissions.
+        logger.critical("the moderation engine is unhealthy; stopping this GPU worker", exc_info=True)
+        raise WorkerShutdown("moderation engine unhealthy") from None
     return {"claimed": len(report.claimed), "decided": len(report.decided), "failed": len(report.failed)}
 
 

@@ -66,6 +66,10 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class EngineUnhealthy(RuntimeError):
+    """The engine failed and its health check fails too: this worker process cannot judge anything."""
+
+
 @dataclass
 class BatchReport:
     """What one batch run did."""
@@ -269,6 +273,11 @@ class BatchProcessor:
             logger.exception("engine failed on a batch of %d", len(ready))
             metrics.PROCESSING_FAILURES.labels("engine_error").inc(len(ready))
             self._retry_or_fail([p.item for p in ready], f"engine error: {type(exc).__name__}: {exc}", report)
+            # A failure that leaves the device unusable (a broken CUDA context) would fail every later
+            # batch on this worker: check, and stop taking work if the engine no longer answers.
+            health = self.engine.health()
+            if not health.ok:
+                raise EngineUnhealthy(f"engine unhealthy after a failed batch: {health.detail}") from exc
             return report
         report.inference_seconds = time.perf_counter() - started
         metrics.INFERENCE_SECONDS.observe(report.inference_seconds)

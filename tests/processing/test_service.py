@@ -7,6 +7,7 @@ import uuid
 import zlib
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -15,7 +16,7 @@ from moderation.config import Settings
 from moderation.db import utcnow
 from moderation.engine.base import EngineHealth, EngineRequest, EngineResult, ModelInfo, ModerationEngine
 from moderation.jobs import TASK_DELIVER_WEBHOOK, TASK_PROCESS_SUBMISSION
-from moderation.processing.service import BatchProcessor, review_priority, sweep
+from moderation.processing.service import BatchProcessor, EngineUnhealthy, review_priority, sweep
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
 from moderation.submissions.repository import SubmissionRepository
@@ -32,6 +33,7 @@ class ScriptedEngine(ModerationEngine):
     def __init__(self) -> None:
         self.batches: list[int] = []
         self.fail_with: Exception | None = None
+        self.broken = False
 
     @property
     def info(self) -> ModelInfo:
@@ -57,6 +59,8 @@ class ScriptedEngine(ModerationEngine):
         return results
 
     def health(self) -> EngineHealth:
+        if self.broken:
+            return EngineHealth(ok=False, detail="CUDA error: an illegal memory access", device="cuda")
         return EngineHealth(ok=True, detail="ok", device="cpu")
 
 
@@ -133,6 +137,26 @@ def test_engine_error_requeues_then_fails_after_max_attempts(
         assert "CUDA out of memory" in (sub.last_error or "")
         events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
         assert events == ["submission.failed"]
+
+
+def test_a_failure_that_breaks_the_engine_stops_the_worker_after_recording_it(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    sid = submit_one(sessions, tenant, store, settings, "boom")
+    engine = ScriptedEngine()
+    engine.fail_with = RuntimeError("CUDA error: an illegal memory access was encountered")
+    engine.broken = True
+    with pytest.raises(EngineUnhealthy, match="illegal memory access"):
+        BatchProcessor(sessions, engine, store, settings).run(sid)
+    # The attempt is recorded and the submission re-enqueued for a healthy worker.
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION).count(str(sid)) == 2
+    with sessions() as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.status == SubmissionStatus.queued and sub.attempts == 1
 
 
 def test_lost_lease_discards_the_late_verdict(
