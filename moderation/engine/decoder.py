@@ -484,6 +484,9 @@ def _fused(owner: Any, name: str, modules: tuple[Any, ...]) -> torch.Tensor:
 
 def _compiled(fn: Any, *, dynamic: bool = True) -> Any:
     config = torch._dynamo.config
+    # A machine that cannot compile (no C compiler for Triton's launcher, say) runs these functions
+    # eagerly, with a warning in the log, instead of failing the worker.
+    config.suppress_errors = True
     # One decoder compiles a few dozen shapes of its attention (batch buckets x windows); allow them all.
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(config, name):
