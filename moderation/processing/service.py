@@ -45,7 +45,7 @@ from moderation.submissions.repository import SubmissionRepository
 from moderation.submissions.service import process_job
 from moderation.tenants.models import Tenant
 from moderation.tenants.repository import TenantRepository
-from moderation.webhooks.models import WebhookEvent
+from moderation.webhooks.models import WebhookEndpoint, WebhookEvent
 from moderation.webhooks.repository import WebhookRepository
 from moderation.webhooks.service import delivery_job, emit_submission_event
 
@@ -429,6 +429,8 @@ class BatchProcessor:
         with self.sessions() as session, session.begin():
             repo = SubmissionRepository(session)
             cache = VerdictCacheRepository(session)
+            webhooks = WebhookRepository(session)
+            endpoints: dict[uuid.UUID, list[WebhookEndpoint]] = {}
             for draft in drafts:
                 item, verdict = draft.item, draft.verdict
                 in_review = verdict.decision == Decision.review
@@ -473,10 +475,20 @@ class BatchProcessor:
                         )
                     )
                 repo.finish_attempt(item.submission.id, item.token, "decided")
-                submission = repo.get(item.submission.id)
+                submission = repo.get(item.submission.id, fresh=True)
                 assert submission is not None
-                session.refresh(submission)
-                emit_submission_event(session, WebhookEvent.submission_decided, submission, review)
+                tenant_id = draft.tenant.id
+                if tenant_id not in endpoints:  # one lookup per tenant and batch, not per submission
+                    endpoints[tenant_id] = webhooks.endpoints_for(
+                        tenant_id, WebhookEvent.submission_decided.value
+                    )
+                emit_submission_event(
+                    session,
+                    WebhookEvent.submission_decided,
+                    submission,
+                    review,
+                    endpoints=endpoints[tenant_id],
+                )
                 metrics.VERDICTS.labels(verdict.decision.value).inc()
                 report.decided.append(item.submission.id)
 

@@ -26,13 +26,20 @@ class SubmissionRepository:
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def get(self, submission_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None) -> Submission | None:
-        """A submission with its verdict loaded, optionally only if it belongs to the tenant."""
+    def get(
+        self, submission_id: uuid.UUID, *, tenant_id: uuid.UUID | None = None, fresh: bool = False
+    ) -> Submission | None:
+        """A submission with its verdict loaded, optionally only if it belongs to the tenant.
+
+        ``fresh`` overwrites a copy this session already holds with the row as it is now.
+        """
         stmt = (
             select(Submission).options(selectinload(Submission.verdict)).where(Submission.id == submission_id)
         )
         if tenant_id is not None:
             stmt = stmt.where(Submission.tenant_id == tenant_id)
+        if fresh:
+            stmt = stmt.execution_options(populate_existing=True)
         return self.session.scalar(stmt)
 
     def get_many(self, ids: Sequence[uuid.UUID]) -> list[Submission]:

@@ -76,11 +76,20 @@ def delete_endpoint(session: Session, tenant: Tenant, endpoint_id: uuid.UUID) ->
 
 
 def emit_submission_event(
-    session: Session, event: WebhookEvent, submission: Submission, review: ReviewItem | None = None
+    session: Session,
+    event: WebhookEvent,
+    submission: Submission,
+    review: ReviewItem | None = None,
+    *,
+    endpoints: list[WebhookEndpoint] | None = None,
 ) -> list[WebhookDelivery]:
-    """Record a delivery of the event to each subscribed endpoint; each is sent after commit."""
+    """Record a delivery of the event to each subscribed endpoint; each is sent after commit.
+
+    ``endpoints`` are the tenant's endpoints subscribed to the event, when the caller already has them.
+    """
     repo = WebhookRepository(session)
-    endpoints = repo.endpoints_for(submission.tenant_id, event.value)
+    if endpoints is None:
+        endpoints = repo.endpoints_for(submission.tenant_id, event.value)
     if not endpoints:
         return []
     now = utcnow()
