@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from moderation.engine.decoder import rotate_half
+
 _PATCHED = "_moderation_batched_attention"
 
 
@@ -42,11 +44,6 @@ def _supported(module: Any) -> bool:
     return all(hasattr(module, name) for name in ("qkv", "proj", "num_heads", "scaling", "config"))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rotary(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +51,7 @@ def _rotary(
     dtype = q.dtype
     q, k = q.float(), k.float()
     cos, sin = cos.unsqueeze(-2).float(), sin.unsqueeze(-2).float()
-    return ((q * cos) + (_rotate_half(q) * sin)).to(dtype), ((k * cos) + (_rotate_half(k) * sin)).to(dtype)
+    return ((q * cos) + (rotate_half(q) * sin)).to(dtype), ((k * cos) + (rotate_half(k) * sin)).to(dtype)
 
 
 def _batched_forward(
