@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
+import anyio.to_thread
 import redis
 import redis.asyncio
 from fastapi import FastAPI
@@ -22,6 +22,7 @@ from moderation.blobs import blob_store_from_settings
 from moderation.config import Settings, get_settings
 from moderation.db import make_engine
 from moderation.ratelimit import RateLimiter
+from moderation.submissions.intake import IntakeWriter
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,10 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
             settings.redis_url, socket_timeout=2, socket_connect_timeout=2
         )
         app.state.rate_limiter = RateLimiter(app.state.redis_async)
-        app.state.store_limiter = anyio.CapacityLimiter(settings.effective_intake_store_concurrency)
+        app.state.intake_writer = IntakeWriter(
+            app.state.sessions, app.state.blob_store, max_batch=settings.intake_batch_max
+        )
+        app.state.intake_writer.start()
         if dispatcher is not None:
             jobs.set_dispatcher(dispatcher)
         else:
@@ -54,6 +58,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
                 "DEVELOPMENT MODE: image_url fetches and webhooks may reach private and loopback addresses"
             )
         yield
+        # Requests still waiting on the writer are answered before the process goes.
+        await anyio.to_thread.run_sync(app.state.intake_writer.close)
         app.state.redis.close()
         await app.state.redis_async.aclose()
 

@@ -58,11 +58,18 @@ class Settings(BaseSettings):
         description="How intake checks an image beyond its header: `structural` walks the file's container "
         "(complete, well formed; the GPU worker fails what still cannot be decoded), `decode` decodes it.",
     )
-    intake_store_concurrency: int | None = Field(
-        default=None,
+    intake_batch_max: int = Field(
+        default=64,
         ge=1,
-        description="Submissions one API process stores at once (blob write, insert, commit, job); more wait "
-        "their turn. Unset: 4 with the local blob store (fewer threads contend less for the GIL), 32 with S3.",
+        description="Most submissions one API process stores in one transaction. Intake is group-committed: "
+        "submissions that arrive while a batch is written share the next one's blob sync, INSERT and COMMIT; "
+        "a lone submission is written at once.",
+    )
+    intake_store_concurrency: int = Field(
+        default=32,
+        ge=1,
+        description="Image uploads one API process runs at once within a batch, with the S3 blob store (the "
+        "local store writes a batch in one pass).",
     )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
@@ -251,13 +258,6 @@ class Settings(BaseSettings):
     def effective_broker_url(self) -> str:
         """Celery broker URL: the explicit broker setting, or Redis."""
         return self.broker_url or self.redis_url
-
-    @property
-    def effective_intake_store_concurrency(self) -> int:
-        """How many submissions one API process stores at once."""
-        if self.intake_store_concurrency is not None:
-            return self.intake_store_concurrency
-        return 32 if self.blob_backend == "s3" else 4
 
     @property
     def effective_blob_dir(self) -> Path:

@@ -83,3 +83,10 @@ class FetchFailed(ModerationError):
 
     code = "fetch_failed"
     status_code = 422
+
+
+class ServiceUnavailable(ModerationError):
+    """The service cannot take the request now (shutting down, a dependency is down); retry later."""
+
+    code = "service_unavailable"
+    status_code = 503

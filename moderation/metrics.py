@@ -12,6 +12,11 @@ INTAKE_LATENCY = Histogram(
     "Time to accept a submission",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
 )
+INTAKE_BATCH_SIZE = Histogram(
+    "moderation_intake_batch_size",
+    "Submissions stored per intake transaction (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 BATCH_SIZE = Histogram(
     "moderation_batch_size", "Submissions per inference batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )

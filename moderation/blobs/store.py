@@ -8,6 +8,8 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,16 @@ class BlobStore(abc.ABC):
     def put(self, data: bytes) -> str:
         """Store ``data`` unless already present and return its SHA-256 hex digest."""
 
+    def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
+        """Store several blobs; each entry is that blob's digest, or the error it met (the others are stored)."""
+        results: list[str | BlobStoreError] = []
+        for data in blobs:
+            try:
+                results.append(self.put(data))
+            except BlobStoreError as exc:
+                results.append(exc)
+        return results
+
     @abc.abstractmethod
     def get(self, sha256: str) -> bytes:
         """The blob with this digest; NotFound when absent."""
@@ -71,6 +83,13 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fail(results: list[str | BlobStoreError], key: str, error: BlobStoreError) -> None:
+    """Mark every entry of a batch that stands for ``key`` as failed with ``error``."""
+    for index, value in enumerate(results):
+        if value == key:
+            results[index] = error
 
 
 class LocalBlobStore(BlobStore):
@@ -113,41 +132,84 @@ class LocalBlobStore(BlobStore):
                 _fsync_dir(created.parent)
         self._ready_dirs.add(directory)
 
+    def _is_stored(self, key: str, size: int) -> bool:
+        for existing in (self.path_for(key), self.legacy_path_for(key)):
+            with contextlib.suppress(FileNotFoundError):
+                if existing.stat().st_size == size:
+                    return True
+        return False
+
+    def _open_temp(self, key: str, directory: Path) -> tuple[int, str]:
+        self._make_dirs(directory)
+        try:
+            return tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=directory)
+        except FileNotFoundError:
+            # The fan-out folder went away since this process made it (an operator cleaned up).
+            self._ready_dirs.discard(directory)
+            self._make_dirs(directory)
+            return tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=directory)
+
     def put(self, data: bytes) -> str:
         """Store ``data`` atomically unless an intact copy exists; concurrent writers of one blob are safe."""
-        key = hashlib.sha256(data).hexdigest()
-        path = self.path_for(key)
-        try:
-            for existing in (path, self.legacy_path_for(key)):
-                with contextlib.suppress(FileNotFoundError):
-                    if existing.stat().st_size == len(data):
-                        return key
-            self._make_dirs(path.parent)
+        result = self.put_many([data])[0]
+        if isinstance(result, BlobStoreError):
+            raise result
+        return result
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
+        """Store several blobs atomically with one durability pass: write all, sync all, rename all.
+
+        Each blob is complete on disk before its name appears and its folder entry is synced once for the
+        whole batch, so a batch costs one fsync per blob plus one per fan-out folder it touched.
+        """
+        results: list[str | BlobStoreError] = []
+        staged: list[tuple[int, str, int, str]] = []  # (result index, key, open fd, temp file)
+        staged_keys: set[str] = set()
+        for data in blobs:
+            key = hashlib.sha256(data).hexdigest()
+            results.append(key)
             try:
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-            except FileNotFoundError:
-                # The fan-out folder went away since this process made it (an operator cleaned up).
-                self._ready_dirs.discard(path.parent)
-                self._make_dirs(path.parent)
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as tmp:
+                if key in staged_keys or self._is_stored(key, len(data)):
+                    continue
+                fd, tmp_name = self._open_temp(key, self.path_for(key).parent)
+                staged.append((len(results) - 1, key, fd, tmp_name))
+                staged_keys.add(key)
+                with os.fdopen(fd, "wb", closefd=False) as tmp:
                     tmp.write(data)
+            except OSError as exc:
+                results[-1] = BlobStoreError(f"could not write blob {key}: {exc.strerror or exc}")
+        renamed: list[tuple[int, str]] = []
+        for index, key, fd, tmp_name in staged:
+            written = results[index]
+            error = written if isinstance(written, BlobStoreError) else None
+            try:
+                if error is None:
                     if self.fsync:
-                        tmp.flush()
-                        os.fsync(tmp.fileno())
-                # Concurrent writers each rename their own complete temp file; the last rename wins, and
-                # every candidate holds the same bytes, so readers never see a partial blob.
-                os.replace(tmp_name, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp_name)
-                raise
-            if self.fsync:
-                _fsync_dir(path.parent)
-        except OSError as exc:
-            raise BlobStoreError(f"could not write blob {key}: {exc.strerror or exc}") from exc
-        return key
+                        os.fsync(fd)
+                    # Concurrent writers each rename their own complete temp file; the last rename wins,
+                    # and every candidate holds the same bytes, so readers never see a partial blob.
+                    os.replace(tmp_name, self.path_for(key))
+                    tmp_name = ""
+                    renamed.append((index, key))
+            except OSError as exc:
+                error = BlobStoreError(f"could not write blob {key}: {exc.strerror or exc}")
+            finally:
+                os.close(fd)
+                if tmp_name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp_name)
+            if error is not None:
+                _fail(results, key, error)
+        if self.fsync:
+            # Folder entries are synced after every rename into them, once per folder.
+            for directory in {self.path_for(key).parent for _, key in renamed}:
+                try:
+                    _fsync_dir(directory)
+                except OSError as exc:
+                    for _, key in renamed:
+                        if self.path_for(key).parent == directory:
+                            _fail(results, key, BlobStoreError(f"could not sync blob {key}: {exc}"))
+        return results
 
     def get(self, sha256: str) -> bytes:
         """The blob's bytes; NotFound when absent."""
@@ -201,8 +263,11 @@ class S3BlobStore(BlobStore):
         region: str = "us-east-1",
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
+        upload_concurrency: int = 32,
     ) -> None:
         self.bucket = bucket
+        self.upload_concurrency = upload_concurrency
+        self._uploads: ThreadPoolExecutor | None = None
         self.prefix = prefix
         self.region = region
         config = Config(
@@ -256,6 +321,20 @@ class S3BlobStore(BlobStore):
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
         return sha256
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
+        """Upload several blobs, up to ``upload_concurrency`` at once (each is one or two round trips)."""
+        if len(blobs) <= 1 or self.upload_concurrency <= 1:
+            return super().put_many(blobs)
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="s3-upload")
+        return list(self._uploads.map(self._put_or_error, blobs))
+
+    def _put_or_error(self, data: bytes) -> str | BlobStoreError:
+        try:
+            return self.put(data)
+        except BlobStoreError as exc:
+            return exc
 
     def get(self, sha256: str) -> bytes:
         """The object's bytes; NotFound when absent."""
@@ -329,5 +408,6 @@ def blob_store_from_settings(settings: Settings) -> BlobStore:
             region=settings.s3_region,
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,
+            upload_concurrency=settings.intake_store_concurrency,
         )
     return LocalBlobStore(settings.effective_blob_dir, fsync=settings.blob_fsync)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, func, or_, select, update
+from sqlalchemy import Table, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -71,6 +71,28 @@ class SubmissionRepository:
         """Insert a submission unless its idempotency key or external id exists; the new id or None."""
         inserted: uuid.UUID | None = self.session.execute(_INSERT_IF_NEW, values).scalar()
         return inserted
+
+    def find_existing_many(
+        self, keys: Sequence[tuple[uuid.UUID, str | None, str | None]]
+    ) -> list[Submission]:
+        """Submissions matching any ``(tenant_id, idempotency_key, external_id)`` of ``keys`` (one query)."""
+        by_key = [(tenant, key) for tenant, key, _ in keys if key is not None]
+        by_external = [(tenant, ext) for tenant, _, ext in keys if ext is not None]
+        conditions = []
+        if by_key:
+            conditions.append(tuple_(Submission.tenant_id, Submission.idempotency_key).in_(by_key))
+        if by_external:
+            conditions.append(tuple_(Submission.tenant_id, Submission.external_id).in_(by_external))
+        if not conditions:
+            return []
+        stmt = select(Submission).options(selectinload(Submission.verdict)).where(or_(*conditions))
+        return list(self.session.scalars(stmt))
+
+    def insert_many_if_new(self, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+        """Insert submissions in one statement, skipping any whose key exists; the ids actually inserted."""
+        if not rows:
+            return set()
+        return set(self.session.execute(_INSERT_IF_NEW, list(rows)).scalars())
 
     def attach_inserted(self, values: dict[str, Any]) -> Submission:
         """The submission just inserted with ``values``, put in the session as loaded, without reading it back."""

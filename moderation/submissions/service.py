@@ -24,6 +24,7 @@ from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.submissions.repository import SubmissionRepository
 from moderation.submissions.schemas import SubmissionOut, SubmissionPage
 from moderation.submissions.validation import (
+    ImageInfo,
     decode_caption,
     parse_metadata,
     validate_identifier,
@@ -52,6 +53,17 @@ class IntakeResult:
         """The answer of an idempotent replay: the original submission."""
         return cls(existing.id, existing.status, existing.created_at, False, lambda: existing)
 
+    @classmethod
+    def inserted(cls, repo: SubmissionRepository, values: dict[str, Any]) -> IntakeResult:
+        """The answer for a row just inserted with ``values``; the ORM object is built only if asked for."""
+        return cls(
+            values["id"],
+            SubmissionStatus.queued,
+            values["created_at"],
+            True,
+            functools.partial(repo.attach_inserted, values),
+        )
+
 
 def process_job(submission_id: uuid.UUID) -> Job:
     """The GPU job that judges a submission."""
@@ -73,6 +85,76 @@ def decode_base64_image(value: str, settings: Settings) -> bytes:
         raise InvalidInput("image_base64 is not valid base64", code="invalid_base64") from exc
 
 
+@dataclass(frozen=True)
+class PreparedSubmission:
+    """A submission that passed every check that needs no storage: ready to be written."""
+
+    tenant_id: uuid.UUID
+    caption: str
+    metadata: dict[str, Any]
+    image: bytes
+    image_info: ImageInfo
+    external_id: str | None = None
+    idempotency_key: str | None = None
+    source_url: str | None = None
+
+    @property
+    def has_key(self) -> bool:
+        """Whether a repeat of this submission must be answered as a replay (it carries a client key)."""
+        return self.idempotency_key is not None or self.external_id is not None
+
+    def row_values(self, image_sha256: str, now: datetime) -> dict[str, Any]:
+        """The ``submissions`` row for this submission, queued as of ``now``."""
+        return {
+            "id": new_id(),
+            "tenant_id": self.tenant_id,
+            "external_id": self.external_id,
+            "idempotency_key": self.idempotency_key,
+            "caption": self.caption,
+            "metadata": self.metadata,
+            "image_sha256": image_sha256,
+            "image_format": self.image_info.format,
+            "image_width": self.image_info.width,
+            "image_height": self.image_info.height,
+            "image_bytes": len(self.image),
+            "image_source_url": self.source_url,
+            "status": SubmissionStatus.queued,
+            "attempts": 0,
+            "enqueued_at": now,
+            "created_at": now,
+            "updated_at": now,
+        }
+
+
+def prepare_submission(
+    tenant_id: uuid.UUID,
+    *,
+    image: bytes,
+    caption: str | bytes,
+    settings: Settings,
+    external_id: str | None = None,
+    idempotency_key: str | None = None,
+    metadata: str | dict[str, Any] | None = None,
+    source_url: str | None = None,
+) -> PreparedSubmission:
+    """Validate everything a submission carries (caption, identifiers, metadata, image); raise clear errors."""
+    text = decode_caption(caption, settings)
+    external_id = validate_identifier(external_id, "external_id")
+    idempotency_key = validate_identifier(idempotency_key, "idempotency_key")
+    meta = parse_metadata(metadata)
+    info = validate_image(image, settings)
+    return PreparedSubmission(
+        tenant_id=tenant_id,
+        caption=text,
+        metadata=meta,
+        image=image,
+        image_info=info,
+        external_id=external_id,
+        idempotency_key=idempotency_key,
+        source_url=source_url,
+    )
+
+
 def submit(
     session: Session,
     tenant: Tenant,
@@ -87,48 +169,44 @@ def submit(
     source_url: str | None = None,
 ) -> IntakeResult:
     """Validate and store a submission and queue its judgement after commit; replays return the original."""
-    text = decode_caption(caption, settings)
-    external_id = validate_identifier(external_id, "external_id")
-    idempotency_key = validate_identifier(idempotency_key, "idempotency_key")
-    meta = parse_metadata(metadata)
+    prepared = prepare_submission(
+        tenant.id,
+        image=image,
+        caption=caption,
+        settings=settings,
+        external_id=external_id,
+        idempotency_key=idempotency_key,
+        metadata=metadata,
+        source_url=source_url,
+    )
+    return store_prepared(session, prepared, blob_store)
+
+
+def store_prepared(session: Session, prepared: PreparedSubmission, blob_store: BlobStore) -> IntakeResult:
+    """Store one prepared submission in the caller's transaction and queue its job after commit."""
     repo = SubmissionRepository(session)
-    existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
+    existing = repo.find_existing(
+        prepared.tenant_id, idempotency_key=prepared.idempotency_key, external_id=prepared.external_id
+    )
     if existing is not None:
         return IntakeResult.replay(existing)
-    info = validate_image(image, settings)
-    sha256 = blob_store.put(image)
-    now = utcnow()
-    values = {
-        "id": new_id(),
-        "tenant_id": tenant.id,
-        "external_id": external_id,
-        "idempotency_key": idempotency_key,
-        "caption": text,
-        "metadata": meta,
-        "image_sha256": sha256,
-        "image_format": info.format,
-        "image_width": info.width,
-        "image_height": info.height,
-        "image_bytes": len(image),
-        "image_source_url": source_url,
-        "status": SubmissionStatus.queued,
-        "attempts": 0,
-        "enqueued_at": now,
-        "created_at": now,
-        "updated_at": now,
-    }
+    values = prepared.row_values(blob_store.put(prepared.image), utcnow())
     new_submission_id = repo.insert_if_new(values)
     if new_submission_id is None:
         # A concurrent request with the same key won the race; answer with its submission.
-        existing = repo.find_existing(tenant.id, idempotency_key=idempotency_key, external_id=external_id)
-        if existing is None:  # pragma: no cover - the conflicting row must exist
-            raise RuntimeError("idempotent insert conflicted but no submission was found")
-        return IntakeResult.replay(existing)
+        return replay_of_conflict(repo, prepared)
     enqueue_after_commit(session, process_job(new_submission_id))
-    # The answer needs three values; the ORM object is built only if a caller asks for it.
-    return IntakeResult(
-        new_submission_id, SubmissionStatus.queued, now, True, functools.partial(repo.attach_inserted, values)
+    return IntakeResult.inserted(repo, values)
+
+
+def replay_of_conflict(repo: SubmissionRepository, prepared: PreparedSubmission) -> IntakeResult:
+    """The replay answer for a submission whose insert lost to an existing row with the same key."""
+    existing = repo.find_existing(
+        prepared.tenant_id, idempotency_key=prepared.idempotency_key, external_id=prepared.external_id
     )
+    if existing is None:  # pragma: no cover - the conflicting row must exist
+        raise RuntimeError("idempotent insert conflicted but no submission was found")
+    return IntakeResult.replay(existing)
 
 
 def get_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID) -> SubmissionOut:

@@ -328,3 +328,78 @@ def test_local_put_remakes_a_fan_out_folder_removed_while_running(tmp_path: Path
         data += b"."
     key = store.put(data)
     assert store.get(key) == data and store.path_for(key).parent == folder
+
+
+def test_local_put_many_syncs_every_blob_before_its_name_appears_and_each_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    in_ab = _blobs_in_folder("ab", 3)
+    in_cd = _blobs_in_folder("cd", 2)
+    already = store.put(_blobs_in_folder("ef", 1)[0])
+    # Blobs already in both folders, so the batch makes no folder (that path is tested above).
+    store.put(in_ab[2])
+    store.put(in_cd[1])
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_fsync_dir = os.fsync, os.replace, store_module._fsync_dir
+
+    def fsync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if not Path(target).is_dir():  # folders are recorded by fsync_dir
+            events.append(("fsync", target))
+        real_fsync(fd)
+
+    def replace(source: str, target: Path) -> None:
+        events.append(("rename", str(target)))
+        real_replace(source, target)
+
+    def fsync_dir(path: Path) -> None:
+        events.append(("sync folder", str(path)))
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(store_module.os, "fsync", fsync)
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    monkeypatch.setattr(store_module, "_fsync_dir", fsync_dir)
+    batch = [in_ab[0], in_cd[0], in_ab[1], in_ab[0], _blobs_in_folder("ef", 1)[0]]
+    keys = store.put_many(batch)
+    assert keys == [hashlib.sha256(data).hexdigest() for data in batch] and keys[4] == already
+    for data in batch:
+        assert store.get(hashlib.sha256(data).hexdigest()) == data
+    # Three new blobs (the repeat is written once, the stored one not at all): each is synced as its temp
+    # file before it is renamed, and every rename comes before the one sync of each folder it went into.
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "rename"] * 3 + ["sync folder"] * 2
+    for (_, temp), (_, target) in zip(events[0:6:2], events[1:6:2], strict=True):
+        assert Path(temp).name.startswith(f".{Path(target).name}.")
+    assert sorted(path for _, path in events[6:]) == [str(store.root / "ab"), str(store.root / "cd")]
+    assert not [p for p in all_files(store.root) if p.name.endswith(".tmp")]
+
+
+def test_local_put_many_fails_only_the_blob_that_cannot_be_written(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    good, blocked = _blobs_in_folder("ab", 1)[0], _blobs_in_folder("cd", 1)[0]
+    store.root.mkdir()
+    (store.root / "cd").write_bytes(b"a file where the fan-out folder should be")
+    results = store.put_many([good, blocked, blocked])
+    assert results[0] == hashlib.sha256(good).hexdigest() and store.get(results[0]) == good
+    assert isinstance(results[1], BlobStoreError) and isinstance(results[2], BlobStoreError)
+    assert "could not write blob" in str(results[1])
+    with pytest.raises(BlobStoreError):
+        store.put(blocked)
+
+
+def test_s3_put_many_uploads_in_parallel_and_reports_each_blob(
+    s3_store: S3BlobStore, moto_endpoint: str
+) -> None:
+    s3_store.upload_concurrency = 4
+    batch = [os.urandom(1000) for _ in range(6)]
+    stored_first = s3_store.put(batch[0])
+    keys = s3_store.put_many([*batch, batch[1]])
+    assert (
+        keys == [hashlib.sha256(data).hexdigest() for data in [*batch, batch[1]]] and keys[0] == stored_first
+    )
+    for data, key in zip(batch, keys, strict=False):
+        assert s3_store.get(str(key)) == data
+    missing = make_s3(moto_endpoint, f"absent-{uuid.uuid4().hex[:12]}")
+    missing.upload_concurrency = 4
+    assert all(isinstance(result, BlobStoreError) for result in missing.put_many(batch[:3]))

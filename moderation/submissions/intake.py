@@ -1,0 +1,188 @@
+"""Group commit for intake: submissions that arrive together are stored in one pass and one transaction."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeAlias, cast
+
+from sqlalchemy.orm import Session
+
+from moderation import metrics
+from moderation.blobs import BlobStore, BlobStoreError
+from moderation.db import utcnow
+from moderation.errors import ServiceUnavailable
+from moderation.jobs import enqueue_after_commit
+from moderation.submissions.models import Submission
+from moderation.submissions.repository import SubmissionRepository
+from moderation.submissions.service import (
+    IntakeResult,
+    PreparedSubmission,
+    process_job,
+    replay_of_conflict,
+)
+
+logger = logging.getLogger(__name__)
+
+Outcome: TypeAlias = IntakeResult | Exception
+_Pending: TypeAlias = tuple[PreparedSubmission, "Future[IntakeResult]"]
+
+
+def _match_existing(prepared: PreparedSubmission, existing: Sequence[Submission]) -> Submission | None:
+    """The oldest of ``existing`` that this submission repeats (same tenant and key or external id)."""
+    matches = [
+        row
+        for row in existing
+        if row.tenant_id == prepared.tenant_id
+        and (
+            (prepared.idempotency_key is not None and row.idempotency_key == prepared.idempotency_key)
+            or (prepared.external_id is not None and row.external_id == prepared.external_id)
+        )
+    ]
+    return min(matches, key=lambda row: row.created_at) if matches else None
+
+
+def write_batch(
+    session: Session, batch: Sequence[PreparedSubmission], blob_store: BlobStore
+) -> list[Outcome]:
+    """Store a batch in the session's transaction and commit it: one lookup, one blob pass, one INSERT.
+
+    Repeats of stored submissions (and of each other) are answered as replays; a blob that cannot be
+    written fails only its own submission. The jobs of new rows go to the broker after the commit.
+    """
+    repo = SubmissionRepository(session)
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    keyed = [(p.tenant_id, p.idempotency_key, p.external_id) for p in batch if p.has_key]
+    existing = repo.find_existing_many(keyed) if keyed else []
+    to_store: list[int] = []
+    for index, prepared in enumerate(batch):
+        match = _match_existing(prepared, existing) if prepared.has_key else None
+        if match is not None:
+            outcomes[index] = IntakeResult.replay(match)
+        else:
+            to_store.append(index)
+    digests = blob_store.put_many([batch[index].image for index in to_store])
+    now = utcnow()
+    rows: dict[int, dict[str, Any]] = {}
+    for index, digest in zip(to_store, digests, strict=True):
+        if isinstance(digest, BlobStoreError):
+            outcomes[index] = digest
+        else:
+            rows[index] = batch[index].row_values(digest, now)
+    inserted = repo.insert_many_if_new(list(rows.values()))
+    conflicted: list[int] = []
+    for index, values in rows.items():
+        if values["id"] in inserted:
+            enqueue_after_commit(session, process_job(values["id"]))
+            outcomes[index] = IntakeResult.inserted(repo, values)
+        else:
+            conflicted.append(index)
+    session.commit()  # the after-commit hook hands the new rows' jobs to the broker
+    # A row that lost to an equal key (another request, or an earlier one of this batch) is now visible.
+    for index in conflicted:
+        outcomes[index] = replay_of_conflict(repo, batch[index])
+    if any(outcome is None for outcome in outcomes):  # pragma: no cover - every branch above sets one
+        raise RuntimeError("a submission of the batch got no outcome")
+    return cast(list[Outcome], outcomes)
+
+
+class IntakeWriter:
+    """Writes prepared submissions on one thread, as many per transaction as have arrived (group commit).
+
+    A caller's future resolves only after the commit that made its row, so no submission answered 202 can
+    be lost. There is no timer: a lone submission is written at once, and under load the submissions that
+    arrive while one batch is written form the next, so the per-transaction costs (commit, directory syncs,
+    round trips) are shared.
+    """
+
+    def __init__(
+        self,
+        sessions: Callable[[], Session],
+        blob_store: BlobStore,
+        *,
+        max_batch: int = 64,
+        name: str = "intake-writer",
+    ) -> None:
+        self.sessions = sessions
+        self.blob_store = blob_store
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        self._thread.start()
+
+    def submit(self, prepared: PreparedSubmission) -> Future[IntakeResult]:
+        """Queue a submission for the next batch; the future holds its answer or its error."""
+        future: Future[IntakeResult] = Future()
+        with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("the service is shutting down", code="shutting_down")
+            self._queue.put((prepared, future))
+        return future
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking submissions, write those already queued and stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
+        """Write one batch in its own transaction; when it fails as a whole, each submission is tried alone."""
+        try:
+            with self.sessions() as session:
+                return write_batch(session, batch, self.blob_store)
+        except Exception as exc:
+            if len(batch) == 1:
+                logger.exception("could not store a submission")
+                return [exc]
+            # One bad row must not fail its neighbours: find it by writing each alone.
+            logger.warning("a batch of %d submissions failed (%s); writing them one by one", len(batch), exc)
+            return [self.write([prepared])[0] for prepared in batch]
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            pending = [first]
+            while len(pending) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                pending.append(item)
+            self._resolve(pending)
+
+    def _resolve(self, pending: list[_Pending]) -> None:
+        # A caller that gave up before its submission was taken (client gone) was never answered 202.
+        pending = [
+            (prepared, future) for prepared, future in pending if future.set_running_or_notify_cancel()
+        ]
+        if not pending:
+            return
+        metrics.INTAKE_BATCH_SIZE.observe(len(pending))
+        try:
+            outcomes = self.write([prepared for prepared, _ in pending])
+        except BaseException as exc:  # the thread must outlive any failure, and every caller must hear back
+            logger.exception("intake writer failed a batch")
+            outcomes = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(pending)
+        for (_, future), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)

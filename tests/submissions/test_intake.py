@@ -1,0 +1,241 @@
+"""Group-committed intake: batches share one lookup, one blob pass, one INSERT and one COMMIT."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, event, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation.blobs import BlobStoreError, LocalBlobStore
+from moderation.config import Settings
+from moderation.errors import ServiceUnavailable
+from moderation.jobs import TASK_PROCESS_SUBMISSION
+from moderation.submissions import service
+from moderation.submissions.intake import IntakeWriter, write_batch
+from moderation.submissions.models import Submission, SubmissionStatus
+from moderation.submissions.service import IntakeResult, PreparedSubmission
+from moderation.tenants.models import Tenant
+from moderation.tenants.service import create_tenant
+from tests.conftest import RecordingDispatcher, make_jpeg
+
+
+@pytest.fixture
+def tenant(sessions: sessionmaker[Session], settings: Settings) -> Tenant:
+    """A tenant, detached."""
+    with sessions() as session, session.begin():
+        tenant = create_tenant(session, "acme", settings).tenant
+        session.expunge(tenant)
+    return tenant
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalBlobStore:
+    """A local blob store in the test's folder, syncing as in production."""
+    return LocalBlobStore(tmp_path / "blobs", fsync=True)
+
+
+@pytest.fixture
+def statements(connection: Connection) -> Iterator[list[str]]:
+    """The SQL statements the test's connection runs, first words only (savepoints included)."""
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(" ".join(statement.split()[:2]).upper())
+
+    event.listen(connection, "before_cursor_execute", record)
+    yield seen
+    event.remove(connection, "before_cursor_execute", record)
+
+
+def prepare(tenant: Tenant, settings: Settings, seed: int, **kwargs: object) -> PreparedSubmission:
+    return service.prepare_submission(
+        tenant.id,
+        image=make_jpeg(48, 32, seed=seed),
+        caption=f"caption {seed}",
+        settings=settings,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def rows(sessions: sessionmaker[Session]) -> list[Submission]:
+    with sessions() as session:
+        return list(session.scalars(select(Submission).order_by(Submission.caption)))
+
+
+def test_a_batch_is_one_insert_and_one_commit_and_each_job_follows_the_commit(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+    statements: list[str],
+) -> None:
+    batch = [prepare(tenant, settings, seed) for seed in range(5)]
+    jobs_at_commit: list[int] = []
+    with sessions() as session:
+        event.listen(session, "before_commit", lambda _: jobs_at_commit.append(len(dispatched.jobs)))
+        outcomes = write_batch(session, batch, store)
+        inserts = [s for s in statements if s.startswith("INSERT")]
+        assert inserts == ["INSERT INTO"]
+    assert jobs_at_commit == [0]
+    assert all(isinstance(o, IntakeResult) and o.created for o in outcomes)
+    stored = rows(sessions)
+    assert [r.caption for r in stored] == [f"caption {seed}" for seed in range(5)]
+    assert {r.id for r in stored} == {o.id for o in outcomes if isinstance(o, IntakeResult)}
+    assert all(r.status == SubmissionStatus.queued and store.get(r.image_sha256) for r in stored)
+    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(str(r.id) for r in stored)
+
+
+def test_repeats_in_a_batch_and_of_stored_submissions_are_replays(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    with sessions() as session:
+        (earlier,) = write_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
+    assert isinstance(earlier, IntakeResult)
+    batch = [
+        prepare(tenant, settings, 1, external_id="post-1"),  # repeats the stored one
+        prepare(tenant, settings, 2, idempotency_key="k"),
+        prepare(tenant, settings, 3, idempotency_key="k"),  # repeats the one before it, same batch
+        prepare(tenant, settings, 4, external_id="post-2"),
+    ]
+    with sessions() as session:
+        outcomes = write_batch(session, batch, store)
+    results = [o for o in outcomes if isinstance(o, IntakeResult)]
+    assert len(results) == 4
+    assert (results[0].created, results[0].id) == (False, earlier.id)
+    assert results[1].created and (results[2].created, results[2].id) == (False, results[1].id)
+    assert results[3].created
+    assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 2", "caption 4"]
+    # One job per stored row, none for replays.
+    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(
+        str(r.id) for r in (earlier, results[1], results[3])
+    )
+    # The image of a repeat of a stored submission is not written again.
+    assert not store.exists(hashlib.sha256(batch[0].image).hexdigest())
+
+
+def test_a_blob_that_cannot_be_written_fails_only_its_own_submission(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    settings: Settings,
+    tmp_path: Path,
+    dispatched: RecordingDispatcher,
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    batch = [prepare(tenant, settings, seed) for seed in range(3)]
+    blocked = store.path_for(hashlib.sha256(batch[1].image).hexdigest()).parent
+    blocked.parent.mkdir(parents=True)
+    blocked.write_bytes(b"a file where a fan-out folder should be")
+    with sessions() as session:
+        outcomes = write_batch(session, batch, store)
+    assert isinstance(outcomes[1], BlobStoreError) and outcomes[1].status_code == 503
+    assert isinstance(outcomes[0], IntakeResult) and isinstance(outcomes[2], IntakeResult)
+    assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 2"]
+    assert len(dispatched.jobs) == 2
+
+
+def test_a_batch_that_fails_as_a_whole_is_written_one_by_one(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    # A tenant deleted between the check and the write: its row breaks the batch's one INSERT.
+    orphan = prepare(tenant, settings, 1)
+    orphan = PreparedSubmission(**{**orphan.__dict__, "tenant_id": uuid.uuid4()})
+    writer = IntakeWriter(sessions, store)
+    outcomes = writer.write([prepare(tenant, settings, 0), orphan, prepare(tenant, settings, 2)])
+    assert isinstance(outcomes[1], IntegrityError)
+    assert isinstance(outcomes[0], IntakeResult) and isinstance(outcomes[2], IntakeResult)
+    assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 2"]
+    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(
+        str(o.id) for o in (outcomes[0], outcomes[2]) if isinstance(o, IntakeResult)
+    )
+
+
+def test_the_writer_batches_what_waits_and_answers_every_caller(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store, max_batch=4)
+    sizes: list[int] = []
+    real_write = writer.write
+    writer.write = lambda batch: (sizes.append(len(batch)), real_write(batch))[1]  # type: ignore[method-assign]
+    # Ten arrive before the thread starts: they wait together and go in batches of at most four.
+    futures = [writer.submit(prepare(tenant, settings, seed)) for seed in range(10)]
+    writer.start()
+    results = [future.result(timeout=30) for future in futures]
+    assert sizes == [4, 4, 2]
+    assert all(r.created for r in results) and len({r.id for r in results}) == 10
+    # A lone submission is written at once, in a batch of its own.
+    assert writer.submit(prepare(tenant, settings, 10)).result(timeout=30).created
+    assert sizes[-1] == 1
+    writer.close()
+    assert len(rows(sessions)) == 11 and len(dispatched.jobs) == 11
+
+
+def test_closing_writes_what_was_accepted_then_refuses_more(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store)
+    queued = [writer.submit(prepare(tenant, settings, seed)) for seed in range(3)]
+    gone = writer.submit(prepare(tenant, settings, 3))
+    assert gone.cancel()  # its caller went away before the writer took it: never answered, never stored
+    writer.start()
+    writer.close()
+    assert all(future.result(timeout=1).created for future in queued)
+    with pytest.raises(ServiceUnavailable) as refused:
+        writer.submit(prepare(tenant, settings, 4))
+    assert (refused.value.status_code, refused.value.code) == (503, "shutting_down")
+    assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 1", "caption 2"]
+
+
+def test_concurrent_callers_share_transactions(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store, max_batch=64)
+    sizes: list[int] = []
+    real_write = writer.write
+    writer.write = lambda batch: (sizes.append(len(batch)), real_write(batch))[1]  # type: ignore[method-assign]
+    writer.start()
+    prepared = [prepare(tenant, settings, seed) for seed in range(40)]
+    barrier = threading.Barrier(8)
+    answers: list[IntakeResult] = []
+
+    def caller(offset: int) -> None:
+        barrier.wait()
+        for item in prepared[offset::8]:
+            answers.append(writer.submit(item).result(timeout=30))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    assert len(answers) == 40 and len({a.id for a in answers}) == 40
+    assert sum(sizes) == 40 and max(sizes) > 1
+    assert len(rows(sessions)) == 40
