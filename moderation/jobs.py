@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -38,6 +39,14 @@ class JobDispatcher(Protocol):
 
     def dispatch(self, job: Job) -> None:
         """Send one job to the broker."""
+
+
+@runtime_checkable
+class BatchJobDispatcher(JobDispatcher, Protocol):
+    """A dispatcher that can send several jobs at once (one round trip where the broker allows)."""
+
+    def dispatch_many(self, jobs: Sequence[Job]) -> None:
+        """Send several jobs to the broker."""
 
 
 class _NullDispatcher:
@@ -74,11 +83,21 @@ def dispatch_now(job: Job) -> None:
         logger.exception("could not dispatch %s%s; the sweeper will recover it", job.task, job.args)
 
 
-@event.listens_for(Session, "after_commit")
-def _dispatch_pending(session: Session) -> None:
-    jobs: list[Job] = session.info.pop(_PENDING_KEY, [])
+def dispatch_all(jobs: Sequence[Job]) -> None:
+    """Dispatch jobs together where the dispatcher can; broker failures are logged (the sweeper recovers)."""
+    if len(jobs) > 1 and isinstance(_dispatcher, BatchJobDispatcher):
+        try:
+            _dispatcher.dispatch_many(jobs)
+        except Exception:
+            logger.exception("could not dispatch %d jobs; the sweeper will recover them", len(jobs))
+        return
     for job in jobs:
         dispatch_now(job)
+
+
+@event.listens_for(Session, "after_commit")
+def _dispatch_pending(session: Session) -> None:
+    dispatch_all(session.info.pop(_PENDING_KEY, []))
 
 
 @event.listens_for(Session, "after_rollback")

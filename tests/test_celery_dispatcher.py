@@ -65,3 +65,45 @@ def test_a_dead_broker_is_given_up_on_quickly_and_logged(caplog: Any) -> None:
     finally:
         jobs.set_dispatcher(previous)
     assert "the sweeper will recover it" in caplog.text
+
+
+def test_jobs_dispatched_together_arrive_as_the_same_messages(redis_client: redis.Redis) -> None:
+    app = make_celery(Settings(redis_url=TEST_REDIS_URL))
+    dispatcher = CeleryDispatcher(app)
+    ids = [uuid.uuid4() for _ in range(5)]
+    did = uuid.uuid4()
+    batch = [process_job(sid) for sid in ids]
+    batch.append(delivery_job(did))
+    batch.append(Job("moderation.sweep", (), "maintenance", options={"expires": 60}))
+    dispatcher.dispatch_many(batch)
+    gpu = _messages(redis_client, "gpu")
+    assert [m["args"] for m in gpu] == [[str(sid)] for sid in ids]
+    assert len({m["headers"]["id"] for m in gpu}) == 5
+    assert all(m["properties"]["delivery_info"]["routing_key"] == "gpu" for m in gpu)
+    assert [m["args"] for m in _messages(redis_client, "webhooks")] == [[str(did)]]
+    assert [m["headers"]["task"] for m in _messages(redis_client, "maintenance")] == ["moderation.sweep"]
+
+
+def test_a_commit_hands_its_jobs_to_the_broker_together(redis_client: redis.Redis, caplog: Any) -> None:
+    import logging
+
+    from moderation import jobs
+
+    calls: list[int] = []
+
+    class Counting(CeleryDispatcher):
+        def dispatch_many(self, batch: Any) -> None:
+            calls.append(len(batch))
+            super().dispatch_many(batch)
+
+    previous = jobs.get_dispatcher()
+    try:
+        jobs.set_dispatcher(Counting(make_celery(Settings(redis_url=TEST_REDIS_URL))))
+        jobs.dispatch_all([process_job(uuid.uuid4()) for _ in range(3)])
+        assert calls == [3] and len(_messages(redis_client, "gpu")) == 3
+        jobs.set_dispatcher(CeleryDispatcher(make_celery(Settings(redis_url="redis://127.0.0.1:9/0"))))
+        with caplog.at_level(logging.ERROR, logger="moderation.jobs"):
+            jobs.dispatch_all([process_job(uuid.uuid4()) for _ in range(3)])
+        assert "could not dispatch 3 jobs; the sweeper will recover them" in caplog.text
+    finally:
+        jobs.set_dispatcher(previous)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from celery import Celery, uuid
-from kombu import Queue
+from kombu import Producer, Queue
 
 from moderation.config import Settings, get_settings
 from moderation.jobs import (
@@ -70,10 +72,29 @@ class CeleryDispatcher:
     def dispatch(self, job: Job) -> None:
         """Send one job to its queue."""
         if job.options:
-            self.app.send_task(
-                job.task, args=list(job.args), queue=job.queue, countdown=job.countdown, **job.options
-            )
+            self._send_with_options(job)
             return
+        with self.app.producer_or_acquire() as producer:
+            self._publish(producer, job)
+
+    def dispatch_many(self, jobs: Sequence[Job]) -> None:
+        """Send several jobs; on Redis they go out in one pipelined round trip."""
+        for job in jobs:
+            if job.options:
+                self._send_with_options(job)
+        plain = [job for job in jobs if not job.options]
+        if not plain:
+            return
+        with self.app.producer_or_acquire() as producer, producer.batch():
+            for job in plain:
+                self._publish(producer, job)
+
+    def _send_with_options(self, job: Job) -> None:
+        self.app.send_task(
+            job.task, args=list(job.args), queue=job.queue, countdown=job.countdown, **job.options
+        )
+
+    def _publish(self, producer: Producer, job: Job) -> None:
         # The steps of send_task that a job of ID-only arguments needs, without its per-call routing,
         # option merging, result object and queue declaration: about half the CPU of send_task.
         amqp = self.app.amqp
@@ -96,8 +117,7 @@ class CeleryDispatcher:
         # Celery declares the queue on every publish (cached per connection, but not free); once per
         # process is enough, as queues outlive connections (durable on AMQP, implicit on Redis).
         declare: list[Queue] | None = [] if job.queue in self._declared else None
-        with self.app.producer_or_acquire() as producer:
-            amqp.send_task_message(producer, job.task, message, queue=job.queue, declare=declare)
+        amqp.send_task_message(producer, job.task, message, queue=job.queue, declare=declare)
         self._declared.add(job.queue)
 
 
