@@ -365,12 +365,12 @@ def test_local_put_many_syncs_every_blob_before_its_name_appears_and_each_folder
     assert keys == [hashlib.sha256(data).hexdigest() for data in batch] and keys[4] == already
     for data in batch:
         assert store.get(hashlib.sha256(data).hexdigest()) == data
-    # Three new blobs (the repeat is written once, the stored one not at all): each is synced as its temp
-    # file before it is renamed, and every rename comes before the one sync of each folder it went into.
+    # Three new blobs (the repeat is written once, the stored one not at all): every temp file is synced
+    # before any is renamed, and every rename comes before the one sync of each folder it went into.
     kinds = [kind for kind, _ in events]
-    assert kinds == ["fsync", "rename"] * 3 + ["sync folder"] * 2
-    for (_, temp), (_, target) in zip(events[0:6:2], events[1:6:2], strict=True):
-        assert Path(temp).name.startswith(f".{Path(target).name}.")
+    assert kinds == ["fsync"] * 3 + ["rename"] * 3 + ["sync folder"] * 2
+    temps = sorted(Path(path).name.split(".")[1] for _, path in events[:3])
+    assert temps == sorted(Path(path).name for _, path in events[3:6])
     assert sorted(path for _, path in events[6:]) == [str(store.root / "ab"), str(store.root / "cd")]
     assert not [p for p in all_files(store.root) if p.name.endswith(".tmp")]
 
@@ -403,3 +403,26 @@ def test_s3_put_many_uploads_in_parallel_and_reports_each_blob(
     missing = make_s3(moto_endpoint, f"absent-{uuid.uuid4().hex[:12]}")
     missing.upload_concurrency = 4
     assert all(isinstance(result, BlobStoreError) for result in missing.put_many(batch[:3]))
+
+
+def test_local_put_many_fails_a_blob_whose_sync_fails_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    store = LocalBlobStore(tmp_path / "blobs")
+    good, bad = _blobs_in_folder("ab", 2)
+    bad_key = hashlib.sha256(bad).hexdigest()
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if bad_key in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module.os, "fsync", failing_fsync)
+    results = store.put_many([good, bad])
+    assert results[0] == hashlib.sha256(good).hexdigest() and store.get(results[0]) == good
+    assert isinstance(results[1], BlobStoreError) and "Input/output error" in str(results[1])
+    assert not store.exists(bad_key)
+    assert all_files(store.root) == [store.path_for(results[0])]
