@@ -61,15 +61,16 @@ class Settings(BaseSettings):
     intake_batch_max: int = Field(
         default=64,
         ge=1,
-        description="Most submissions one API process stores in one transaction. Intake is group-committed: "
-        "submissions that arrive while a batch is written share the next one's blob sync, INSERT and COMMIT; "
-        "a lone submission is written at once.",
+        description="Most submissions one API process commits in one transaction. Intake is group-committed: "
+        "the rows of submissions whose images were stored while the previous transaction ran share one INSERT "
+        "and one COMMIT; a lone submission is written at once.",
     )
-    intake_store_concurrency: int = Field(
-        default=32,
+    intake_store_concurrency: int | None = Field(
+        default=None,
         ge=1,
-        description="Image uploads one API process runs at once within a batch, with the S3 blob store (the "
-        "local store writes a batch in one pass).",
+        description="Images one API process writes to the blob store at once (each is written and synced as "
+        "soon as its request is checked, while earlier rows are committed). Unset: 8 with the local blob "
+        "store, 32 with S3.",
     )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
@@ -253,6 +254,13 @@ class Settings(BaseSettings):
     openai_max_retries: int = Field(
         default=3, description="Retries of a call that failed to connect or got 5xx/429, with backoff."
     )
+
+    @property
+    def effective_intake_store_concurrency(self) -> int:
+        """How many images one API process writes to the blob store at once."""
+        if self.intake_store_concurrency is not None:
+            return self.intake_store_concurrency
+        return 32 if self.blob_backend == "s3" else 8
 
     @property
     def effective_broker_url(self) -> str:

@@ -107,7 +107,7 @@ class LocalBlobStore(BlobStore):
         self.fsync = fsync
         # Fan-out folders this process has made sure of (created, and their entry synced to disk).
         self._ready_dirs: set[Path] = set()
-        self._sync_pool: ThreadPoolExecutor | None = None
+        self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="blob-sync")
 
     def path_for(self, sha256: str) -> Path:
         """Where a new blob with this digest is written."""
@@ -165,8 +165,6 @@ class LocalBlobStore(BlobStore):
 
         if len(targets) <= 1:
             return [attempt(target) for target in targets]
-        if self._sync_pool is None:
-            self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="blob-sync")
         return list(self._sync_pool.map(attempt, targets))
 
     def put(self, data: bytes) -> str:
@@ -292,7 +290,7 @@ class S3BlobStore(BlobStore):
     ) -> None:
         self.bucket = bucket
         self.upload_concurrency = upload_concurrency
-        self._uploads: ThreadPoolExecutor | None = None
+        self._uploads = ThreadPoolExecutor(upload_concurrency, thread_name_prefix="s3-upload")
         self.prefix = prefix
         self.region = region
         config = Config(
@@ -351,8 +349,6 @@ class S3BlobStore(BlobStore):
         """Upload several blobs, up to ``upload_concurrency`` at once (each is one or two round trips)."""
         if len(blobs) <= 1 or self.upload_concurrency <= 1:
             return super().put_many(blobs)
-        if self._uploads is None:
-            self._uploads = ThreadPoolExecutor(self.upload_concurrency, thread_name_prefix="s3-upload")
         return list(self._uploads.map(self._put_or_error, blobs))
 
     def _put_or_error(self, data: bytes) -> str | BlobStoreError:
@@ -433,6 +429,6 @@ def blob_store_from_settings(settings: Settings) -> BlobStore:
             region=settings.s3_region,
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,
-            upload_concurrency=settings.intake_store_concurrency,
+            upload_concurrency=settings.effective_intake_store_concurrency,
         )
     return LocalBlobStore(settings.effective_blob_dir, fsync=settings.blob_fsync)

@@ -6,7 +6,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeAlias, cast
 
 from sqlalchemy.orm import Session
@@ -50,8 +51,9 @@ def write_batch(
 ) -> list[Outcome]:
     """Store a batch in the session's transaction and commit it: one lookup, one blob pass, one INSERT.
 
-    Repeats of stored submissions (and of each other) are answered as replays; a blob that cannot be
-    written fails only its own submission. The jobs of new rows go to the broker after the commit.
+    Images not stored yet are stored first, in one pass. Repeats of stored submissions (and of each other)
+    are answered as replays; an image that cannot be written fails only its own submission. The jobs of
+    new rows go to the broker after the commit.
     """
     repo = SubmissionRepository(session)
     outcomes: list[Outcome | None] = [None] * len(batch)
@@ -64,10 +66,19 @@ def write_batch(
             outcomes[index] = IntakeResult.replay(match)
         else:
             to_store.append(index)
-    digests = blob_store.put_many([batch[index].image for index in to_store])
+    unstored = [index for index in to_store if batch[index].image_sha256 is None]
+    digests: dict[int, str | BlobStoreError] = {}
+    for index in to_store:
+        stored = batch[index].image_sha256
+        if stored is not None:
+            digests[index] = stored
+    digests.update(
+        zip(unstored, blob_store.put_many([batch[index].image for index in unstored]), strict=True)
+    )
     now = utcnow()
     rows: dict[int, dict[str, Any]] = {}
-    for index, digest in zip(to_store, digests, strict=True):
+    for index in to_store:
+        digest = digests[index]
         if isinstance(digest, BlobStoreError):
             outcomes[index] = digest
         else:
@@ -90,12 +101,13 @@ def write_batch(
 
 
 class IntakeWriter:
-    """Writes prepared submissions on one thread, as many per transaction as have arrived (group commit).
+    """Stores submissions in two overlapping stages: images as they arrive, rows in shared transactions.
 
-    A caller's future resolves only after the commit that made its row, so no submission answered 202 can
-    be lost. There is no timer: a lone submission is written at once, and under load the submissions that
-    arrive while one batch is written form the next, so the per-transaction costs (commit, directory syncs,
-    round trips) are shared.
+    Each image is written and synced on a pool thread as soon as its request hands it over (syncs of
+    concurrent requests overlap); the rows of whatever images are stored by then go in one INSERT and one
+    COMMIT on the writer thread (group commit), while the next images are being written. A caller's future
+    resolves only after the commit that made its row, so no submission answered 202 can be lost. There is no
+    timer: a lone submission is written at once.
     """
 
     def __init__(
@@ -104,38 +116,58 @@ class IntakeWriter:
         blob_store: BlobStore,
         *,
         max_batch: int = 64,
+        image_concurrency: int = 8,
         name: str = "intake-writer",
     ) -> None:
         self.sessions = sessions
         self.blob_store = blob_store
         self.max_batch = max_batch
+        self._images = ThreadPoolExecutor(image_concurrency, thread_name_prefix=f"{name}-image")
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def waiting(self) -> int:
+        """Submissions whose image is stored and whose row waits for the next transaction."""
+        return self._queue.qsize()
 
     def start(self) -> None:
         """Start the writer thread."""
         self._thread.start()
 
     def submit(self, prepared: PreparedSubmission) -> Future[IntakeResult]:
-        """Queue a submission for the next batch; the future holds its answer or its error."""
+        """Store a submission; the future holds its answer (after its commit) or its error."""
         future: Future[IntakeResult] = Future()
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the service is shutting down", code="shutting_down")
-            self._queue.put((prepared, future))
+            self._images.submit(self._store_image, prepared, future)
         return future
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking submissions, write those already queued and stop the thread."""
+        """Stop taking submissions, finish those already taken and stop the threads."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(None)
+        # Every image taken is stored and its submission queued before the writer is told to stop.
+        self._images.shutdown(wait=True)
+        self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _store_image(self, prepared: PreparedSubmission, future: Future[IntakeResult]) -> None:
+        if future.cancelled():  # the caller left before anything was stored: it was never answered
+            return
+        try:
+            digest = self.blob_store.put(prepared.image)
+        except Exception as exc:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+            return
+        self._queue.put((replace(prepared, image_sha256=digest), future))
 
     def write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         """Write one batch in its own transaction; when it fails as a whole, each submission is tried alone."""

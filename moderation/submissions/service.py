@@ -97,6 +97,7 @@ class PreparedSubmission:
     external_id: str | None = None
     idempotency_key: str | None = None
     source_url: str | None = None
+    image_sha256: str | None = None  # set once the image is in the blob store
 
     @property
     def has_key(self) -> bool:

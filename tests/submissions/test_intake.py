@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,8 +177,12 @@ def test_the_writer_batches_what_waits_and_answers_every_caller(
     sizes: list[int] = []
     real_write = writer.write
     writer.write = lambda batch: (sizes.append(len(batch)), real_write(batch))[1]  # type: ignore[method-assign]
-    # Ten arrive before the thread starts: they wait together and go in batches of at most four.
+    # Ten are stored before the writer thread starts: their rows wait together and go in batches of four.
     futures = [writer.submit(prepare(tenant, settings, seed)) for seed in range(10)]
+    deadline = time.monotonic() + 30
+    while writer.waiting < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert writer.waiting == 10 and not any(future.done() for future in futures)
     writer.start()
     results = [future.result(timeout=30) for future in futures]
     assert sizes == [4, 4, 2]
@@ -239,3 +244,28 @@ def test_concurrent_callers_share_transactions(
     assert len(answers) == 40 and len({a.id for a in answers}) == 40
     assert sum(sizes) == 40 and max(sizes) > 1
     assert len(rows(sessions)) == 40
+
+
+def test_the_writer_answers_an_image_it_cannot_store_with_the_store_error_and_writes_no_row(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    settings: Settings,
+    tmp_path: Path,
+    dispatched: RecordingDispatcher,
+) -> None:
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    good, bad = prepare(tenant, settings, 0), prepare(tenant, settings, 1)
+    blocked = store.path_for(hashlib.sha256(bad.image).hexdigest()).parent
+    blocked.parent.mkdir(parents=True)
+    blocked.write_bytes(b"a file where a fan-out folder should be")
+    writer = IntakeWriter(sessions, store)
+    writer.start()
+    kept, failed = writer.submit(good), writer.submit(bad)
+    assert kept.result(timeout=30).created
+    error = failed.exception(timeout=30)
+    assert isinstance(error, BlobStoreError) and (error.status_code, error.code) == (
+        503,
+        "blob_store_unavailable",
+    )
+    writer.close()
+    assert [r.caption for r in rows(sessions)] == ["caption 0"] and len(dispatched.jobs) == 1
