@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, func, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import Table, bindparam, func, or_, select, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -18,6 +18,41 @@ from moderation.submissions.models import ProcessingAttempt, Submission, Submiss
 _SUBMISSIONS = cast(Table, Submission.__table__)
 # Built once: a Core insert executed with a parameter dict skips the ORM's per-call statement handling.
 _INSERT_IF_NEW = insert(_SUBMISSIONS).on_conflict_do_nothing().returning(_SUBMISSIONS.c.id)
+# Columns a batch of new submissions differ in (one array each) and those they share (one value each).
+_PER_ROW = (
+    "id",
+    "tenant_id",
+    "external_id",
+    "idempotency_key",
+    "caption",
+    "metadata",
+    "image_sha256",
+    "image_format",
+    "image_width",
+    "image_height",
+    "image_bytes",
+    "image_source_url",
+)
+_SHARED = ("status", "attempts", "enqueued_at", "created_at", "updated_at")
+_ROWS = (
+    func.unnest(*(bindparam(name, type_=ARRAY(_SUBMISSIONS.c[name].type)) for name in _PER_ROW))
+    .table_valued(*_PER_ROW)
+    .render_derived(name="new_rows")
+)
+# One statement text for any number of rows (INSERT ... SELECT FROM unnest(arrays)), so it is parsed and
+# planned once, where a multi-row VALUES list would be a new statement for every batch size.
+_INSERT_MANY_IF_NEW = (
+    insert(_SUBMISSIONS)
+    .from_select(
+        [*_PER_ROW, *_SHARED],
+        select(
+            *(_ROWS.c[name] for name in _PER_ROW),
+            *(bindparam(f"shared_{name}", type_=_SUBMISSIONS.c[name].type) for name in _SHARED),
+        ),
+    )
+    .on_conflict_do_nothing()
+    .returning(_SUBMISSIONS.c.id)
+)
 
 
 class SubmissionRepository:
@@ -89,10 +124,18 @@ class SubmissionRepository:
         return list(self.session.scalars(stmt))
 
     def insert_many_if_new(self, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
-        """Insert submissions in one statement, skipping any whose key exists; the ids actually inserted."""
+        """Insert submissions in one statement, skipping any whose key exists; the ids actually inserted.
+
+        The rows must agree on status, attempts and timestamps (a batch accepted together does).
+        """
         if not rows:
             return set()
-        return set(self.session.execute(_INSERT_IF_NEW, list(rows)).scalars())
+        first = rows[0]
+        if any(row[name] != first[name] for row in rows for name in _SHARED):
+            raise ValueError("rows inserted together must share status, attempts and timestamps")
+        params: dict[str, Any] = {name: [row[name] for row in rows] for name in _PER_ROW}
+        params.update({f"shared_{name}": first[name] for name in _SHARED})
+        return set(self.session.execute(_INSERT_MANY_IF_NEW, params).scalars())
 
     def attach_inserted(self, values: dict[str, Any]) -> Submission:
         """The submission just inserted with ``values``, put in the session as loaded, without reading it back."""

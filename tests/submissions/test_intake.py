@@ -269,3 +269,44 @@ def test_the_writer_answers_an_image_it_cannot_store_with_the_store_error_and_wr
     )
     writer.close()
     assert [r.caption for r in rows(sessions)] == ["caption 0"] and len(dispatched.jobs) == 1
+
+
+def test_every_column_of_a_batch_insert_is_stored_as_given(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    from moderation.db import utcnow
+    from moderation.submissions.repository import SubmissionRepository
+
+    now = utcnow()
+    batch = [
+        prepare(tenant, settings, 0, metadata='{"lang": "zh", "标签": ["猫", 1.5, null, {"deep": true}]}'),
+        prepare(tenant, settings, 1, external_id="ext-1", idempotency_key="idem-1"),
+        service.prepare_submission(
+            tenant.id,
+            image=make_jpeg(30, 20, seed=2),
+            caption="一只猫坐在垫子上 — a cat on a mat",
+            settings=settings,
+            source_url="https://images.example/cat.jpg",
+        ),
+    ]
+    values = [item.row_values(hashlib.sha256(item.image).hexdigest(), now) for item in batch]
+    with sessions() as session:
+        repo = SubmissionRepository(session)
+        assert repo.insert_many_if_new(values) == {v["id"] for v in values}
+        # The same keys again (new ids): nothing is inserted.
+        again = [{**values[1], "id": uuid.uuid4()}]
+        assert repo.insert_many_if_new(again) == set()
+        with pytest.raises(ValueError, match="share"):
+            repo.insert_many_if_new([values[0], {**values[2], "attempts": 1}])
+        session.commit()
+    with sessions() as session:
+        stored = {s.id: s for s in session.scalars(select(Submission))}
+        for row in values:
+            got = stored[row["id"]]
+            for column in Submission.__table__.columns:
+                if column.key in row:
+                    key = "metadata_" if column.key == "metadata" else column.key
+                    assert getattr(got, key) == row[column.key], column.key
