@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select
@@ -49,6 +50,12 @@ class VerdictCacheRepository:
             )
         )
         self.session.flush()
+
+    def add_many(self, entries: Sequence[VerdictCacheEntry]) -> None:
+        """Record several verdicts' cache keys or sources (one statement)."""
+        if entries:
+            self.session.add_all(entries)
+            self.session.flush()
 
     def source_of(self, verdict_id: uuid.UUID) -> uuid.UUID | None:
         """The verdict a cached verdict was copied from, if it is a copy."""

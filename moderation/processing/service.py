@@ -36,12 +36,13 @@ from moderation.policy.perceptual import image_hashes
 from moderation.policy.repository import KnownImageRepository
 from moderation.policy.routing import Thresholds
 from moderation.policy.service import blocklist_for, find_known_image
+from moderation.processing.models import VerdictCacheEntry
 from moderation.processing.repository import VerdictCacheRepository
 from moderation.review.models import ReviewItem, ReviewState
 from moderation.review.repository import ReviewRepository
 from moderation.review.service import release_expired_leases
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
-from moderation.submissions.repository import SubmissionRepository
+from moderation.submissions.repository import FencedMove, SubmissionRepository
 from moderation.submissions.service import process_job
 from moderation.tenants.models import Tenant
 from moderation.tenants.repository import TenantRepository
@@ -94,6 +95,10 @@ class _Prepared:
     tenant: Tenant
     request: EngineRequest
     cache_key: str | None = None
+
+
+def _in_review(draft: _Draft) -> bool:
+    return draft.verdict.decision == Decision.review
 
 
 @dataclass
@@ -426,58 +431,71 @@ class BatchProcessor:
         return EngineRequest(image=image, caption=submission.caption, categories=categories_for(tenant))
 
     def _write_verdicts(self, drafts: list[_Draft], report: BatchReport) -> None:
+        """Write a batch's verdicts in one transaction, a few set-based statements for the whole batch.
+
+        Only submissions whose lease this worker still holds are moved on (one fenced UPDATE); a verdict
+        whose lease was lost is discarded, its attempt recorded as such.
+        """
+        if not drafts:
+            return
         with self.sessions() as session, session.begin():
             repo = SubmissionRepository(session)
-            cache = VerdictCacheRepository(session)
+            moved = repo.finish_fenced_many(
+                [
+                    FencedMove(
+                        draft.item.submission.id,
+                        draft.item.token,
+                        SubmissionStatus.in_review if _in_review(draft) else SubmissionStatus.decided,
+                        None if _in_review(draft) else draft.verdict.decision,
+                    )
+                    for draft in drafts
+                ]
+            )
+            lost = [draft for draft in drafts if draft.item.submission.id not in moved]
+            for draft in lost:
+                logger.warning("lease on %s was lost; discarding this verdict", draft.item.submission.id)
+                report.lease_lost.append(draft.item.submission.id)
+            repo.finish_attempts([(d.item.submission.id, d.item.token) for d in lost], "lease_lost")
+            kept = [draft for draft in drafts if draft.item.submission.id in moved]
+            if not kept:
+                return
+            # The fence makes this worker the only writer; a verdict already there breaks that and fails
+            # the whole transaction (unique submission_id) rather than leave two.
+            repo.add_verdicts([draft.verdict for draft in kept])
+            VerdictCacheRepository(session).add_many(
+                [
+                    VerdictCacheEntry(
+                        verdict_id=draft.verdict.id,
+                        tenant_id=draft.tenant.id,
+                        cache_key=draft.cache_key,
+                        cached_from_verdict_id=draft.cached_from,
+                        created_at=draft.verdict.decided_at,
+                    )
+                    for draft in kept
+                    if draft.cache_key is not None or draft.cached_from is not None
+                ]
+            )
+            reviews = {
+                draft.item.submission.id: ReviewItem(
+                    id=new_id(),
+                    submission_id=draft.item.submission.id,
+                    tenant_id=draft.tenant.id,
+                    state=ReviewState.pending,
+                    priority=draft.priority,
+                    reason="; ".join(draft.verdict.reasons),
+                    categories=[],
+                    details={},
+                )
+                for draft in kept
+                if _in_review(draft)
+            }
+            ReviewRepository(session).add_many(list(reviews.values()))
+            repo.finish_attempts([(d.item.submission.id, d.item.token) for d in kept], "decided")
+            submissions = {s.id: s for s in repo.get_many([d.item.submission.id for d in kept], fresh=True)}
             webhooks = WebhookRepository(session)
             endpoints: dict[uuid.UUID, list[WebhookEndpoint]] = {}
-            for draft in drafts:
-                item, verdict = draft.item, draft.verdict
-                in_review = verdict.decision == Decision.review
-                moved = repo.finish_fenced(
-                    item.submission.id,
-                    item.token,
-                    {
-                        "status": SubmissionStatus.in_review if in_review else SubmissionStatus.decided,
-                        "final_decision": None if in_review else verdict.decision,
-                        "last_error": None,
-                    },
-                )
-                if not moved:
-                    logger.warning("lease on %s was lost; discarding this verdict", item.submission.id)
-                    repo.finish_attempt(item.submission.id, item.token, "lease_lost")
-                    report.lease_lost.append(item.submission.id)
-                    continue
-                if not repo.add_verdict(verdict):
-                    raise RuntimeError(
-                        f"submission {item.submission.id} already has a verdict despite its lease"
-                    )
-                if draft.cache_key is not None or draft.cached_from is not None:
-                    cache.add(
-                        verdict.id,
-                        draft.tenant.id,
-                        cache_key=draft.cache_key,
-                        cached_from=draft.cached_from,
-                        created_at=verdict.decided_at,
-                    )
-                review = None
-                if in_review:
-                    review = ReviewRepository(session).add(
-                        ReviewItem(
-                            id=new_id(),
-                            submission_id=item.submission.id,
-                            tenant_id=draft.tenant.id,
-                            state=ReviewState.pending,
-                            priority=draft.priority,
-                            reason="; ".join(verdict.reasons),
-                            categories=[],
-                            details={},
-                        )
-                    )
-                repo.finish_attempt(item.submission.id, item.token, "decided")
-                submission = repo.get(item.submission.id, fresh=True)
-                assert submission is not None
-                tenant_id = draft.tenant.id
+            for draft in kept:
+                submission_id, tenant_id = draft.item.submission.id, draft.tenant.id
                 if tenant_id not in endpoints:  # one lookup per tenant and batch, not per submission
                     endpoints[tenant_id] = webhooks.endpoints_for(
                         tenant_id, WebhookEvent.submission_decided.value
@@ -485,12 +503,12 @@ class BatchProcessor:
                 emit_submission_event(
                     session,
                     WebhookEvent.submission_decided,
-                    submission,
-                    review,
+                    submissions[submission_id],
+                    reviews.get(submission_id),
                     endpoints=endpoints[tenant_id],
                 )
-                metrics.VERDICTS.labels(verdict.decision.value).inc()
-                report.decided.append(item.submission.id)
+                metrics.VERDICTS.labels(draft.verdict.decision.value).inc()
+                report.decided.append(submission_id)
 
     def _fail(self, item: _Leased, error: str, report: BatchReport) -> None:
         with self.sessions() as session, session.begin():

@@ -57,6 +57,12 @@ class ReviewRepository:
         self.session.flush()
         return item
 
+    def add_many(self, items: Sequence[ReviewItem]) -> None:
+        """Insert several review items (one statement)."""
+        if items:
+            self.session.add_all(items)
+            self.session.flush()
+
     def get(self, item_id: uuid.UUID, *, for_update: bool = False) -> ReviewItem | None:
         """A review item by id, optionally row-locked."""
         stmt = select(ReviewItem).where(ReviewItem.id == item_id)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import String, Table, bindparam, column, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from moderation.db import new_id, utcnow
-from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
+from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
 _SUBMISSIONS = cast(Table, Submission.__table__)
 # Built once: a Core insert executed with a parameter dict skips the ORM's per-call statement handling.
@@ -55,6 +56,51 @@ _INSERT_MANY_IF_NEW = (
 )
 
 
+@dataclass(frozen=True)
+class FencedMove:
+    """Where a leased submission goes next, valid only while ``lease_token`` still holds its lease."""
+
+    submission_id: uuid.UUID
+    lease_token: uuid.UUID
+    status: SubmissionStatus
+    final_decision: Decision | None = None
+
+
+_MOVES = (
+    func.unnest(
+        bindparam("move_ids", type_=ARRAY(_SUBMISSIONS.c.id.type)),
+        bindparam("move_tokens", type_=ARRAY(_SUBMISSIONS.c.lease_token.type)),
+        bindparam("move_statuses", type_=ARRAY(String(20))),
+        bindparam("move_decisions", type_=ARRAY(String(20))),
+    )
+    .table_valued(
+        column("id", _SUBMISSIONS.c.id.type),
+        column("token", _SUBMISSIONS.c.lease_token.type),
+        column("status", String(20)),
+        column("final_decision", String(20)),
+    )
+    .render_derived(name="moves")
+)
+# UPDATE ... FROM unnest(...): every move of a batch in one statement, each fenced by its own lease token.
+_FINISH_FENCED_MANY = (
+    update(_SUBMISSIONS)
+    .where(
+        _SUBMISSIONS.c.id == _MOVES.c.id,
+        _SUBMISSIONS.c.lease_token == _MOVES.c.token,
+        _SUBMISSIONS.c.status == SubmissionStatus.processing.value,
+    )
+    .values(
+        status=_MOVES.c.status,
+        final_decision=_MOVES.c.final_decision,
+        last_error=None,
+        lease_token=None,
+        lease_expires_at=None,
+        updated_at=bindparam("now"),
+    )
+    .returning(_SUBMISSIONS.c.id)
+)
+
+
 class SubmissionRepository:
     """Reads and writes submissions and their verdicts."""
 
@@ -77,9 +123,11 @@ class SubmissionRepository:
             stmt = stmt.execution_options(populate_existing=True)
         return self.session.scalar(stmt)
 
-    def get_many(self, ids: Sequence[uuid.UUID]) -> list[Submission]:
-        """Submissions by id, verdicts loaded."""
+    def get_many(self, ids: Sequence[uuid.UUID], *, fresh: bool = False) -> list[Submission]:
+        """Submissions by id, verdicts loaded; ``fresh`` overwrites copies this session already holds."""
         stmt = select(Submission).options(selectinload(Submission.verdict)).where(Submission.id.in_(ids))
+        if fresh:
+            stmt = stmt.execution_options(populate_existing=True)
         return list(self.session.scalars(stmt))
 
     def find_existing(
@@ -142,9 +190,9 @@ class SubmissionRepository:
         submission = Submission()
         submission.id = values["id"]
         make_transient_to_detached(submission)
-        for column in Submission.__table__.columns:
-            key = "metadata_" if column.key == "metadata" else column.key
-            set_committed_value(submission, key, values.get(column.key))
+        for table_column in Submission.__table__.columns:
+            key = "metadata_" if table_column.key == "metadata" else table_column.key
+            set_committed_value(submission, key, values.get(table_column.key))
         set_committed_value(submission, "verdict", None)
         self.session.add(submission)
         return submission
@@ -256,6 +304,37 @@ class SubmissionRepository:
             .returning(Verdict.id)
         )
         return self.session.scalar(stmt) is not None
+
+    def finish_fenced_many(self, moves: Sequence[FencedMove]) -> set[uuid.UUID]:
+        """Move many leased submissions on in one statement, each only if its lease still holds (fencing).
+
+        Returns the ids that moved; a submission whose lease was lost keeps its state.
+        """
+        if not moves:
+            return set()
+        params = {
+            "move_ids": [move.submission_id for move in moves],
+            "move_tokens": [move.lease_token for move in moves],
+            "move_statuses": [move.status.value for move in moves],
+            "move_decisions": [move.final_decision.value if move.final_decision else None for move in moves],
+        }
+        return set(self.session.execute(_FINISH_FENCED_MANY, {**params, "now": utcnow()}).scalars())
+
+    def add_verdicts(self, verdicts: Sequence[Verdict]) -> None:
+        """Insert the verdicts of submissions this worker holds (one statement); a second verdict fails."""
+        self.session.add_all(verdicts)
+        self.session.flush()
+
+    def finish_attempts(
+        self, leases: Sequence[tuple[uuid.UUID, uuid.UUID]], outcome: str, error: str | None = None
+    ) -> None:
+        """Record how the attempts of several ``(submission id, lease token)`` pairs ended (one statement)."""
+        if leases:
+            self.session.execute(
+                update(ProcessingAttempt)
+                .where(tuple_(ProcessingAttempt.submission_id, ProcessingAttempt.lease_token).in_(leases))
+                .values(finished_at=utcnow(), outcome=outcome, error=error)
+            )
 
     def add_attempts(self, attempts: Sequence[ProcessingAttempt]) -> None:
         """Record the start of processing attempts."""

@@ -289,3 +289,49 @@ def test_image_that_passes_intake_but_cannot_be_decoded_fails_with_a_code(
         assert [a.outcome for a in attempts] == ["failed"]
         events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
         assert events == ["submission.failed"]
+
+
+def test_a_lost_lease_in_a_batch_discards_only_that_verdict(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    settings.batch_max_size = 8
+    blocked, allowed, taken, reviewed = (
+        submit_one(sessions, tenant, store, settings, f"post conflict={score}")
+        for score in (0.95, 0.1, 0.1, 0.5)
+    )
+
+    class TakesOneOver(ScriptedEngine):
+        def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+            # While the batch is judged, one lease expires and another worker takes that submission.
+            with sessions() as session, session.begin():
+                session.execute(
+                    update(Submission).where(Submission.id == taken).values(lease_token=uuid.uuid4())
+                )
+            return super().moderate(requests)
+
+    report = BatchProcessor(sessions, TakesOneOver(), store, settings).run(blocked)
+    assert report.lease_lost == [taken]
+    assert sorted(report.decided) == sorted([blocked, allowed, reviewed])
+    with sessions() as session:
+        subs = {s.id: s for s in session.scalars(select(Submission))}
+        assert (subs[blocked].status, subs[blocked].final_decision) == (SubmissionStatus.decided, "block")
+        assert (subs[allowed].status, subs[allowed].final_decision) == (SubmissionStatus.decided, "allow")
+        assert (subs[reviewed].status, subs[reviewed].final_decision) == (SubmissionStatus.in_review, None)
+        # The taken one is untouched: still processing under the other worker's lease.
+        assert subs[taken].status == SubmissionStatus.processing and subs[taken].lease_token is not None
+        assert all(subs[i].lease_token is None for i in (blocked, allowed, reviewed))
+        assert {v.submission_id for v in session.scalars(select(Verdict))} == {blocked, allowed, reviewed}
+        assert [r.submission_id for r in session.scalars(select(ReviewItem))] == [reviewed]
+        outcomes = {a.submission_id: a.outcome for a in session.scalars(select(ProcessingAttempt))}
+        assert outcomes == {blocked: "decided", allowed: "decided", reviewed: "decided", taken: "lease_lost"}
+        deliveries = session.scalars(select(WebhookDelivery)).all()
+        assert sorted(d.submission_id for d in deliveries) == sorted([blocked, allowed, reviewed])
+        review_payload = next(d.payload for d in deliveries if d.submission_id == reviewed)
+        assert (
+            review_payload["data"]["status"] == "in_review" and review_payload["data"]["review"] is not None
+        )
+    assert sorted(dispatched.tasks(TASK_DELIVER_WEBHOOK)) == sorted(str(d.id) for d in deliveries)
