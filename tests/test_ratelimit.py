@@ -44,3 +44,46 @@ def test_unreachable_redis_lets_requests_through_unless_fail_closed() -> None:
             await client.aclose()
 
     asyncio.run(run())
+
+
+def test_concurrent_checks_of_one_key_share_round_trips_and_keep_the_limit(redis_client: redis.Redis) -> None:
+    async def run() -> tuple[list[bool], list[int]]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        limiter = RateLimiter(client)
+        counts: list[int] = []
+        script = limiter._script
+
+        async def counting(*, keys: list[str], args: list[float]) -> object:
+            counts.append(int(args[3]))
+            return await script(keys=keys, args=args)
+
+        limiter._script = counting  # type: ignore[assignment]
+        try:
+            decisions = await asyncio.gather(*(limiter.check("busy", 60, 5) for _ in range(12)))
+            other = await limiter.check("quiet", 60, 5)
+            assert other.allowed and limiter._next_round == {}
+            refused = [d for d in decisions if not d.allowed]
+            assert all(0 < d.retry_after <= 1.0 for d in refused)
+            return [d.allowed for d in decisions], counts
+        finally:
+            await client.aclose()
+
+    allowed, counts = asyncio.run(run())
+    # Exactly the burst passes, however the twelve were grouped: the first alone, the rest together.
+    assert allowed.count(True) == 5 and allowed[:5] == [True] * 5
+    assert counts[:2] == [1, 11] and sum(counts) == 13
+
+
+def test_a_failing_round_lets_every_waiting_request_through_or_fails_them_all() -> None:
+    async def run(fail_open: bool) -> list[object]:
+        client = redis.asyncio.Redis(host="127.0.0.1", port=1, retry=Retry(NoBackoff(), 0))
+        limiter = RateLimiter(client, fail_open=fail_open)
+        try:
+            return await asyncio.gather(
+                *(limiter.check("t", 60, 3) for _ in range(4)), return_exceptions=True
+            )
+        finally:
+            await client.aclose()
+
+    assert all(getattr(d, "allowed", False) for d in asyncio.run(run(True)))
+    assert all(isinstance(d, redis.RedisError) for d in asyncio.run(run(False)))
