@@ -827,6 +827,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="default",
         help="MODERATION_BLOB_FSYNC for the real server (default: the service's default, true)",
     )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="MODERATION_NAME=VALUE",
+        help="a setting for the real server (repeatable), e.g. MODERATION_INTAKE_STORE_CONCURRENCY=4",
+    )
     p.add_argument("--image-kb", type=float, default=140.0, help="target JPEG size in KB (default 140)")
     p.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="dropped and re-created by the run")
     p.add_argument(
@@ -881,6 +888,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.blob_fsync != "default":
             env["MODERATION_BLOB_FSYNC"] = args.blob_fsync
+        for setting in args.server_env:
+            name, sep, value = setting.partition("=")
+            if not sep or not name.startswith("MODERATION_"):
+                raise SystemExit(f"--server-env wants MODERATION_NAME=VALUE, not {setting!r}")
+            env[name] = value
         if "real" in targets:
             recreate_database(args.database_url)
             claim_redis_db(args.redis_url)
