@@ -8,7 +8,7 @@ FIXTURE := .data/fixture-model/config.json
 # Wheels pip finds on this kind of machine's disk; elsewhere pip downloads them.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install run test test-fast lint typecheck fixture-model services services-down bench-intake migrate clean chromium
+.PHONY: install run test test-fast lint typecheck fixture-model services services-down bench-intake bench-verdicts migrate clean chromium
 
 install: $(STAMP)
 
@@ -60,6 +60,9 @@ typecheck: install
 
 bench-intake: install
 	$(BIN)/python bench/intake.py
+
+bench-verdicts: install fixture-model
+	$(BIN)/python bench/verdict_writes.py
 
 clean:
 	rm -rf .data/fixture-model .pytest_cache .mypy_cache .ruff_cache

@@ -28,9 +28,9 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The database, the broker and the blob store are reachable."""
+    """The database, the broker and the blob store are reachable, and intake's writer is running."""
     state = request.app.state
-    checks: dict[str, str] = {}
+    checks: dict[str, str] = {"intake_writer": "ok" if state.intake_writer.running else "error: stopped"}
 
     def _check() -> None:
         try:

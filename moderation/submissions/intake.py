@@ -133,6 +133,11 @@ class IntakeWriter:
         """Submissions whose image is stored and whose row waits for the next transaction."""
         return self._queue.qsize()
 
+    @property
+    def running(self) -> bool:
+        """Whether the writer takes submissions (started, not closed, its thread alive)."""
+        return not self._closed and self._thread.is_alive()
+
     def start(self) -> None:
         """Start the writer thread."""
         self._thread.start()

@@ -223,9 +223,22 @@ def test_readyz_and_metrics(client: TestClient, tenant: ApiTenant) -> None:
     _post(client, tenant, make_jpeg())
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "blob_store": "ok"}
+    checks = ready.json()["checks"]
+    assert checks == {"database": "ok", "broker": "ok", "blob_store": "ok", "intake_writer": "ok"}
+
     text = client.get("/metrics").text
     assert "moderation_intake_requests_total" in text
     assert 'moderation_submissions{status="queued"}' in text
     assert "moderation_broker_queue_depth" in text
+    assert "moderation_intake_batch_size_count" in text
     assert json.dumps  # keep import used
+
+
+def test_a_process_whose_intake_writer_stopped_is_not_ready_and_refuses_submissions(
+    client: TestClient, tenant: ApiTenant
+) -> None:
+    client.app.state.intake_writer.close()  # type: ignore[attr-defined]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"]["intake_writer"] == "error: stopped"
+    refused = _post(client, tenant, make_jpeg())
+    assert _error(refused) == (503, "shutting_down")
