@@ -202,11 +202,22 @@ class BatchProcessor:
             )
             return [_Leased(s, token) for s in claimed]
 
+    def _claimable(self, submission: Submission) -> bool:
+        """Whether a claim could lease this submission now (queued, or its lease ran out)."""
+        if submission.attempts >= self.settings.max_attempts:
+            return False
+        if submission.status == SubmissionStatus.queued:
+            return True
+        expires = submission.lease_expires_at
+        return submission.status == SubmissionStatus.processing and expires is not None and expires < utcnow()
+
     def claim_batch(self, first_id: uuid.UUID) -> list[_Leased]:
         """Lease the given submission and, unless it is a retry, companions up to the batch size or wait."""
         with self.sessions() as session:
             first = SubmissionRepository(session).get(first_id)
-            if first is None:
+            if first is None or not self._claimable(first):
+                # Done, failed, or held under a live lease (often as a companion in an earlier batch):
+                # this job has nothing to do, and must not lease (and release) anything else.
                 return []
             retry = first.attempts > 0
         leased = self._claim(first_id, 1 if retry else self.settings.batch_max_size, fresh_only=False)

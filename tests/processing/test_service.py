@@ -335,3 +335,40 @@ def test_a_lost_lease_in_a_batch_discards_only_that_verdict(
             review_payload["data"]["status"] == "in_review" and review_payload["data"]["review"] is not None
         )
     assert sorted(dispatched.tasks(TASK_DELIVER_WEBHOOK)) == sorted(str(d.id) for d in deliveries)
+
+
+def test_a_job_whose_submission_is_done_or_leased_leases_nothing(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    settings.batch_max_size = 1
+    done = submit_one(sessions, tenant, store, settings, "first conflict=0.1")
+    BatchProcessor(sessions, ScriptedEngine(), store, settings).run(done)
+    held = submit_one(sessions, tenant, store, settings, "held by another worker")
+    waiting = submit_one(sessions, tenant, store, settings, "still queued")
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Submission)
+            .where(Submission.id == held)
+            .values(
+                status=SubmissionStatus.processing,
+                lease_token=uuid.uuid4(),
+                lease_expires_at=utcnow() + timedelta(minutes=5),
+                attempts=1,
+            )
+        )
+    engine = ScriptedEngine()
+    processor = BatchProcessor(sessions, engine, store, settings)
+    # Late jobs of a decided submission and of one another worker holds: nothing is leased or released.
+    assert processor.run(done).claimed == [] and processor.run(held).claimed == []
+    assert engine.batches == []
+    with sessions() as session:
+        queued = session.get(Submission, waiting)
+        assert queued is not None and queued.status == SubmissionStatus.queued and queued.attempts == 0
+        outcomes = [a.outcome for a in session.scalars(select(ProcessingAttempt))]
+        assert outcomes == ["decided"]
+    # The waiting one's own job still takes it.
+    assert processor.run(waiting).claimed == [waiting]
