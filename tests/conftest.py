@@ -93,8 +93,8 @@ class RecordingDispatcher:
         self.jobs.append(job)
 
     def tasks(self, name: str) -> list[str]:
-        """First arguments of the dispatched jobs of one task."""
-        return [j.args[0] for j in self.jobs if j.task == name]
+        """The ids the dispatched jobs of one task name, in order (a job may name several)."""
+        return [arg for j in self.jobs if j.task == name for arg in j.args]
 
 
 @pytest.fixture

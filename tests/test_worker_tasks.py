@@ -21,3 +21,30 @@ def test_an_unhealthy_engine_shuts_the_worker_down(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(tasks, getter, lambda: None)
     with pytest.raises(WorkerShutdown):
         tasks.process_submission.run(str(uuid.uuid4()))
+
+
+def test_a_job_naming_several_submissions_judges_them_in_one_batch(
+    monkeypatch: pytest.MonkeyPatch,
+    sessions: Any,
+    settings: Any,
+    dispatched: Any,
+    tmp_path: Any,
+) -> None:
+    from moderation.blobs import LocalBlobStore
+    from moderation.tenants.service import create_tenant
+    from tests.processing.conftest import submit_one
+    from tests.processing.test_service import ScriptedEngine
+
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    with sessions() as session, session.begin():
+        tenant = create_tenant(session, "acme", settings).tenant
+        session.expunge(tenant)
+    ids = [submit_one(sessions, tenant, store, settings, f"post {n} conflict=0.1") for n in range(3)]
+    engine = ScriptedEngine()
+    monkeypatch.setattr(tasks, "get_sessionmaker", lambda: sessions)
+    monkeypatch.setattr(tasks, "get_engine", lambda: engine)
+    monkeypatch.setattr(tasks, "get_blob_store", lambda: store)
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    totals = tasks.process_submission.run(*(str(i) for i in ids))
+    # The first run takes the other two along; theirs then find them judged and lease nothing.
+    assert totals == {"claimed": 3, "decided": 3, "failed": 0} and engine.batches == [3]

@@ -92,17 +92,23 @@ def _preload_engine(sender: Any = None, **_: Any) -> None:
     retry_backoff_max=60,
     max_retries=5,
 )
-def process_submission(submission_id: str) -> dict[str, int]:
-    """Judge the submission (and whatever else is queued, as one batch)."""
+def process_submission(*submission_ids: str) -> dict[str, int]:
+    """Judge the submissions (and whatever else is queued, as one batch per run)."""
     processor = BatchProcessor(get_sessionmaker(), get_engine(), get_blob_store(), get_settings())
+    totals = {"claimed": 0, "decided": 0, "failed": 0}
     try:
-        report = processor.run(uuid.UUID(submission_id))
+        # The first run usually takes the others along as companions; their runs then return at once.
+        for submission_id in submission_ids:
+            report = processor.run(uuid.UUID(submission_id))
+            totals["claimed"] += len(report.claimed)
+            totals["decided"] += len(report.decided)
+            totals["failed"] += len(report.failed)
     except EngineUnhealthy:
         # Leave: the orchestrator restarts the worker with a fresh device context and a freshly loaded
         # model; the batch's attempts are recorded and the sweeper re-enqueues its submissions.
         logger.critical("the moderation engine is unhealthy; stopping this GPU worker", exc_info=True)
         raise WorkerShutdown("moderation engine unhealthy") from None
-    return {"claimed": len(report.claimed), "decided": len(report.decided), "failed": len(report.failed)}
+    return totals
 
 
 @celery_app.task(

@@ -87,11 +87,15 @@ def write_batch(
     conflicted: list[int] = []
     for index, values in rows.items():
         if values["id"] in inserted:
-            enqueue_after_commit(session, process_job(values["id"]))
             outcomes[index] = IntakeResult.inserted(repo, values)
         else:
             conflicted.append(index)
-    session.commit()  # the after-commit hook hands the new rows' jobs to the broker
+    new_ids = [values["id"] for values in rows.values() if values["id"] in inserted]
+    if new_ids:
+        # One job names them all: a GPU worker judges them in one batch, and no job is left over to find
+        # its submission already judged as another's companion.
+        enqueue_after_commit(session, process_job(*new_ids))
+    session.commit()  # the after-commit hook hands the job to the broker
     # A row that lost to an equal key (another request, or an earlier one of this batch) is now visible.
     for index in conflicted:
         outcomes[index] = replay_of_conflict(repo, batch[index])

@@ -65,9 +65,11 @@ class IntakeResult:
         )
 
 
-def process_job(submission_id: uuid.UUID) -> Job:
-    """The GPU job that judges a submission."""
-    return Job(task=TASK_PROCESS_SUBMISSION, args=(str(submission_id),), queue=QUEUE_GPU)
+def process_job(*submission_ids: uuid.UUID) -> Job:
+    """The GPU job that judges these submissions (those accepted together share one job)."""
+    if not submission_ids:
+        raise ValueError("a process job needs at least one submission")
+    return Job(task=TASK_PROCESS_SUBMISSION, args=tuple(str(i) for i in submission_ids), queue=QUEUE_GPU)
 
 
 def decode_base64_image(value: str, settings: Settings) -> bytes:

@@ -91,7 +91,10 @@ def test_a_batch_is_one_insert_and_one_commit_and_each_job_follows_the_commit(
     assert [r.caption for r in stored] == [f"caption {seed}" for seed in range(5)]
     assert {r.id for r in stored} == {o.id for o in outcomes if isinstance(o, IntakeResult)}
     assert all(r.status == SubmissionStatus.queued and store.get(r.image_sha256) for r in stored)
-    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(str(r.id) for r in stored)
+    # One job names the whole batch, in the order it was accepted.
+    (job,) = dispatched.jobs
+    assert job.task == TASK_PROCESS_SUBMISSION and job.queue == "gpu"
+    assert list(job.args) == [str(o.id) for o in outcomes if isinstance(o, IntakeResult)]
 
 
 def test_repeats_in_a_batch_and_of_stored_submissions_are_replays(
@@ -143,7 +146,7 @@ def test_a_blob_that_cannot_be_written_fails_only_its_own_submission(
     assert isinstance(outcomes[1], BlobStoreError) and outcomes[1].status_code == 503
     assert isinstance(outcomes[0], IntakeResult) and isinstance(outcomes[2], IntakeResult)
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 2"]
-    assert len(dispatched.jobs) == 2
+    assert len(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == 2 and len(dispatched.jobs) == 1
 
 
 def test_a_batch_that_fails_as_a_whole_is_written_one_by_one(
@@ -188,10 +191,13 @@ def test_the_writer_batches_what_waits_and_answers_every_caller(
     assert sizes == [4, 4, 2]
     assert all(r.created for r in results) and len({r.id for r in results}) == 10
     # A lone submission is written at once, in a batch of its own.
-    assert writer.submit(prepare(tenant, settings, 10)).result(timeout=30).created
-    assert sizes[-1] == 1
+    lone = writer.submit(prepare(tenant, settings, 10)).result(timeout=30)
+    assert lone.created and sizes[-1] == 1
     writer.close()
-    assert len(rows(sessions)) == 11 and len(dispatched.jobs) == 11
+    assert len(rows(sessions)) == 11
+    # One job per transaction: batches of four, four and two, then the lone one.
+    assert [len(job.args) for job in dispatched.jobs] == [4, 4, 2, 1]
+    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(str(r.id) for r in [*results, lone])
 
 
 def test_closing_writes_what_was_accepted_then_refuses_more(
