@@ -135,3 +135,50 @@ def test_bad_input_never_stops_the_service(stack: Stack, api_key: str) -> None:
     assert httpx.get(stack.api_url + "/healthz").status_code == 200
     sid = _post(stack, api_key, 300, "still works")
     assert _wait_final(stack, api_key, [sid])[sid]["verdict"] is not None
+
+
+def test_api_killed_mid_intake_loses_nothing_it_acknowledged(stack: Stack, api_key: str) -> None:
+    """Posts stream in from several clients; kill -9 the API among them: every 202 has its row, image and verdict."""
+    import threading
+
+    acknowledged: list[str] = []
+    stop = threading.Event()
+
+    def client(offset: int) -> None:
+        with httpx.Client(timeout=10) as http:
+            for n in range(200):
+                if stop.is_set():
+                    return
+                try:
+                    res = http.post(
+                        stack.api_url + "/v1/submissions",
+                        headers={"Authorization": f"Bearer {api_key}"},
+                        files={"image": ("p.jpg", make_jpeg(160, 120, seed=1000 * offset + n), "image/jpeg")},
+                        data={"caption": f"api crash {offset}-{n}"},
+                    )
+                except httpx.HTTPError:
+                    return  # the API died under this request: it was never acknowledged
+                if res.status_code == 202:
+                    acknowledged.append(str(res.json()["id"]))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 12 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stack.kill("api")
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert len(acknowledged) >= 12, "intake never got going:\n" + stack.log("api")[-3000:]
+    stack.start("api")
+    stack.wait_api()
+    results = _wait_final(stack, api_key, acknowledged)
+    assert all(r["verdict"] is not None for r in results.values())
+    assert stack.db is not None
+    with stack.db.connect() as conn:
+        counts = conn.execute(
+            text("SELECT count(*) FROM verdicts WHERE submission_id = ANY(:ids)"), {"ids": acknowledged}
+        ).scalar_one()
+    assert counts == len(acknowledged)
