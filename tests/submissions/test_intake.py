@@ -65,6 +65,17 @@ def prepare(tenant: Tenant, settings: Settings, seed: int, **kwargs: object) -> 
     )
 
 
+def writer_with_batch_sizes(
+    sessions: sessionmaker[Session], store: LocalBlobStore, max_batch: int
+) -> tuple[IntakeWriter, list[int]]:
+    """A writer (not started) and the list the sizes of the batches it writes are recorded in."""
+    writer = IntakeWriter(sessions, store, max_batch=max_batch)
+    sizes: list[int] = []
+    real_write = writer.write
+    writer.write = lambda batch: (sizes.append(len(batch)), real_write(batch))[1]  # type: ignore[method-assign]
+    return writer, sizes
+
+
 def rows(sessions: sessionmaker[Session]) -> list[Submission]:
     with sessions() as session:
         return list(session.scalars(select(Submission).order_by(Submission.caption)))
@@ -176,10 +187,7 @@ def test_the_writer_batches_what_waits_and_answers_every_caller(
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
-    writer = IntakeWriter(sessions, store, max_batch=4)
-    sizes: list[int] = []
-    real_write = writer.write
-    writer.write = lambda batch: (sizes.append(len(batch)), real_write(batch))[1]  # type: ignore[method-assign]
+    writer, sizes = writer_with_batch_sizes(sessions, store, max_batch=4)
     # Ten are stored before the writer thread starts: their rows wait together and go in batches of four.
     futures = [writer.submit(prepare(tenant, settings, seed)) for seed in range(10)]
     deadline = time.monotonic() + 30
@@ -227,10 +235,7 @@ def test_concurrent_callers_share_transactions(
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
-    writer = IntakeWriter(sessions, store, max_batch=64)
-    sizes: list[int] = []
-    real_write = writer.write
-    writer.write = lambda batch: (sizes.append(len(batch)), real_write(batch))[1]  # type: ignore[method-assign]
+    writer, sizes = writer_with_batch_sizes(sessions, store, max_batch=64)
     writer.start()
     prepared = [prepare(tenant, settings, seed) for seed in range(40)]
     barrier = threading.Barrier(8)
