@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
@@ -60,12 +61,16 @@ def write_batch(
     keyed = [(p.tenant_id, p.idempotency_key, p.external_id) for p in batch if p.has_key]
     existing = repo.find_existing_many(keyed) if keyed else []
     to_store: list[int] = []
+    rewritten: list[uuid.UUID] = []  # rows an earlier attempt at this very batch already committed
     for index, prepared in enumerate(batch):
         match = _match_existing(prepared, existing) if prepared.has_key else None
-        if match is not None:
-            outcomes[index] = IntakeResult.replay(match)
-        else:
+        if match is None:
             to_store.append(index)
+        elif match.id == prepared.id:
+            outcomes[index] = replace(IntakeResult.replay(match), created=True)
+            rewritten.append(match.id)
+        else:
+            outcomes[index] = IntakeResult.replay(match)
     unstored = [index for index in to_store if batch[index].image_sha256 is None]
     digests: dict[int, str | BlobStoreError] = {}
     for index in to_store:
@@ -83,22 +88,34 @@ def write_batch(
             outcomes[index] = digest
         else:
             rows[index] = batch[index].row_values(digest, now)
-    inserted = repo.insert_many_if_new(list(rows.values()))
-    conflicted: list[int] = []
+    # A fixed order of keys, so that two processes inserting the same keys cannot deadlock on the indexes.
+    ordered = sorted(
+        rows.values(),
+        key=lambda v: (str(v["tenant_id"]), v["idempotency_key"] or "", v["external_id"] or "", str(v["id"])),
+    )
+    inserted = repo.insert_many_if_new(ordered)
+    conflicted = [index for index, values in rows.items() if values["id"] not in inserted]
+    # A submission written by an earlier attempt whose outcome was lost (a failure after its commit)
+    # conflicts with its own row: it is answered as created, not stored twice.
+    earlier = repo.created_at_of([rows[index]["id"] for index in conflicted])
+    ours: list[int] = []
     for index, values in rows.items():
-        if values["id"] in inserted:
-            outcomes[index] = IntakeResult.inserted(repo, values)
-        else:
-            conflicted.append(index)
-    new_ids = [values["id"] for values in rows.values() if values["id"] in inserted]
-    if new_ids:
+        if values["id"] in earlier:
+            values = {**values, "created_at": earlier[values["id"]]}
+        elif values["id"] not in inserted:
+            continue
+        outcomes[index] = IntakeResult.inserted(repo, values)
+        ours.append(index)
+    job_ids = [*(rows[index]["id"] for index in ours), *rewritten]
+    if job_ids:
         # One job names them all: a GPU worker judges them in one batch, and no job is left over to find
-        # its submission already judged as another's companion.
-        enqueue_after_commit(session, process_job(*new_ids))
+        # its submission already judged as another's companion. (A repeated job is harmless.)
+        enqueue_after_commit(session, process_job(*job_ids))
     session.commit()  # the after-commit hook hands the job to the broker
     # A row that lost to an equal key (another request, or an earlier one of this batch) is now visible.
     for index in conflicted:
-        outcomes[index] = replay_of_conflict(repo, batch[index])
+        if outcomes[index] is None:
+            outcomes[index] = replay_of_conflict(repo, batch[index])
     if any(outcome is None for outcome in outcomes):  # pragma: no cover - every branch above sets one
         raise RuntimeError("a submission of the batch got no outcome")
     return cast(list[Outcome], outcomes)

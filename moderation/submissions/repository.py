@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, column, func, or_, select, tuple_, update
+from sqlalchemy import String, Table, Uuid, bindparam, column, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
@@ -35,8 +35,15 @@ _PER_ROW = (
     "image_source_url",
 )
 _SHARED = ("status", "attempts", "enqueued_at", "created_at", "updated_at")
+
+
+def _array_of(name: str) -> ARRAY:
+    # Spelled out for foreign keys: their column type is only known once the referenced table is imported.
+    return ARRAY(Uuid() if name in ("id", "tenant_id") else _SUBMISSIONS.c[name].type)
+
+
 _ROWS = (
-    func.unnest(*(bindparam(name, type_=ARRAY(_SUBMISSIONS.c[name].type)) for name in _PER_ROW))
+    func.unnest(*(bindparam(name, type_=_array_of(name)) for name in _PER_ROW))
     .table_valued(*_PER_ROW)
     .render_derived(name="new_rows")
 )
@@ -68,14 +75,14 @@ class FencedMove:
 
 _MOVES = (
     func.unnest(
-        bindparam("move_ids", type_=ARRAY(_SUBMISSIONS.c.id.type)),
-        bindparam("move_tokens", type_=ARRAY(_SUBMISSIONS.c.lease_token.type)),
+        bindparam("move_ids", type_=ARRAY(Uuid())),
+        bindparam("move_tokens", type_=ARRAY(Uuid())),
         bindparam("move_statuses", type_=ARRAY(String(20))),
         bindparam("move_decisions", type_=ARRAY(String(20))),
     )
     .table_valued(
-        column("id", _SUBMISSIONS.c.id.type),
-        column("token", _SUBMISSIONS.c.lease_token.type),
+        column("id", Uuid()),
+        column("token", Uuid()),
         column("status", String(20)),
         column("final_decision", String(20)),
     )
@@ -170,6 +177,13 @@ class SubmissionRepository:
             return []
         stmt = select(Submission).options(selectinload(Submission.verdict)).where(or_(*conditions))
         return list(self.session.scalars(stmt))
+
+    def created_at_of(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, datetime]:
+        """Creation times of those of these submissions that exist."""
+        if not ids:
+            return {}
+        stmt = select(Submission.id, Submission.created_at).where(Submission.id.in_(ids))
+        return {row.id: row.created_at for row in self.session.execute(stmt)}
 
     def insert_many_if_new(self, rows: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
         """Insert submissions in one statement, skipping any whose key exists; the ids actually inserted.

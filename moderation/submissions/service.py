@@ -100,6 +100,9 @@ class PreparedSubmission:
     idempotency_key: str | None = None
     source_url: str | None = None
     image_sha256: str | None = None  # set once the image is in the blob store
+    # Chosen once, so that writing the same submission again (after a failure whose outcome is unknown)
+    # finds its own row instead of adding a second one.
+    id: uuid.UUID = field(default_factory=new_id)
 
     @property
     def has_key(self) -> bool:
@@ -109,7 +112,7 @@ class PreparedSubmission:
     def row_values(self, image_sha256: str, now: datetime) -> dict[str, Any]:
         """The ``submissions`` row for this submission, queued as of ``now``."""
         return {
-            "id": new_id(),
+            "id": self.id,
             "tenant_id": self.tenant_id,
             "external_id": self.external_id,
             "idempotency_key": self.idempotency_key,

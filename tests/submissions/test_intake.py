@@ -321,3 +321,71 @@ def test_every_column_of_a_batch_insert_is_stored_as_given(
                 if column.key in row:
                     key = "metadata_" if column.key == "metadata" else column.key
                     assert getattr(got, key) == row[column.key], column.key
+
+
+def test_writing_a_batch_again_after_an_unknown_outcome_stores_nothing_twice(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    batch = [prepare(tenant, settings, 0), prepare(tenant, settings, 1, idempotency_key="k")]
+    with sessions() as session:
+        first = write_batch(session, batch, store)
+    # The same submissions again, as after a failure whose commit may or may not have happened.
+    with sessions() as session:
+        again = write_batch(session, batch, store)
+    assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 1"]
+    for before, after in zip(first, again, strict=True):
+        assert isinstance(before, IntakeResult) and isinstance(after, IntakeResult)
+        assert (after.id, after.created, after.created_at) == (before.id, True, before.created_at)
+
+
+def test_a_failure_after_the_commit_does_not_store_the_batch_twice(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import moderation.submissions.intake as intake_module
+
+    with sessions() as session:
+        (original,) = write_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
+    real_replay = intake_module.replay_of_conflict
+    calls: list[int] = []
+
+    def flaky_replay(*args: object) -> IntakeResult:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("connection lost after the commit")
+        return real_replay(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(intake_module, "replay_of_conflict", flaky_replay)
+    # The repeat slips past the look-up (as when another process commits it meanwhile) and conflicts.
+    monkeypatch.setattr(intake_module, "_match_existing", lambda prepared, existing: None)
+    writer = IntakeWriter(sessions, store)
+    fresh, repeat = writer.write(
+        [prepare(tenant, settings, 1), prepare(tenant, settings, 2, external_id="post-1")]
+    )
+    assert isinstance(fresh, IntakeResult) and fresh.created
+    assert isinstance(repeat, IntakeResult) and not repeat.created and isinstance(original, IntakeResult)
+    assert repeat.id == original.id
+    # The batch was written again one by one after the failure: still one row each.
+    assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 1"]
+
+
+def test_the_batch_statements_compile_whatever_module_is_imported_first() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "from moderation.submissions.repository import _INSERT_MANY_IF_NEW, _FINISH_FENCED_MANY\n"
+        "from sqlalchemy.dialects import postgresql\n"
+        "print(_INSERT_MANY_IF_NEW.compile(dialect=postgresql.dialect()))\n"
+        "print(_FINISH_FENCED_MANY.compile(dialect=postgresql.dialect()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "%(tenant_id)s::UUID[]" in out and "%(move_tokens)s::UUID[]" in out
