@@ -25,7 +25,8 @@ local now = tonumber(ARGV[3])
 local count = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', key) or now)
 if tat < now then tat = now end
-local allowed = math.floor((now - tat + burst * interval) / interval) + 1
+-- The epsilon keeps float rounding (b * T / T landing just under b) from refusing a request that fits.
+local allowed = math.floor((now - tat + burst * interval) / interval + 1e-9) + 1
 if allowed > count then allowed = count end
 if allowed < 0 then allowed = 0 end
 if allowed > 0 then
@@ -68,6 +69,7 @@ class RateLimiter:
         self.fail_open = fail_open
         self._script = client.register_script(_GCRA)
         self._next_round: dict[tuple[str, int, int], _Round] = {}
+        self._rounds: set[asyncio.Task[None]] = set()  # strong references until they finish
 
     async def check(self, key: str, per_minute: int, burst: int) -> RateDecision:
         """Count one request against ``key``; Redis trouble lets requests through (logged)."""
@@ -95,7 +97,9 @@ class RateLimiter:
             del self._next_round[slot]
             return
         self._next_round[slot] = _Round()
-        asyncio.get_running_loop().create_task(self._run_round(slot, waiting.waiters))
+        task = asyncio.get_running_loop().create_task(self._run_round(slot, waiting.waiters))
+        self._rounds.add(task)
+        task.add_done_callback(self._rounds.discard)
 
     async def _run_round(
         self, slot: tuple[str, int, int], waiters: list[asyncio.Future[RateDecision]]
@@ -103,6 +107,10 @@ class RateLimiter:
         key, per_minute, burst = slot
         try:
             decisions = await self._count(key, per_minute, burst, len(waiters))
+        except asyncio.CancelledError:  # the loop is shutting down: so are the waiters' requests
+            for waiter in waiters:
+                waiter.cancel()
+            raise
         except Exception as exc:  # the waiters' requests hear of it, as a lone check's would
             for waiter in waiters:
                 if not waiter.done():

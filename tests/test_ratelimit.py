@@ -87,3 +87,21 @@ def test_a_failing_round_lets_every_waiting_request_through_or_fails_them_all() 
 
     assert all(getattr(d, "allowed", False) for d in asyncio.run(run(True)))
     assert all(isinstance(d, redis.RedisError) for d in asyncio.run(run(False)))
+
+
+@pytest.mark.parametrize(("per_minute", "burst"), [(11, 52), (13, 32), (7, 9), (600, 20)])
+def test_a_round_as_large_as_the_burst_passes_whole_on_a_fresh_key(
+    redis_client: redis.Redis, per_minute: int, burst: int
+) -> None:
+    async def run() -> tuple[int, int]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        limiter = RateLimiter(client)
+        try:
+            # Floating point must not make b * T / T land under b and refuse the last one that fits.
+            decisions = await limiter._count(f"fresh-{per_minute}-{burst}", per_minute, burst, burst + 1)
+            return sum(d.allowed for d in decisions), int(decisions[-1].retry_after * 1000)
+        finally:
+            await client.aclose()
+
+    allowed, retry_ms = asyncio.run(run())
+    assert allowed == burst and retry_ms > 0
