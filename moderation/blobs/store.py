@@ -136,12 +136,12 @@ class LocalBlobStore(BlobStore):
                 _fsync_dir(created.parent)
         self._ready_dirs.add(directory)
 
-    def _is_stored(self, key: str, size: int) -> bool:
+    def _stored_at(self, key: str, size: int) -> Path | None:
         for existing in (self.path_for(key), self.legacy_path_for(key)):
             with contextlib.suppress(FileNotFoundError):
                 if existing.stat().st_size == size:
-                    return True
-        return False
+                    return existing
+        return None
 
     def _open_temp(self, key: str, directory: Path) -> tuple[int, str]:
         self._make_dirs(directory)
@@ -183,11 +183,17 @@ class LocalBlobStore(BlobStore):
         results: list[str | BlobStoreError] = []
         staged: list[tuple[int, str, int, str]] = []  # (result index, key, open fd, temp file)
         staged_keys: set[str] = set()
+        present: list[tuple[int, str, Path]] = []  # found already stored: (result index, key, folder)
         for data in blobs:
             key = hashlib.sha256(data).hexdigest()
             results.append(key)
             try:
-                if key in staged_keys or self._is_stored(key, len(data)):
+                if key in staged_keys:
+                    continue
+                found = self._stored_at(key, len(data))
+                if found is not None:
+                    # Another writer may have renamed it there and not synced its folder yet.
+                    present.append((len(results) - 1, key, found.parent))
                     continue
                 fd, tmp_name = self._open_temp(key, self.path_for(key).parent)
                 staged.append((len(results) - 1, key, fd, tmp_name))
@@ -222,15 +228,17 @@ class LocalBlobStore(BlobStore):
                         os.unlink(tmp_name)
             if error is not None:
                 _fail(results, key, error)
-        if self.fsync and renamed:
+        if self.fsync and (renamed or present):
             # Folder entries are synced after every rename into them, once per folder.
-            directories = sorted({self.path_for(key).parent for _, key in renamed})
+            in_folder = [(key, self.path_for(key).parent) for _, key in renamed]
+            in_folder += [(key, folder) for _, key, folder in present]
+            directories = sorted({folder for _, folder in in_folder})
             outcomes = self._in_parallel(_fsync_dir, directories)
             for directory, failure in zip(directories, outcomes, strict=True):
                 if failure is None:
                     continue
-                for _, key in renamed:
-                    if self.path_for(key).parent == directory:
+                for key, folder in in_folder:
+                    if folder == directory:
                         _fail(results, key, BlobStoreError(f"could not sync blob {key}: {failure}"))
         return results
 
