@@ -51,7 +51,15 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
         else:
             from workers.celery_app import CeleryDispatcher, make_celery
 
-            jobs.set_dispatcher(CeleryDispatcher(make_celery(settings)))
+            publisher = make_celery(settings)
+            # This process only publishes: a broker that stops answering fails a publish in seconds (the
+            # sweeper re-sends the job) instead of holding intake's writer on a dead socket.
+            publisher.conf.broker_transport_options = {
+                **publisher.conf.broker_transport_options,
+                "socket_timeout": 5,
+                "socket_connect_timeout": 5,
+            }
+            jobs.set_dispatcher(CeleryDispatcher(publisher))
         # Everything imported and built so far lives as long as the process: keep it out of the cyclic
         # garbage collector's scans, whose full passes over it otherwise stall requests for milliseconds.
         gc.collect()
@@ -73,7 +81,10 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.sessions = sessionmaker(bind=make_engine(settings.database_url), expire_on_commit=False)
+    app.state.sessions = sessionmaker(
+        bind=make_engine(settings.database_url, statement_timeout_seconds=settings.intake_timeout_seconds),
+        expire_on_commit=False,
+    )
     app.state.blob_store = blob_store_from_settings(settings)
     app.state.tenant_cache = TenantCache()
     install_error_handlers(app)

@@ -72,6 +72,14 @@ class Settings(BaseSettings):
         "soon as its request is checked, while earlier rows are committed). Unset: 8 with the local blob "
         "store, 32 with S3.",
     )
+    intake_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest an intake request waits for its submission to be stored; then 503 "
+        "`intake_timeout` (it may still be stored: retry with the same Idempotency-Key). API processes' "
+        "database statements and lock waits are capped at the same time, and /readyz fails while intake's "
+        "writer has been stuck on one batch for longer.",
+    )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
         default=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Accepted formats (415 otherwise)."

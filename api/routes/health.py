@@ -30,7 +30,13 @@ def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     """The database, the broker and the blob store are reachable, and intake's writer is running."""
     state = request.app.state
-    checks: dict[str, str] = {"intake_writer": "ok" if state.intake_writer.running else "error: stopped"}
+    writer = state.intake_writer
+    stuck = writer.busy_for
+    checks: dict[str, str] = {"intake_writer": "ok"}
+    if not writer.running:
+        checks["intake_writer"] = "error: stopped"
+    elif stuck > state.settings.intake_timeout_seconds:
+        checks["intake_writer"] = f"error: stuck on one batch for {stuck:.0f} s"
 
     def _check() -> None:
         try:

@@ -17,7 +17,14 @@ from starlette.datastructures import UploadFile
 from api.deps import SessionDep, TenantDep, cached_tenant, resolve_tenant
 from moderation import metrics
 from moderation.config import Settings
-from moderation.errors import InvalidInput, ModerationError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from moderation.errors import (
+    InvalidInput,
+    ModerationError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    UnsupportedMediaType,
+)
 from moderation.net.safe_http import OutboundPolicy, fetch_bytes
 from moderation.submissions import service
 from moderation.submissions.schemas import SubmissionAccepted, SubmissionOut, SubmissionPage
@@ -168,7 +175,16 @@ async def create_submission(request: Request) -> JSONResponse:
             prepared = await run_in_threadpool(prepare)
         # The writer answers after the commit that stored the submission (shared with whatever arrived
         # alongside it), so a 202 is never given for something a crash could lose.
-        result = await asyncio.wrap_future(state.intake_writer.submit(prepared))
+        try:
+            result = await asyncio.wait_for(
+                asyncio.wrap_future(state.intake_writer.submit(prepared)), settings.intake_timeout_seconds
+            )
+        except TimeoutError:
+            raise ServiceUnavailable(
+                f"the submission could not be stored within {settings.intake_timeout_seconds:g} s; it may "
+                "still be: retry with the same Idempotency-Key",
+                code="intake_timeout",
+            ) from None
         created = result.created
         body = SubmissionAccepted(id=result.id, status=str(result.status), created_at=result.created_at)
         outcome = "accepted" if created else "replayed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,6 +148,7 @@ class IntakeWriter:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
+        self._busy_since: float | None = None  # when the batch being written was taken
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -158,6 +160,12 @@ class IntakeWriter:
     def running(self) -> bool:
         """Whether the writer takes submissions (started, not closed, its thread alive)."""
         return not self._closed and self._thread.is_alive()
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the writer has spent on the batch it is writing now (0 when idle)."""
+        since = self._busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def start(self) -> None:
         """Start the writer thread."""
@@ -234,11 +242,14 @@ class IntakeWriter:
         if not pending:
             return
         metrics.INTAKE_BATCH_SIZE.observe(len(pending))
+        self._busy_since = time.monotonic()
         try:
             outcomes = self.write([prepared for prepared, _ in pending])
         except BaseException as exc:  # the thread must outlive any failure, and every caller must hear back
             logger.exception("intake writer failed a batch")
             outcomes = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(pending)
+        finally:
+            self._busy_since = None
         for (_, future), outcome in zip(pending, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)

@@ -8,8 +8,12 @@ import json
 
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from moderation.config import Settings
 from moderation.jobs import TASK_PROCESS_SUBMISSION
+from moderation.submissions.models import Submission
 from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg, make_png
 
@@ -242,3 +246,36 @@ def test_a_process_whose_intake_writer_stopped_is_not_ready_and_refuses_submissi
     assert ready.status_code == 503 and ready.json()["checks"]["intake_writer"] == "error: stopped"
     refused = _post(client, tenant, make_jpeg())
     assert _error(refused) == (503, "shutting_down")
+
+
+def test_a_stuck_store_answers_503_in_time_and_the_process_reports_not_ready(
+    client: TestClient, tenant: ApiTenant, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    import threading
+
+    writer = client.app.state.intake_writer  # type: ignore[attr-defined]
+    release = threading.Event()
+    real_write = writer.write
+
+    def stuck_write(batch):  # type: ignore[no-untyped-def]
+        release.wait(30)  # a database that stopped answering
+        return real_write(batch)
+
+    writer.write = stuck_write
+    settings.intake_timeout_seconds = 0.3
+    try:
+        slow = _post(client, tenant, make_jpeg(), headers={"Idempotency-Key": "slow-1"})
+        assert _error(slow) == (503, "intake_timeout")
+        assert "Idempotency-Key" in slow.json()["error"]["message"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["intake_writer"].startswith("error: stuck")
+    finally:
+        release.set()
+    # Once the database answers again the timed-out submission is stored; its retry is a replay of it.
+    settings.intake_timeout_seconds = 30
+    retry = _post(client, tenant, make_jpeg(), headers={"Idempotency-Key": "slow-1"})
+    assert retry.status_code == 202
+    assert client.get("/readyz").status_code == 200
+    with sessions() as session:
+        keyed = select(Submission).where(Submission.idempotency_key == "slow-1")
+        assert len(session.scalars(keyed).all()) == 1
