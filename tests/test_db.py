@@ -25,7 +25,6 @@ def test_an_engine_with_a_statement_timeout_cancels_slow_statements(database_url
     try:
         with plain.connect() as conn:
             assert conn.execute(text("SELECT current_setting('statement_timeout')")).scalar_one() == "0"
-            assert conn.execute(text("SELECT current_setting('tcp_keepalives_idle')")).scalar_one() in (
                 "30",
                 "0",
             )
