@@ -25,8 +25,5 @@ def test_an_engine_with_a_statement_timeout_cancels_slow_statements(database_url
     try:
         with plain.connect() as conn:
             assert conn.execute(text("SELECT current_setting('statement_timeout')")).scalar_one() == "0"
-                "30",
-                "0",
-            )
     finally:
         plain.dispose()
