@@ -30,27 +30,6 @@ class VerdictCacheRepository:
         )
         return self.session.scalar(stmt)
 
-    def add(
-        self,
-        verdict_id: uuid.UUID,
-        tenant_id: uuid.UUID,
-        *,
-        cache_key: str | None,
-        cached_from: uuid.UUID | None,
-        created_at: datetime,
-    ) -> None:
-        """Record a verdict's cache key (engine-made) or its source (a copy)."""
-        self.session.add(
-            VerdictCacheEntry(
-                verdict_id=verdict_id,
-                tenant_id=tenant_id,
-                cache_key=cache_key,
-                cached_from_verdict_id=cached_from,
-                created_at=created_at,
-            )
-        )
-        self.session.flush()
-
     def add_many(self, entries: Sequence[VerdictCacheEntry]) -> None:
         """Record several verdicts' cache keys or sources (one statement)."""
         if entries:
