@@ -55,13 +55,13 @@ class BlobStore(abc.ABC):
 
     def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
         """Store several blobs; each entry is that blob's digest, or the error it met (the others are stored)."""
-        results: list[str | BlobStoreError] = []
-        for data in blobs:
-            try:
-                results.append(self.put(data))
-            except BlobStoreError as exc:
-                results.append(exc)
-        return results
+        return [self._put_or_error(data) for data in blobs]
+
+    def _put_or_error(self, data: bytes) -> str | BlobStoreError:
+        try:
+            return self.put(data)
+        except BlobStoreError as exc:
+            return exc
 
     @abc.abstractmethod
     def get(self, sha256: str) -> bytes:
@@ -358,12 +358,6 @@ class S3BlobStore(BlobStore):
         if len(blobs) <= 1 or self.upload_concurrency <= 1:
             return super().put_many(blobs)
         return list(self._uploads.map(self._put_or_error, blobs))
-
-    def _put_or_error(self, data: bytes) -> str | BlobStoreError:
-        try:
-            return self.put(data)
-        except BlobStoreError as exc:
-            return exc
 
     def get(self, sha256: str) -> bytes:
         """The object's bytes; NotFound when absent."""
