@@ -48,14 +48,14 @@ def _match_existing(prepared: PreparedSubmission, existing: Sequence[Submission]
     return min(matches, key=lambda row: row.created_at) if matches else None
 
 
-def write_batch(
+def store_batch(
     session: Session, batch: Sequence[PreparedSubmission], blob_store: BlobStore
 ) -> list[Outcome]:
-    """Store a batch in the session's transaction and commit it: one lookup, one blob pass, one INSERT.
+    """Store a batch in the caller's transaction: one lookup, one blob pass, one INSERT, one job after commit.
 
     Images not stored yet are stored first, in one pass. Repeats of stored submissions (and of each other)
-    are answered as replays; an image that cannot be written fails only its own submission. The jobs of
-    new rows go to the broker after the commit.
+    are answered as replays; an image that cannot be written fails only its own submission. The caller
+    commits; the job naming the new rows goes to the broker only then, and is dropped on rollback.
     """
     repo = SubmissionRepository(session)
     outcomes: list[Outcome | None] = [None] * len(batch)
@@ -73,18 +73,11 @@ def write_batch(
         else:
             outcomes[index] = IntakeResult.replay(match)
     unstored = [index for index in to_store if batch[index].image_sha256 is None]
-    digests: dict[int, str | BlobStoreError] = {}
-    for index in to_store:
-        stored = batch[index].image_sha256
-        if stored is not None:
-            digests[index] = stored
-    digests.update(
-        zip(unstored, blob_store.put_many([batch[index].image for index in unstored]), strict=True)
-    )
+    written = dict(zip(unstored, blob_store.put_many([batch[i].image for i in unstored]), strict=True))
     now = utcnow()
     rows: dict[int, dict[str, Any]] = {}
     for index in to_store:
-        digest = digests[index]
+        digest = batch[index].image_sha256 or written[index]
         if isinstance(digest, BlobStoreError):
             outcomes[index] = digest
         else:
@@ -112,8 +105,8 @@ def write_batch(
         # One job names them all: a GPU worker judges them in one batch, and no job is left over to find
         # its submission already judged as another's companion. (A repeated job is harmless.)
         enqueue_after_commit(session, process_job(*job_ids))
-    session.commit()  # the after-commit hook hands the job to the broker
-    # A row that lost to an equal key (another request, or an earlier one of this batch) is now visible.
+    # A row that lost to an equal key (another transaction's, which the INSERT waited for, or an earlier
+    # one of this batch) is visible to the next statement.
     for index in conflicted:
         if outcomes[index] is None:
             outcomes[index] = replay_of_conflict(repo, batch[index])
@@ -207,7 +200,9 @@ class IntakeWriter:
         """Write one batch in its own transaction; when it fails as a whole, each submission is tried alone."""
         try:
             with self.sessions() as session:
-                return write_batch(session, batch, self.blob_store)
+                outcomes = store_batch(session, batch, self.blob_store)
+                session.commit()  # the after-commit hook hands the batch's job to the broker
+                return outcomes
         except Exception as exc:
             if len(batch) == 1:
                 logger.exception("could not store a submission")

@@ -19,7 +19,7 @@ from moderation.config import Settings
 from moderation.errors import ServiceUnavailable
 from moderation.jobs import TASK_PROCESS_SUBMISSION
 from moderation.submissions import service
-from moderation.submissions.intake import IntakeWriter, write_batch
+from moderation.submissions.intake import IntakeWriter, store_batch
 from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.submissions.service import IntakeResult, PreparedSubmission
 from moderation.tenants.models import Tenant
@@ -93,7 +93,8 @@ def test_a_batch_is_one_insert_and_one_commit_and_each_job_follows_the_commit(
     jobs_at_commit: list[int] = []
     with sessions() as session:
         event.listen(session, "before_commit", lambda _: jobs_at_commit.append(len(dispatched.jobs)))
-        outcomes = write_batch(session, batch, store)
+        outcomes = store_batch(session, batch, store)
+        session.commit()
         inserts = [s for s in statements if s.startswith("INSERT")]
         assert inserts == ["INSERT INTO"]
     assert jobs_at_commit == [0]
@@ -116,7 +117,8 @@ def test_repeats_in_a_batch_and_of_stored_submissions_are_replays(
     dispatched: RecordingDispatcher,
 ) -> None:
     with sessions() as session:
-        (earlier,) = write_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
+        (earlier,) = store_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
+        session.commit()
     assert isinstance(earlier, IntakeResult)
     batch = [
         prepare(tenant, settings, 1, external_id="post-1"),  # repeats the stored one
@@ -125,7 +127,8 @@ def test_repeats_in_a_batch_and_of_stored_submissions_are_replays(
         prepare(tenant, settings, 4, external_id="post-2"),
     ]
     with sessions() as session:
-        outcomes = write_batch(session, batch, store)
+        outcomes = store_batch(session, batch, store)
+        session.commit()
     results = [o for o in outcomes if isinstance(o, IntakeResult)]
     assert len(results) == 4
     assert (results[0].created, results[0].id) == (False, earlier.id)
@@ -153,7 +156,8 @@ def test_a_blob_that_cannot_be_written_fails_only_its_own_submission(
     blocked.parent.mkdir(parents=True)
     blocked.write_bytes(b"a file where a fan-out folder should be")
     with sessions() as session:
-        outcomes = write_batch(session, batch, store)
+        outcomes = store_batch(session, batch, store)
+        session.commit()
     assert isinstance(outcomes[1], BlobStoreError) and outcomes[1].status_code == 503
     assert isinstance(outcomes[0], IntakeResult) and isinstance(outcomes[2], IntakeResult)
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 2"]
@@ -332,10 +336,12 @@ def test_writing_a_batch_again_after_an_unknown_outcome_stores_nothing_twice(
 ) -> None:
     batch = [prepare(tenant, settings, 0), prepare(tenant, settings, 1, idempotency_key="k")]
     with sessions() as session:
-        first = write_batch(session, batch, store)
+        first = store_batch(session, batch, store)
+        session.commit()
     # The same submissions again, as after a failure whose commit may or may not have happened.
     with sessions() as session:
-        again = write_batch(session, batch, store)
+        again = store_batch(session, batch, store)
+        session.commit()
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 1"]
     for before, after in zip(first, again, strict=True):
         assert isinstance(before, IntakeResult) and isinstance(after, IntakeResult)
@@ -353,20 +359,26 @@ def test_a_failure_after_the_commit_does_not_store_the_batch_twice(
     import moderation.submissions.intake as intake_module
 
     with sessions() as session:
-        (original,) = write_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
-    real_replay = intake_module.replay_of_conflict
-    calls: list[int] = []
+        (original,) = store_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
+        session.commit()
+    failures: list[int] = []
 
-    def flaky_replay(*args: object) -> IntakeResult:
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("connection lost after the commit")
-        return real_replay(*args)  # type: ignore[arg-type]
+    def sessions_whose_first_commit_is_lost() -> Session:
+        session = sessions()
+        real_commit = session.commit
 
-    monkeypatch.setattr(intake_module, "replay_of_conflict", flaky_replay)
+        def commit() -> None:
+            real_commit()
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("connection lost after the commit")
+
+        session.commit = commit  # type: ignore[method-assign]
+        return session
+
     # The repeat slips past the look-up (as when another process commits it meanwhile) and conflicts.
     monkeypatch.setattr(intake_module, "_match_existing", lambda prepared, existing: None)
-    writer = IntakeWriter(sessions, store)
+    writer = IntakeWriter(sessions_whose_first_commit_is_lost, store)
     fresh, repeat = writer.write(
         [prepare(tenant, settings, 1), prepare(tenant, settings, 2, external_id="post-1")]
     )
@@ -374,6 +386,7 @@ def test_a_failure_after_the_commit_does_not_store_the_batch_twice(
     assert isinstance(repeat, IntakeResult) and not repeat.created and isinstance(original, IntakeResult)
     assert repeat.id == original.id
     # The batch was written again one by one after the failure: still one row each.
+    assert failures == [1]
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 1"]
 
 
