@@ -64,6 +64,22 @@ class ScriptedEngine(ModerationEngine):
         return EngineHealth(ok=True, detail="ok", device="cpu")
 
 
+class TakenOverWhileJudging(ScriptedEngine):
+    """While it judges, the lease on one submission expires and another worker takes that submission."""
+
+    def __init__(self, sessions: sessionmaker[Session], taken: uuid.UUID) -> None:
+        super().__init__()
+        self.sessions = sessions
+        self.taken = taken
+
+    def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        with self.sessions() as session, session.begin():
+            session.execute(
+                update(Submission).where(Submission.id == self.taken).values(lease_token=uuid.uuid4())
+            )
+        return super().moderate(requests)
+
+
 def test_batch_decides_routes_and_notifies(
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -168,16 +184,7 @@ def test_lost_lease_discards_the_late_verdict(
 ) -> None:
     sid = submit_one(sessions, tenant, store, settings, "slow one conflict=0.1")
 
-    class TakenOver(ScriptedEngine):
-        def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
-            # While we compute, the lease expires and another worker takes the submission.
-            with sessions() as session, session.begin():
-                session.execute(
-                    update(Submission).where(Submission.id == sid).values(lease_token=uuid.uuid4())
-                )
-            return super().moderate(requests)
-
-    report = BatchProcessor(sessions, TakenOver(), store, settings).run(sid)
+    report = BatchProcessor(sessions, TakenOverWhileJudging(sessions, sid), store, settings).run(sid)
     assert report.lease_lost == [sid] and report.decided == []
     with sessions() as session:
         assert session.scalars(select(Verdict)).all() == []
@@ -304,16 +311,7 @@ def test_a_lost_lease_in_a_batch_discards_only_that_verdict(
         for score in (0.95, 0.1, 0.1, 0.5)
     )
 
-    class TakesOneOver(ScriptedEngine):
-        def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
-            # While the batch is judged, one lease expires and another worker takes that submission.
-            with sessions() as session, session.begin():
-                session.execute(
-                    update(Submission).where(Submission.id == taken).values(lease_token=uuid.uuid4())
-                )
-            return super().moderate(requests)
-
-    report = BatchProcessor(sessions, TakesOneOver(), store, settings).run(blocked)
+    report = BatchProcessor(sessions, TakenOverWhileJudging(sessions, taken), store, settings).run(blocked)
     assert report.lease_lost == [taken]
     assert sorted(report.decided) == sorted([blocked, allowed, reviewed])
     with sessions() as session:
