@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
         yield
         # Requests still waiting on the writer are answered before the process goes.
         await anyio.to_thread.run_sync(app.state.intake_writer.close)
+        await anyio.to_thread.run_sync(app.state.blob_store.close)
         app.state.redis.close()
         await app.state.redis_async.aclose()
 

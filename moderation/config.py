@@ -37,6 +37,17 @@ class Settings(BaseSettings):
         default=None, description="Folder of the local blob store; `DATA_DIR/blobs` if unset."
     )
     blob_fsync: bool = Field(default=True, description="fsync each new blob before the submission commits.")
+    blob_local_layout: Literal["segments", "files"] = Field(
+        default="segments",
+        description="How the local blob store keeps images: `segments` appends them to per-process segment "
+        "files (one data sync per batch of concurrent writes), `files` writes a file per image. Either layout "
+        "reads the other's blobs.",
+    )
+    blob_segment_max_bytes: int = Field(
+        default=1 << 30,
+        ge=1 << 20,
+        description="Size at which a local blob segment is sealed (indexed) and the next one is started.",
+    )
     s3_bucket: str = Field(default="moderation-images", description="S3 bucket of the s3 blob store.")
     s3_endpoint_url: str | None = Field(
         default=None, description="S3-compatible endpoint (MinIO, R2, …); AWS if unset."

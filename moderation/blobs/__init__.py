@@ -1,5 +1,6 @@
 """Content-addressed storage of submitted images."""
 
+from moderation.blobs.segments import SegmentBlobStore
 from moderation.blobs.store import (
     BlobStore,
     BlobStoreError,
@@ -14,6 +15,7 @@ __all__ = [
     "BlobStoreError",
     "LocalBlobStore",
     "S3BlobStore",
+    "SegmentBlobStore",
     "blob_store_from_settings",
     "normalize_sha256",
 ]

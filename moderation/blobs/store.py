@@ -79,6 +79,9 @@ class BlobStore(abc.ABC):
     def check(self) -> None:
         """Raise BlobStoreError when the store cannot be used."""
 
+    def close(self) -> None:  # noqa: B027 - most stores hold nothing that needs closing
+        """Finish and release what the store holds open."""
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -422,7 +425,7 @@ class S3BlobStore(BlobStore):
 
 
 def blob_store_from_settings(settings: Settings) -> BlobStore:
-    """The blob store the settings select (``blob_backend``: local or s3)."""
+    """The blob store the settings select (``blob_backend``: local or s3; ``blob_local_layout``)."""
     if settings.blob_backend == "s3":
         return S3BlobStore(
             bucket=settings.s3_bucket,
@@ -433,4 +436,12 @@ def blob_store_from_settings(settings: Settings) -> BlobStore:
             secret_access_key=settings.s3_secret_access_key,
             upload_concurrency=settings.effective_intake_store_concurrency,
         )
-    return LocalBlobStore(settings.effective_blob_dir, fsync=settings.blob_fsync)
+    if settings.blob_local_layout == "files":
+        return LocalBlobStore(settings.effective_blob_dir, fsync=settings.blob_fsync)
+    from moderation.blobs.segments import SegmentBlobStore  # here: that module imports this one
+
+    return SegmentBlobStore(
+        settings.effective_blob_dir,
+        fsync=settings.blob_fsync,
+        segment_max_bytes=settings.blob_segment_max_bytes,
+    )

@@ -21,6 +21,7 @@ from moderation.blobs import (
     BlobStoreError,
     LocalBlobStore,
     S3BlobStore,
+    SegmentBlobStore,
     blob_store_from_settings,
 )
 from moderation.config import Settings
@@ -194,11 +195,18 @@ def test_local_check(tmp_path: Path) -> None:
 
 
 def test_blob_store_from_settings(tmp_path: Path) -> None:
-    local = blob_store_from_settings(Settings(blob_backend="local", blob_dir=tmp_path, blob_fsync=False))
+    local = blob_store_from_settings(
+        Settings(blob_backend="local", blob_local_layout="files", blob_dir=tmp_path, blob_fsync=False)
+    )
     assert isinstance(local, LocalBlobStore)
     assert (local.root, local.fsync) == (tmp_path, False)
+    segments = blob_store_from_settings(
+        Settings(blob_backend="local", blob_dir=tmp_path, blob_segment_max_bytes=1 << 20)
+    )
+    assert isinstance(segments, SegmentBlobStore)
+    assert (segments.root, segments.fsync, segments.segment_max_bytes) == (tmp_path, True, 1 << 20)
     default_dir = blob_store_from_settings(Settings(blob_backend="local", blob_dir=None, data_dir=tmp_path))
-    assert isinstance(default_dir, LocalBlobStore)
+    assert isinstance(default_dir, SegmentBlobStore)
     assert default_dir.root == tmp_path / "blobs"
     s3 = blob_store_from_settings(
         Settings(

@@ -14,7 +14,7 @@ from sqlalchemy import Connection, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from moderation.blobs import BlobStoreError, LocalBlobStore
+from moderation.blobs import BlobStore, BlobStoreError, LocalBlobStore, SegmentBlobStore
 from moderation.config import Settings
 from moderation.errors import ServiceUnavailable
 from moderation.jobs import TASK_PROCESS_SUBMISSION
@@ -36,10 +36,12 @@ def tenant(sessions: sessionmaker[Session], settings: Settings) -> Tenant:
     return tenant
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> LocalBlobStore:
-    """A local blob store in the test's folder, syncing as in production."""
-    return LocalBlobStore(tmp_path / "blobs", fsync=True)
+@pytest.fixture(params=["segments", "files"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    """A local blob store of each layout in the test's folder, syncing as in production."""
+    if request.param == "files":
+        return LocalBlobStore(tmp_path / "blobs", fsync=True)
+    return SegmentBlobStore(tmp_path / "blobs", fsync=True)
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def prepare(tenant: Tenant, settings: Settings, seed: int, **kwargs: object) -> 
 
 
 def writer_with_batch_sizes(
-    sessions: sessionmaker[Session], store: LocalBlobStore, max_batch: int
+    sessions: sessionmaker[Session], store: BlobStore, max_batch: int
 ) -> tuple[IntakeWriter, list[int]]:
     """A writer (not started) and the list the sizes of the batches it writes are recorded in."""
     writer = IntakeWriter(sessions, store, max_batch=max_batch)
@@ -84,7 +86,7 @@ def rows(sessions: sessionmaker[Session]) -> list[Submission]:
 def test_a_batch_is_one_insert_and_one_commit_and_each_job_follows_the_commit(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
     statements: list[str],
@@ -112,7 +114,7 @@ def test_a_batch_is_one_insert_and_one_commit_and_each_job_follows_the_commit(
 def test_repeats_in_a_batch_and_of_stored_submissions_are_replays(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
@@ -167,7 +169,7 @@ def test_a_blob_that_cannot_be_written_fails_only_its_own_submission(
 def test_a_batch_that_fails_as_a_whole_is_written_one_by_one(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
@@ -187,7 +189,7 @@ def test_a_batch_that_fails_as_a_whole_is_written_one_by_one(
 def test_the_writer_batches_what_waits_and_answers_every_caller(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
@@ -215,7 +217,7 @@ def test_the_writer_batches_what_waits_and_answers_every_caller(
 def test_closing_writes_what_was_accepted_then_refuses_more(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
@@ -235,7 +237,7 @@ def test_closing_writes_what_was_accepted_then_refuses_more(
 def test_concurrent_callers_share_transactions(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
@@ -330,7 +332,7 @@ def test_every_column_of_a_batch_insert_is_stored_as_given(
 def test_writing_a_batch_again_after_an_unknown_outcome_stores_nothing_twice(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
 ) -> None:
@@ -351,7 +353,7 @@ def test_writing_a_batch_again_after_an_unknown_outcome_stores_nothing_twice(
 def test_a_failure_after_the_commit_does_not_store_the_batch_twice(
     sessions: sessionmaker[Session],
     tenant: Tenant,
-    store: LocalBlobStore,
+    store: BlobStore,
     settings: Settings,
     dispatched: RecordingDispatcher,
     monkeypatch: pytest.MonkeyPatch,

@@ -1,0 +1,501 @@
+"""A local blob store that appends blobs to segment files, so one data sync makes a whole batch durable.
+
+Creating, syncing and renaming a file per image (and syncing its folder) costs this kind of machine 0.6 to
+1.5 ms of kernel time per image; appending to an open file and syncing it once for every blob written
+meanwhile costs about 0.1 ms. Layout under ``root/segments``:
+
+* ``<name>.seg``: records, each a header (magic, length, SHA-256 digest) followed by the blob's bytes.
+  Every writing process appends to its own segment, which it holds an exclusive ``flock`` on, and never
+  appends to a segment it did not create.
+* ``<name>.idx``: written when a segment is sealed (full, its writer closed, or found orphaned by a later
+  writer): the segment's records sorted by digest, looked up by binary search on a memory map.
+
+Readers keep an in-memory index of unsealed segments, read incrementally from their records, and refresh
+it (and the list of sealed segments) when a digest is not found. Loose files of the one-file-per-blob
+layout (``LocalBlobStore``) in the same root are still read and deleted. Deleting a blob overwrites its
+bytes with zeros and marks its record deleted, in every segment that holds it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moderation.blobs.store import BlobStore, BlobStoreError, LocalBlobStore, normalize_sha256
+from moderation.errors import NotFound
+
+logger = logging.getLogger(__name__)
+
+_RECORD = struct.Struct(">4sQ32s")  # magic, length of the blob, SHA-256 digest
+_LIVE = b"MBR1"
+_DELETED = b"MBRX"
+_INDEX_HEADER = struct.Struct(">4sQ")  # magic, number of entries
+_INDEX_ENTRY = struct.Struct(">32sQQ")  # digest, offset of the record, length of the blob
+_INDEX_MAGIC = b"MBI1"
+_SEGMENT_SUFFIX = ".seg"
+_INDEX_SUFFIX = ".idx"
+# writev takes at most IOV_MAX (1024 on Linux) buffers per call.
+_MAX_BUFFERS = 1024
+_ZEROS = bytes(1024 * 1024)
+
+
+@dataclass
+class _Segment:
+    """A segment this process appends to, and how much of it is durable."""
+
+    name: str
+    fd: int
+    pid: int
+    size: int = 0
+    written: int = 0  # appends so far (a sequence number per append)
+    synced: int = 0  # appends made durable
+    records: list[tuple[bytes, int, int]] = field(default_factory=list)  # (digest, offset, length)
+    sync_lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+
+@dataclass(frozen=True)
+class _Location:
+    """Where a record lies; ``sequence`` is the append that wrote it, when this process wrote it."""
+
+    segment: str
+    offset: int
+    length: int
+    writer: _Segment | None = None
+    sequence: int = 0
+
+
+class _SealedIndex:
+    """The sorted index file of a sealed segment, searched in place."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size < _INDEX_HEADER.size:
+                raise ValueError("index file is shorter than its header")
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        magic, count = _INDEX_HEADER.unpack_from(self._map, 0)
+        if magic != _INDEX_MAGIC or size != _INDEX_HEADER.size + count * _INDEX_ENTRY.size:
+            self._map.close()
+            raise ValueError("index file is malformed")
+        self.count = count
+
+    def _digest_at(self, position: int) -> bytes:
+        start = _INDEX_HEADER.size + position * _INDEX_ENTRY.size
+        return self._map[start : start + 32]
+
+    def find(self, digest: bytes) -> Iterator[_Location]:
+        """Every record of this segment with this digest."""
+        position = bisect.bisect_left(range(self.count), digest, key=self._digest_at)
+        while position < self.count:
+            found, offset, length = _INDEX_ENTRY.unpack_from(
+                self._map, _INDEX_HEADER.size + position * _INDEX_ENTRY.size
+            )
+            if found != digest:
+                return
+            yield _Location(self.name, offset, length)
+            position += 1
+
+
+def _write_fully(fd: int, buffers: Sequence[bytes]) -> None:
+    """Write every buffer at the file's end (short writes continued)."""
+    pending = [memoryview(buffer) for buffer in buffers if buffer]
+    while pending:
+        written = os.writev(fd, pending[:_MAX_BUFFERS])
+        while written and pending:
+            if written >= len(pending[0]):
+                written -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
+
+
+class SegmentBlobStore(BlobStore):
+    """Blobs appended to per-process segment files; concurrent puts share one data sync (group commit)."""
+
+    def __init__(self, root: Path, fsync: bool = True, segment_max_bytes: int = 1 << 30) -> None:
+        self.root = Path(root)
+        self.directory = self.root / "segments"
+        self.fsync = fsync
+        self.segment_max_bytes = segment_max_bytes
+        self.loose = LocalBlobStore(self.root, fsync=fsync)
+        self._append_lock = threading.Lock()
+        self._active: _Segment | None = None
+        self._orphans_sealed = False
+        self._index_lock = threading.Lock()
+        self._unsealed: dict[bytes, _Location] = {}
+        self._scanned: dict[str, int] = {}  # unsealed segment (of another process) -> bytes read so far
+        self._sealed: dict[str, _SealedIndex] = {}
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` unless this process already knows a copy, and return its SHA-256 hex digest."""
+        result = self.put_many([data])[0]
+        if isinstance(result, BlobStoreError):
+            raise result
+        return result
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
+        """Append the blobs not stored yet to this process's segment and make them durable in one sync."""
+        digests = [hashlib.sha256(data).digest() for data in blobs]
+        results: list[str | BlobStoreError] = [digest.hex() for digest in digests]
+        waits: list[_Location] = []
+        try:
+            with self._append_lock:
+                segment, sequence = self._append(blobs, digests, waits)
+        except OSError as exc:
+            error = BlobStoreError(f"could not write blobs: {exc.strerror or exc}")
+            return [error] * len(blobs)
+        try:
+            if segment is not None:
+                waits.append(_Location(segment.name, 0, 0, segment, sequence))
+            for location in waits:
+                if location.writer is not None:
+                    self._sync(location.writer, location.sequence)
+        except OSError as exc:
+            error = BlobStoreError(f"could not sync blobs: {exc.strerror or exc}")
+            return [error] * len(blobs)
+        if segment is not None and segment.size >= self.segment_max_bytes:
+            self._retire(segment)
+        return results
+
+    def _append(
+        self, blobs: Sequence[bytes], digests: Sequence[bytes], waits: list[_Location]
+    ) -> tuple[_Segment | None, int]:
+        """Append the new blobs (under the append lock); the segment and this append's sequence number."""
+        new: list[tuple[bytes, bytes]] = []
+        for data, digest in zip(blobs, digests, strict=True):
+            known = self._unsealed.get(digest)
+            if known is not None:
+                waits.append(known)  # written by this process (maybe not synced yet) or found on disk
+            elif all(digest != pending for pending, _ in new):
+                new.append((digest, data))
+        if not new:
+            return None, 0
+        segment = self._active
+        if segment is None or segment.pid != os.getpid():  # a forked child never shares its parent's segment
+            segment = self._open_segment()
+        buffers: list[bytes] = []
+        records: list[tuple[bytes, int, int]] = []
+        offset = segment.size
+        for digest, data in new:
+            buffers += (_RECORD.pack(_LIVE, len(data), digest), data)
+            records.append((digest, offset, len(data)))
+            offset += _RECORD.size + len(data)
+        try:
+            _write_fully(segment.fd, buffers)
+        except OSError:
+            # A partial record at the end would hide every later one from readers: cut it off, or retire
+            # the segment so that nothing more is appended behind it.
+            try:
+                os.ftruncate(segment.fd, segment.size)
+            except OSError:
+                self._active = None
+                self._retire(segment)
+            raise
+        segment.size = offset
+        sequence = segment.written = segment.written + 1
+        with self._index_lock:
+            segment.records += records
+            for digest, start, length in records:
+                self._unsealed[digest] = _Location(segment.name, start, length, segment, sequence)
+        if segment.size >= self.segment_max_bytes:
+            self._active = None  # the appender that filled it seals it once its own sync is done
+        return segment, sequence
+
+    def _open_segment(self) -> _Segment:
+        """Create this process's next segment (sealing orphans of dead writers first) and make it active."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self._orphans_sealed:
+            self._seal_orphans()
+            self._orphans_sealed = True
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        fd = os.open(
+            self.directory / f"{name}{_SEGMENT_SUFFIX}",
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
+            0o644,
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if self.fsync:
+                _fsync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        segment = _Segment(name, fd, os.getpid())
+        self._active = segment
+        return segment
+
+    def _sync(self, segment: _Segment, sequence: int) -> None:
+        """Return once the append ``sequence`` of ``segment`` is durable; one sync covers all before it."""
+        if segment.synced >= sequence:
+            return
+        with segment.sync_lock:
+            if segment.synced >= sequence:
+                return
+            if segment.closed:  # closed by a seal whose sync failed
+                raise OSError(f"blob segment {segment.name} was closed before it could be synced")
+            target = segment.written
+            if self.fsync:
+                os.fdatasync(segment.fd)
+            segment.synced = target
+
+    def _retire(self, segment: _Segment) -> None:
+        """Seal a full segment: every append durable, its index written, its file closed."""
+        with segment.sync_lock:
+            if segment.closed:
+                return
+            try:
+                if self.fsync:
+                    os.fdatasync(segment.fd)
+                segment.synced = segment.written
+                self._write_index(segment.name, segment.records)
+            except OSError:
+                logger.exception("could not seal blob segment %s; a later writer seals it", segment.name)
+                return
+            finally:
+                segment.closed = True
+                os.close(segment.fd)  # releases the flock
+        self._adopt_index(segment.name)
+
+    def close(self) -> None:
+        """Seal this process's active segment."""
+        with self._append_lock:
+            segment, self._active = self._active, None
+        if segment is not None:
+            self._retire(segment)
+
+    def _write_index(self, name: str, records: Sequence[tuple[bytes, int, int]]) -> None:
+        entries = sorted(records)
+        path = self.directory / f"{name}{_INDEX_SUFFIX}"
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(temporary, "wb") as handle:
+                handle.write(_INDEX_HEADER.pack(_INDEX_MAGIC, len(entries)))
+                handle.writelines(_INDEX_ENTRY.pack(*entry) for entry in entries)
+                handle.flush()
+                if self.fsync:
+                    os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+        if self.fsync:
+            _fsync_directory(self.directory)
+
+    def _seal_orphans(self) -> None:
+        """Index the unsealed segments whose writers are gone (no lock held on them); drop empty ones."""
+        for name in self._segment_names(sealed=False):
+            path = self.directory / f"{name}{_SEGMENT_SUFFIX}"
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer's
+                if (self.directory / f"{name}{_INDEX_SUFFIX}").exists():
+                    continue  # sealed meanwhile by another process
+                records = [(digest, offset, length) for digest, offset, length, _ in _read_records(fd, 0)]
+                if records:
+                    self._write_index(name, records)
+                    logger.info(
+                        "sealed blob segment %s of a writer that is gone (%d blobs)", name, len(records)
+                    )
+                else:
+                    path.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _segment_names(self, *, sealed: bool) -> list[str]:
+        try:
+            entries = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        suffix = _INDEX_SUFFIX if sealed else _SEGMENT_SUFFIX
+        names = {entry[: -len(suffix)] for entry in entries if entry.endswith(suffix) and entry[0] != "."}
+        if not sealed:
+            names -= {entry[: -len(_INDEX_SUFFIX)] for entry in entries if entry.endswith(_INDEX_SUFFIX)}
+        return sorted(names, reverse=True)  # newest first: recent blobs are read most
+
+    def _adopt_index(self, name: str) -> None:
+        """Use a sealed segment's index file instead of its records in memory."""
+        try:
+            index = _SealedIndex(name, self.directory / f"{name}{_INDEX_SUFFIX}")
+        except (OSError, ValueError) as exc:
+            logger.warning("blob segment index %s is unusable (%s); its records are read instead", name, exc)
+            return
+        with self._index_lock:
+            self._sealed[name] = index
+            self._sealed = dict(sorted(self._sealed.items(), reverse=True))
+            self._scanned.pop(name, None)
+            for digest in [d for d, location in self._unsealed.items() if location.segment == name]:
+                del self._unsealed[digest]
+
+    def _refresh(self) -> None:
+        """Learn of segments sealed since, and of records appended by other processes."""
+        for name in self._segment_names(sealed=True):
+            if name not in self._sealed:
+                self._adopt_index(name)
+        for name in self._segment_names(sealed=False):
+            active = self._active
+            if active is not None and active.name == name:
+                continue
+            start = self._scanned.get(name, 0)
+            try:
+                fd = os.open(self.directory / f"{name}{_SEGMENT_SUFFIX}", os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                found = list(_read_records(fd, start))
+            finally:
+                os.close(fd)
+            with self._index_lock:
+                for digest, offset, length, end in found:
+                    self._unsealed.setdefault(digest, _Location(name, offset, length))
+                    self._scanned[name] = end
+
+    def _locations(self, digest: bytes) -> list[_Location]:
+        with self._index_lock:
+            known = self._unsealed.get(digest)
+            sealed = list(self._sealed.values())
+        found = [known] if known is not None else []
+        for index in sealed:
+            found.extend(index.find(digest))
+        return found
+
+    def _read(self, location: _Location, digest: bytes) -> bytes | None:
+        """The blob at ``location`` if its record is live and intact, else None."""
+        path = self.directory / f"{location.segment}{_SEGMENT_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            header = os.pread(fd, _RECORD.size, location.offset)
+            if len(header) < _RECORD.size:
+                return None
+            magic, length, stored = _RECORD.unpack(header)
+            if magic != _LIVE or stored != digest or length != location.length:
+                return None
+            data = os.pread(fd, length, location.offset + _RECORD.size)
+        finally:
+            os.close(fd)
+        if len(data) != length or hashlib.sha256(data).digest() != digest:
+            logger.error("blob %s in segment %s is corrupt", digest.hex(), location.segment)
+            return None
+        return data
+
+    def _find(self, digest: bytes) -> bytes | None:
+        for attempt in range(2):
+            if attempt:
+                self._refresh()
+            for location in self._locations(digest):
+                data = self._read(location, digest)
+                if data is not None:
+                    return data
+        return None
+
+    def get(self, sha256: str) -> bytes:
+        """The blob's bytes; NotFound when absent."""
+        key = normalize_sha256(sha256)
+        try:
+            data = self._find(bytes.fromhex(key))
+        except OSError as exc:
+            raise BlobStoreError(f"could not read blob {key}: {exc.strerror or exc}") from exc
+        if data is not None:
+            return data
+        return self.loose.get(key)
+
+    def exists(self, sha256: str) -> bool:
+        """Whether a live copy of the blob is stored."""
+        try:
+            self.get(sha256)
+        except NotFound:
+            return False
+        return True
+
+    def delete(self, sha256: str) -> None:
+        """Erase every copy of the blob: its bytes overwritten with zeros and its records marked deleted."""
+        key = normalize_sha256(sha256)
+        digest = bytes.fromhex(key)
+        self._refresh()
+        try:
+            for location in self._locations(digest):
+                self._erase(location, digest)
+        except OSError as exc:
+            raise BlobStoreError(f"could not delete blob {key}: {exc.strerror or exc}") from exc
+        with self._index_lock:
+            self._unsealed.pop(digest, None)
+        self.loose.delete(key)
+
+    def _erase(self, location: _Location, digest: bytes) -> None:
+        if location.writer is not None:
+            self._sync(location.writer, location.sequence)
+        fd = os.open(self.directory / f"{location.segment}{_SEGMENT_SUFFIX}", os.O_RDWR)
+        try:
+            header = os.pread(fd, _RECORD.size, location.offset)
+            if len(header) < _RECORD.size or _RECORD.unpack(header)[2] != digest:
+                return
+            os.pwrite(fd, _RECORD.pack(_DELETED, location.length, digest), location.offset)
+            start, end = location.offset + _RECORD.size, location.offset + _RECORD.size + location.length
+            while start < end:
+                start += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - start)], start)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def check(self) -> None:
+        """Create the segment folder if needed and prove it is writable with a probe file."""
+        self.loose.check()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".probe.{secrets.token_hex(4)}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise BlobStoreError(f"blob segment directory {self.directory} is not usable: {exc}") from exc
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_records(fd: int, start: int) -> Iterator[tuple[bytes, int, int, int]]:
+    """Complete records from ``start`` on: (digest, offset, length, end); stops at a partial or torn one."""
+    size = os.fstat(fd).st_size
+    offset = start
+    while offset + _RECORD.size <= size:
+        header = os.pread(fd, _RECORD.size, offset)
+        if len(header) < _RECORD.size:
+            return
+        magic, length, digest = _RECORD.unpack(header)
+        end = offset + _RECORD.size + length
+        if magic not in (_LIVE, _DELETED) or end > size:
+            return
+        if magic == _LIVE:
+            yield digest, offset, length, end
+        offset = end

@@ -1,0 +1,274 @@
+"""The segment blob store: blobs appended to per-process segment files, read back by any process."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import moderation.blobs.segments as segments_module
+from moderation.blobs import BlobStoreError, LocalBlobStore, SegmentBlobStore
+from moderation.errors import InvalidInput, NotFound
+
+
+def blob(seed: int, size: int = 5000) -> bytes:
+    """Distinct bytes for each seed."""
+    return (hashlib.sha256(str(seed).encode()).digest() * (size // 32 + 1))[:size]
+
+
+def files(store: SegmentBlobStore, suffix: str) -> list[Path]:
+    return sorted(store.directory.glob(f"*{suffix}"))
+
+
+def test_round_trip_appends_to_one_segment_and_seals_it_on_close(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    data = [blob(i) for i in range(3)]
+    keys = [store.put(d) for d in data]
+    assert keys == [hashlib.sha256(d).hexdigest() for d in data]
+    assert [store.get(k) for k in keys] == data
+    assert store.get(keys[0].upper()) == data[0] and store.exists(keys[1])
+    [segment] = files(store, ".seg")
+    assert files(store, ".idx") == []
+    # Three records (a 44-byte header each) and nothing else: no file per blob, nothing loose in the root.
+    assert segment.stat().st_size == sum(44 + len(d) for d in data)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [segment]
+    store.close()
+    assert [p.stem for p in files(store, ".idx")] == [segment.stem]
+    assert [store.get(k) for k in keys] == data
+    assert [SegmentBlobStore(tmp_path).get(k) for k in keys] == data
+
+
+def test_a_blob_already_stored_is_not_appended_again(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    results = store.put_many([blob(1), blob(2), blob(1)])
+    assert results == [hashlib.sha256(d).hexdigest() for d in (blob(1), blob(2), blob(1))]
+    [segment] = files(store, ".seg")
+    size = segment.stat().st_size
+    assert size == 2 * (44 + 5000)
+    assert store.put(blob(2)) == results[1]
+    assert segment.stat().st_size == size
+
+
+def test_missing_and_invalid_keys(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    store.put(blob(1))
+    with pytest.raises(NotFound):
+        store.get("0" * 64)
+    assert not store.exists("0" * 64)
+    for bad in ("../../etc/passwd", "a" * 63, "g" * 64, ""):
+        with pytest.raises(InvalidInput):
+            store.get(bad)
+
+
+def test_one_batch_costs_one_data_sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(segments_module.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd))[1])
+    store = SegmentBlobStore(tmp_path)
+    store.put_many([blob(i) for i in range(10)])
+    assert len(syncs) == 1
+    store.put_many([blob(i) for i in range(10)])  # all known: nothing to write, nothing to sync
+    assert len(syncs) == 1
+
+
+def test_concurrent_puts_share_syncs_and_each_returns_only_once_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced_sizes: list[int] = []
+    real = os.fdatasync
+
+    def slow_sync(fd: int) -> None:
+        size = os.fstat(fd).st_size  # everything appended before the sync starts is made durable by it
+        time.sleep(0.05)
+        real(fd)
+        synced_sizes.append(size)
+
+    monkeypatch.setattr(segments_module.os, "fdatasync", slow_sync)
+    store = SegmentBlobStore(tmp_path)
+    start = threading.Barrier(16)
+    violations: list[str] = []
+
+    def put(seed: int) -> None:
+        start.wait()
+        key = store.put(blob(seed))
+        location = store._unsealed[bytes.fromhex(key)]
+        if max(synced_sizes, default=0) < location.offset + 44 + location.length:
+            violations.append(key)
+
+    threads = [threading.Thread(target=put, args=(seed,)) for seed in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert violations == []
+    assert 1 <= len(synced_sizes) <= 4  # 16 appends, a few shared syncs (one alone would be 16)
+    reader = SegmentBlobStore(tmp_path)
+    assert all(reader.get(hashlib.sha256(blob(seed)).hexdigest()) == blob(seed) for seed in range(16))
+
+
+def test_another_process_reads_an_unsealed_segment_as_it_grows(tmp_path: Path) -> None:
+    writer, reader = SegmentBlobStore(tmp_path), SegmentBlobStore(tmp_path)
+    first = writer.put(blob(1))
+    assert reader.get(first) == blob(1)
+    later = writer.put(blob(2))  # appended after the reader scanned the segment
+    assert reader.get(later) == blob(2)
+    assert reader._scanned[files(writer, ".seg")[0].stem] == 2 * (44 + 5000)
+
+
+def test_full_segments_are_sealed_and_found_through_their_index(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path, segment_max_bytes=1 << 20)
+    data = [blob(i, 40_000) for i in range(60)]
+    keys = [store.put(d) for d in data]
+    sealed = files(store, ".idx")
+    assert len(sealed) == 2 and len(files(store, ".seg")) == 3  # 27 blobs of 40 KB fill 1 MiB
+    reader = SegmentBlobStore(tmp_path)
+    assert all(reader.get(k) == d for k, d in zip(keys, data, strict=True))
+    assert len(reader._sealed) == 2
+    assert sum(index.count for index in reader._sealed.values()) == 54
+    with pytest.raises(NotFound):
+        reader.get(hashlib.sha256(b"absent").hexdigest())
+
+
+def test_a_writer_that_died_leaves_a_segment_the_next_writer_seals(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from moderation.blobs import SegmentBlobStore\n"
+        "store = SegmentBlobStore(sys.argv[1])\n"
+        "for seed in range(5):\n"
+        "    store.put(str(seed).encode() * 1000)\n"
+        "segment = os.listdir(store.directory)[0]\n"
+        "with open(store.directory / segment, 'ab') as f:\n"
+        "    f.write(b'MBR1' + (10**6).to_bytes(8, 'big') + bytes(32) + b'torn')  # a record cut short\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False, timeout=60)
+    assert result.returncode == -9
+    keys = [hashlib.sha256(str(seed).encode() * 1000).hexdigest() for seed in range(5)]
+    reader = SegmentBlobStore(tmp_path)
+    assert [reader.get(k) for k in keys] == [str(seed).encode() * 1000 for seed in range(5)]
+    assert files(reader, ".idx") == []
+    writer = SegmentBlobStore(tmp_path)
+    writer.put(b"new")
+    [orphan_index] = files(writer, ".idx")
+    assert len(files(writer, ".seg")) == 2
+    assert [SegmentBlobStore(tmp_path).get(k) for k in keys] == [str(s).encode() * 1000 for s in range(5)]
+    assert orphan_index.stat().st_size == 12 + 5 * 48  # the torn record is not indexed
+
+
+def test_a_live_writers_segment_is_not_sealed_by_another_writer(tmp_path: Path) -> None:
+    first, second = SegmentBlobStore(tmp_path), SegmentBlobStore(tmp_path)
+    key = first.put(blob(1))
+    second.put(blob(2))
+    assert files(first, ".idx") == []  # the first writer holds its segment's lock
+    assert len(files(first, ".seg")) == 2
+    assert first.put(blob(3)) and second.get(key) == blob(1)
+
+
+def test_an_empty_orphan_segment_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "segments").mkdir()
+    (tmp_path / "segments" / "00000000000000000001-1-deadbeef.seg").write_bytes(b"MBR1\x00")
+    store = SegmentBlobStore(tmp_path)
+    store.put(blob(1))
+    assert [p.name for p in files(store, ".seg")] != ["00000000000000000001-1-deadbeef.seg"]
+    assert len(files(store, ".seg")) == 1 and files(store, ".idx") == []
+
+
+def test_a_failed_append_fails_its_batch_and_hides_nothing_written_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SegmentBlobStore(tmp_path)
+    kept = store.put(blob(1))
+    real = os.writev
+
+    def disk_full(fd: int, buffers: list[memoryview]) -> int:
+        real(fd, [buffers[0][:20]])  # part of a header reaches the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments_module.os, "writev", disk_full)
+    results = store.put_many([blob(2), blob(3)])
+    assert all(isinstance(r, BlobStoreError) and "No space left" in str(r) for r in results)
+    monkeypatch.setattr(segments_module.os, "writev", real)
+    after = store.put(blob(4))
+    reader = SegmentBlobStore(tmp_path)
+    assert reader.get(kept) == blob(1) and reader.get(after) == blob(4)
+    with pytest.raises(NotFound):
+        reader.get(hashlib.sha256(blob(2)).hexdigest())
+
+
+def test_a_failed_sync_fails_the_put(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(segments_module.os, "fdatasync", broken)
+    with pytest.raises(BlobStoreError, match="Input/output error"):
+        SegmentBlobStore(tmp_path).put(blob(1))
+
+
+def test_delete_erases_every_copy_and_loose_files(tmp_path: Path) -> None:
+    data = blob(7)
+    key = hashlib.sha256(data).hexdigest()
+    first = SegmentBlobStore(tmp_path, segment_max_bytes=1 << 20)
+    first.put(data)
+    first.close()  # one copy in a sealed segment
+    second = SegmentBlobStore(tmp_path)
+    second._unsealed.clear()
+    second.put_many([data])  # and another in an unsealed one (a concurrent writer would do this)
+    assert len(files(second, ".seg")) == 2
+    LocalBlobStore(tmp_path).put(data)  # and a loose file of the older layout
+    second.delete(key)
+    assert not second.exists(key) and not SegmentBlobStore(tmp_path).exists(key)
+    for segment in files(second, ".seg"):
+        assert data[:64] not in segment.read_bytes()
+    assert not LocalBlobStore(tmp_path).exists(key)
+    assert second.put(data) == key and second.get(key) == data  # stored again after a delete
+
+
+def test_a_corrupt_record_is_never_returned(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    key = store.put(blob(1))
+    [segment] = files(store, ".seg")
+    raw = bytearray(segment.read_bytes())
+    raw[100] ^= 0xFF
+    segment.write_bytes(bytes(raw))
+    with pytest.raises(NotFound):
+        SegmentBlobStore(tmp_path).get(key)
+
+
+def test_reads_blobs_of_the_file_per_blob_layout(tmp_path: Path) -> None:
+    key = LocalBlobStore(tmp_path).put(blob(1))
+    assert SegmentBlobStore(tmp_path).get(key) == blob(1)
+
+
+def _put_in_child(store: SegmentBlobStore, seed: int) -> None:
+    store.put(blob(seed))
+
+
+def test_a_forked_child_writes_its_own_segment(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    store.put(blob(1))
+    child = multiprocessing.get_context("fork").Process(target=_put_in_child, args=(store, 2))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    store.put(blob(3))
+    assert len(files(store, ".seg")) == 2
+    reader = SegmentBlobStore(tmp_path)
+    assert [reader.get(hashlib.sha256(blob(s)).hexdigest()) for s in (1, 2, 3)] == [blob(1), blob(2), blob(3)]
+
+
+def test_check(tmp_path: Path) -> None:
+    SegmentBlobStore(tmp_path / "new").check()
+    assert (tmp_path / "new" / "segments").is_dir()
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    with pytest.raises(BlobStoreError):
+        SegmentBlobStore(blocker).check()
+    assert isinstance(SegmentBlobStore(blocker).put_many([b"x"])[0], BlobStoreError)
