@@ -43,7 +43,6 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
             app.state.sessions,
             app.state.blob_store,
             max_batch=settings.intake_batch_max,
-            image_concurrency=settings.effective_intake_store_concurrency,
         )
         app.state.intake_writer.start()
         if dispatcher is not None:

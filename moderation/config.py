@@ -79,9 +79,8 @@ class Settings(BaseSettings):
     intake_store_concurrency: int | None = Field(
         default=None,
         ge=1,
-        description="Images one API process writes to the blob store at once (each is written and synced as "
-        "soon as its request is checked, while earlier rows are committed). Unset: 8 with the local blob "
-        "store, 32 with S3.",
+        description="Images of one intake batch uploaded (S3) or synced (local `files` layout) in parallel; "
+        "the `segments` layout syncs a batch at once. Unset: 8 with the local blob store, 32 with S3.",
     )
     intake_timeout_seconds: float = Field(
         default=30.0,

@@ -105,12 +105,12 @@ class LocalBlobStore(BlobStore):
     read, found by ``put`` and deleted, and new blobs go to the one-level path.
     """
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(self, root: Path, fsync: bool = True, sync_concurrency: int = _SYNC_THREADS) -> None:
         self.root = Path(root)
         self.fsync = fsync
         # Fan-out folders this process has made sure of (created, and their entry synced to disk).
         self._ready_dirs: set[Path] = set()
-        self._sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="blob-sync")
+        self._sync_pool = ThreadPoolExecutor(sync_concurrency, thread_name_prefix="blob-sync")
 
     def path_for(self, sha256: str) -> Path:
         """Where a new blob with this digest is written."""
@@ -437,7 +437,11 @@ def blob_store_from_settings(settings: Settings) -> BlobStore:
             upload_concurrency=settings.effective_intake_store_concurrency,
         )
     if settings.blob_local_layout == "files":
-        return LocalBlobStore(settings.effective_blob_dir, fsync=settings.blob_fsync)
+        return LocalBlobStore(
+            settings.effective_blob_dir,
+            fsync=settings.blob_fsync,
+            sync_concurrency=settings.effective_intake_store_concurrency,
+        )
     from moderation.blobs.segments import SegmentBlobStore  # here: that module imports this one
 
     return SegmentBlobStore(

@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, TypeAlias, cast
 
@@ -73,7 +73,11 @@ def store_batch(
         else:
             outcomes[index] = IntakeResult.replay(match)
     unstored = [index for index in to_store if batch[index].image_sha256 is None]
-    written = dict(zip(unstored, blob_store.put_many([batch[i].image for i in unstored]), strict=True))
+    written = (
+        dict(zip(unstored, blob_store.put_many([batch[i].image for i in unstored]), strict=True))
+        if unstored
+        else {}
+    )
     now = utcnow()
     rows: dict[int, dict[str, Any]] = {}
     for index in to_store:
@@ -116,13 +120,14 @@ def store_batch(
 
 
 class IntakeWriter:
-    """Stores submissions in two overlapping stages: images as they arrive, rows in shared transactions.
+    """Stores submissions in two overlapping stages: images in batches, then rows in shared transactions.
 
-    Each image is written and synced on a pool thread as soon as its request hands it over (syncs of
-    concurrent requests overlap); the rows of whatever images are stored by then go in one INSERT and one
-    COMMIT on the writer thread (group commit), while the next images are being written. A caller's future
-    resolves only after the commit that made its row, so no submission answered 202 can be lost. There is no
-    timer: a lone submission is written at once.
+    The image stage takes every submission handed over since its last pass and stores their images with one
+    ``put_many`` (one data sync for the local store's segments, parallel uploads for S3); the row stage takes
+    every submission whose image is stored by then and writes their rows in one INSERT and one COMMIT (group
+    commit), while the image stage works on the next images. Batches grow with the load and no timer waits: a
+    lone submission is written at once. A caller's future resolves only after the commit that made its row,
+    so no submission answered 202 can be lost.
     """
 
     def __init__(
@@ -131,17 +136,19 @@ class IntakeWriter:
         blob_store: BlobStore,
         *,
         max_batch: int = 64,
-        image_concurrency: int = 8,
         name: str = "intake-writer",
     ) -> None:
         self.sessions = sessions
         self.blob_store = blob_store
         self.max_batch = max_batch
-        self._images = ThreadPoolExecutor(image_concurrency, thread_name_prefix=f"{name}-image")
+        self._incoming: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._busy_since: float | None = None  # when the batch being written was taken
+        self._busy_since: float | None = None  # when the batch of rows being written was taken
+        self._storing_since: float | None = None  # when the batch of images being stored was taken
+        # The image stage starts with the first submission, the row stage with start().
+        self._images = threading.Thread(target=self._run_images, name=f"{name}-images", daemon=True)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -151,17 +158,18 @@ class IntakeWriter:
 
     @property
     def running(self) -> bool:
-        """Whether the writer takes submissions (started, not closed, its thread alive)."""
-        return not self._closed and self._thread.is_alive()
+        """Whether the writer takes submissions (started, not closed, its threads alive)."""
+        images_ok = self._images.is_alive() or self._images.ident is None
+        return not self._closed and self._thread.is_alive() and images_ok
 
     @property
     def busy_for(self) -> float:
-        """Seconds the writer has spent on the batch it is writing now (0 when idle)."""
-        since = self._busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        """Seconds either stage has spent on the batch it is working on now (0 when idle)."""
+        started = [since for since in (self._busy_since, self._storing_since) if since is not None]
+        return time.monotonic() - min(started) if started else 0.0
 
     def start(self) -> None:
-        """Start the writer thread."""
+        """Start the row stage."""
         self._thread.start()
 
     def submit(self, prepared: PreparedSubmission) -> Future[IntakeResult]:
@@ -170,7 +178,9 @@ class IntakeWriter:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the service is shutting down", code="shutting_down")
-            self._images.submit(self._store_image, prepared, future)
+            if self._images.ident is None:
+                self._images.start()
+            self._incoming.put((prepared, future))
         return future
 
     def close(self, timeout: float = 30.0) -> None:
@@ -179,22 +189,54 @@ class IntakeWriter:
             if self._closed:
                 return
             self._closed = True
-        # Every image taken is stored and its submission queued before the writer is told to stop.
-        self._images.shutdown(wait=True)
-        self._queue.put(None)
+            images_started = self._images.ident is not None
+        if images_started:
+            # Every image taken is stored and its submission queued before the row stage is told to stop.
+            self._incoming.put(None)
+            self._images.join(timeout)
+        else:
+            self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _store_image(self, prepared: PreparedSubmission, future: Future[IntakeResult]) -> None:
-        if future.cancelled():  # the caller left before anything was stored: it was never answered
+    def _run_images(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._incoming.get()
+            if first is None:
+                break
+            pending = [first]
+            while len(pending) < self.max_batch:
+                try:
+                    item = self._incoming.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                pending.append(item)
+            self._store_images(pending)
+        self._queue.put(None)
+
+    def _store_images(self, pending: list[_Pending]) -> None:
+        # A caller that left before anything was stored was never answered: its image is not written.
+        pending = [(prepared, future) for prepared, future in pending if not future.cancelled()]
+        if not pending:
             return
+        self._storing_since = time.monotonic()
+        stored: Sequence[str | Exception]
         try:
-            digest = self.blob_store.put(prepared.image)
-        except Exception as exc:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(exc)
-            return
-        self._queue.put((replace(prepared, image_sha256=digest), future))
+            stored = self.blob_store.put_many([prepared.image for prepared, _ in pending])
+        except Exception as exc:  # the stage must outlive any failure, and every caller must hear back
+            logger.exception("intake could not store a batch of images")
+            stored = [exc] * len(pending)
+        finally:
+            self._storing_since = None
+        for (prepared, future), digest in zip(pending, stored, strict=True):
+            if isinstance(digest, str):
+                self._queue.put((replace(prepared, image_sha256=digest), future))
+            elif future.set_running_or_notify_cancel():
+                future.set_exception(digest)
 
     def write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         """Write one batch in its own transaction; when it fails as a whole, each submission is tried alone."""

@@ -6,7 +6,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -404,3 +404,64 @@ def test_the_batch_statements_compile_whatever_module_is_imported_first() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "%(tenant_id)s::UUID[]" in out and "%(move_tokens)s::UUID[]" in out
+
+
+class GatedStore(SegmentBlobStore):
+    """A segment store whose first ``put_many`` waits for a gate, or fails when told to."""
+
+    def __init__(self, root: Path, fail_first: bool = False) -> None:
+        super().__init__(root, fsync=True)
+        self.gate = threading.Event()
+        self.fail_first = fail_first
+        self.batches: list[int] = []
+
+    def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
+        self.batches.append(len(blobs))
+        if len(self.batches) == 1:
+            self.gate.wait(30)
+            if self.fail_first:
+                raise RuntimeError("the store broke in an unexpected way")
+        return super().put_many(blobs)
+
+
+def test_the_image_stage_stores_what_arrived_meanwhile_in_one_pass(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    settings: Settings,
+    tmp_path: Path,
+    dispatched: RecordingDispatcher,
+) -> None:
+    store = GatedStore(tmp_path / "blobs")
+    writer = IntakeWriter(sessions, store)
+    writer.start()
+    first = writer.submit(prepare(tenant, settings, 0))
+    deadline = time.monotonic() + 30
+    while not store.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rest = [writer.submit(prepare(tenant, settings, seed)) for seed in range(1, 10)]
+    assert writer.busy_for > 0  # the image stage is busy with the first
+    store.gate.set()
+    assert first.result(timeout=30).created and all(f.result(timeout=30).created for f in rest)
+    assert store.batches == [1, 9]  # the nine that waited went to the store together: one data sync
+    writer.close()
+    assert len(rows(sessions)) == 10
+    assert all(store.get(r.image_sha256) for r in rows(sessions))
+
+
+def test_an_unexpected_store_failure_fails_its_batch_and_the_stage_goes_on(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    settings: Settings,
+    tmp_path: Path,
+    dispatched: RecordingDispatcher,
+) -> None:
+    store = GatedStore(tmp_path / "blobs", fail_first=True)
+    writer = IntakeWriter(sessions, store)
+    writer.start()
+    failed = writer.submit(prepare(tenant, settings, 0))
+    store.gate.set()
+    assert isinstance(failed.exception(timeout=30), RuntimeError)
+    assert writer.running
+    assert writer.submit(prepare(tenant, settings, 1)).result(timeout=30).created
+    writer.close()
+    assert [r.caption for r in rows(sessions)] == ["caption 1"] and len(dispatched.jobs) == 1
