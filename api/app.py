@@ -22,7 +22,7 @@ from moderation.blobs import blob_store_from_settings
 from moderation.config import Settings, get_settings
 from moderation.db import make_engine
 from moderation.ratelimit import RateLimiter
-from moderation.submissions.intake import IntakeWriter
+from moderation.submissions.intake import IntakeWriter, intake_sessionmaker
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
         )
         app.state.rate_limiter = RateLimiter(app.state.redis_async)
         app.state.intake_writer = IntakeWriter(
-            app.state.sessions,
+            app.state.intake_sessions,
             app.state.blob_store,
             max_batch=settings.intake_batch_max,
         )
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
         bind=make_engine(settings.database_url, statement_timeout_seconds=settings.intake_timeout_seconds),
         expire_on_commit=False,
     )
+    app.state.intake_sessions = intake_sessionmaker(settings)
     app.state.blob_store = blob_store_from_settings(settings)
     app.state.tenant_cache = TenantCache()
     install_error_handlers(app)

@@ -60,12 +60,19 @@ class TimestampMixin:
 
 
 def make_engine(
-    url: str | None = None, *, pool_size: int = 10, statement_timeout_seconds: float | None = None
+    url: str | None = None,
+    *,
+    pool_size: int = 10,
+    statement_timeout_seconds: float | None = None,
+    autocommit: bool = False,
+    pre_ping: bool = True,
 ) -> Engine:
     """Create a SQLAlchemy engine for the configured database.
 
     Connections send TCP keepalives, so one whose server vanished fails within about a minute instead of
-    blocking its caller; ``statement_timeout_seconds`` also caps every statement and lock wait.
+    blocking its caller; ``statement_timeout_seconds`` also caps every statement and lock wait. With
+    ``autocommit`` each statement commits by itself (no BEGIN and COMMIT round trips); without ``pre_ping``
+    a connection is not tested before use, and a dead one fails its first statement instead.
     """
     connect_args: dict[str, object] = {
         "application_name": f"moderation-{os.getpid()}",
@@ -81,9 +88,10 @@ def make_engine(
         url or get_settings().database_url,
         pool_size=pool_size,
         max_overflow=20,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args=connect_args,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 
 

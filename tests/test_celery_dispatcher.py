@@ -7,6 +7,7 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 import redis
 
 from moderation.config import Settings
@@ -107,3 +108,27 @@ def test_a_commit_hands_its_jobs_to_the_broker_together(redis_client: redis.Redi
         assert "could not dispatch 3 jobs; the sweeper will recover them" in caplog.text
     finally:
         jobs.set_dispatcher(previous)
+
+
+def test_publishes_reuse_one_redis_client_per_channel(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_celery(Settings(redis_url=TEST_REDIS_URL))
+    dispatcher = CeleryDispatcher(app)
+    dispatcher.dispatch(process_job(uuid.uuid4()))
+    built: list[object] = []
+    real_init = redis.Redis.__init__
+
+    def counting_init(self: redis.Redis, *args: Any, **kwargs: Any) -> None:
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Redis, "__init__", counting_init)
+    sent = [uuid.uuid4() for _ in range(20)]
+    for sid in sent:
+        dispatcher.dispatch(process_job(sid))
+    dispatcher.dispatch_many([process_job(sid) for sid in sent[:3]])
+    assert built == []  # kombu would build a client (and its callback table) for every one of them
+    assert [m["args"] for m in _messages(redis_client, "gpu")][1:] == [
+        [str(sid)] for sid in [*sent, *sent[:3]]
+    ]

@@ -35,7 +35,7 @@ def client(
 ) -> Iterator[TestClient]:
     """A test client of the API on the test's transaction."""
     app = create_app(settings, dispatcher=dispatched)
-    app.state.sessions = sessions
+    app.state.sessions = app.state.intake_sessions = sessions
     with TestClient(app) as test_client:
         yield test_client
 

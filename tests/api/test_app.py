@@ -18,7 +18,7 @@ def test_startup_freezes_long_lived_objects_out_of_gc_scans(
     gc.unfreeze()
     assert gc.get_freeze_count() == 0
     app = create_app(settings, dispatcher=dispatched)
-    app.state.sessions = sessions
+    app.state.sessions = app.state.intake_sessions = sessions
     with TestClient(app) as client:
         assert gc.get_freeze_count() > 0
         assert client.get("/healthz").status_code == 200

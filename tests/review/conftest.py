@@ -38,7 +38,7 @@ def app_client(
 ) -> Iterator[TestClient]:
     """The API on the test's transaction, reached as http://localhost (cookies without Secure)."""
     app = create_app(settings, dispatcher=dispatched)
-    app.state.sessions = sessions
+    app.state.sessions = app.state.intake_sessions = sessions
     app.state.blob_store = LocalBlobStore(settings.effective_blob_dir, fsync=False)
     with TestClient(app, base_url="http://localhost") as client:
         yield client

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, Engine, delete, event, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,7 +19,7 @@ from moderation.config import Settings
 from moderation.errors import ServiceUnavailable
 from moderation.jobs import TASK_PROCESS_SUBMISSION
 from moderation.submissions import service
-from moderation.submissions.intake import IntakeWriter, store_batch
+from moderation.submissions.intake import IntakeWriter, intake_sessionmaker, store_batch
 from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.submissions.service import IntakeResult, PreparedSubmission
 from moderation.tenants.models import Tenant
@@ -465,3 +465,38 @@ def test_an_unexpected_store_failure_fails_its_batch_and_the_stage_goes_on(
     assert writer.submit(prepare(tenant, settings, 1)).result(timeout=30).created
     writer.close()
     assert [r.caption for r in rows(sessions)] == ["caption 1"] and len(dispatched.jobs) == 1
+
+
+def test_the_writers_own_connection_autocommits_and_survives_being_cut(
+    db_engine: Engine, settings: Settings, tmp_path: Path, dispatched: RecordingDispatcher
+) -> None:
+    # The writer's sessions as the API builds them, on a real connection: rows are committed, so this test
+    # makes its own tenant and removes what it made.
+    intake_sessions = intake_sessionmaker(settings)
+    engine = intake_sessions.kw["bind"]
+    with Session(db_engine) as session, session.begin():
+        tenant = create_tenant(session, f"autocommit-{uuid.uuid4().hex[:8]}", settings).tenant
+        session.expunge(tenant)
+    writer = IntakeWriter(intake_sessions, SegmentBlobStore(tmp_path / "blobs"))
+    writer.start()
+    try:
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection.autocommit is True
+            assert not engine.pool._pre_ping
+        first = writer.submit(prepare(tenant, settings, 0)).result(timeout=30)
+        with intake_sessions() as session:
+            backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        with db_engine.connect() as conn:  # the server drops the writer's connection between batches
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar_one()
+        second = writer.submit(prepare(tenant, settings, 1)).result(timeout=30)
+        assert first.created and second.created
+        with Session(db_engine) as session:
+            stored = session.scalars(select(Submission).where(Submission.tenant_id == tenant.id)).all()
+        assert sorted(s.id for s in stored) == sorted([first.id, second.id])
+        assert [job.args for job in dispatched.jobs] == [(str(first.id),), (str(second.id),)]
+    finally:
+        writer.close()
+        engine.dispose()
+        with Session(db_engine) as session, session.begin():
+            session.execute(delete(Submission).where(Submission.tenant_id == tenant.id))
+            session.execute(delete(Tenant).where(Tenant.id == tenant.id))
