@@ -52,11 +52,15 @@ def _segment_end(data: bytes, pos: int) -> int:
     return end
 
 
-def check_jpeg(data: bytes) -> None:
-    """Walk the JPEG segments up to the first scan (a valid frame header required), then to the EOI marker."""
+def check_jpeg(data: bytes, on_frame: Callable[[int, int], None] | None = None) -> tuple[int, int]:
+    """Walk the JPEG segments up to the first scan, then to the EOI marker; the first frame's width and height.
+
+    ``on_frame(width, height)`` is called as soon as the first frame header is read, before the rest is
+    walked, so a check of the image's size can fail first.
+    """
     n = len(data)
     pos = 2
-    seen_frame = False
+    size: tuple[int, int] | None = None
     markers = 0
     while True:
         markers += 1
@@ -81,34 +85,36 @@ def check_jpeg(data: bytes) -> None:
             components = data[pos + 7] if pos + 7 < end else 0
             if components == 0 or end - pos != 8 + 3 * components:
                 raise ImageStructureError("JPEG frame header is malformed")
-            if _u16be(data, pos + 3) == 0 or _u16be(data, pos + 5) == 0:
+            height, width = _u16be(data, pos + 3), _u16be(data, pos + 5)
+            if height == 0 or width == 0:
                 raise ImageStructureError("JPEG frame has an empty side")
-            seen_frame = True
+            if size is None:
+                size = (width, height)
+                if on_frame is not None:
+                    on_frame(width, height)
         elif marker == _JPEG_SOS:
-            if not seen_frame:
+            if size is None:
                 raise ImageStructureError("JPEG scan comes before any frame header")
             if end - pos < 3 or end - pos != 6 + 2 * data[pos + 2]:
                 raise ImageStructureError("JPEG scan header is malformed")
             pos = end
             break
         pos = end
+    assert size is not None  # a scan is only walked into after a frame header
     # Entropy-coded data, and the tables and scans between progressive scans, until the end-of-image marker.
-    while True:
+    while (found := _JPEG_MARKER.search(data, pos)) is not None:
         markers += 1
         if markers > MAX_JPEG_MARKERS:
             raise ImageStructureError("JPEG has more markers than any real image")
-        found = _JPEG_MARKER.search(data, pos)
-        if found is None:
-            raise ImageStructureError("JPEG is truncated: no end-of-image marker")
         pos = found.end()
         marker = data[pos - 1]
         if marker == _JPEG_EOI:
-            return
-        if marker == _JPEG_TEM:
-            continue
+            return size
         if marker == 0xD8:
             raise ImageStructureError("JPEG has a second start-of-image marker inside its data")
-        pos = _segment_end(data, pos)
+        if marker != _JPEG_TEM:
+            pos = _segment_end(data, pos)  # a table or scan header between progressive scans
+    raise ImageStructureError("JPEG is truncated: no end-of-image marker")
 
 
 def check_png(data: bytes) -> None:
@@ -246,7 +252,7 @@ def check_tiff(data: bytes, image: Image.Image) -> None:
         raise ImageStructureError("TIFF is truncated: image data lies past the end of the file")
 
 
-_CHECKS: dict[str, Callable[[bytes], None]] = {
+_CHECKS: dict[str, Callable[[bytes], object]] = {
     "JPEG": check_jpeg,
     "PNG": check_png,
     "GIF": check_gif,

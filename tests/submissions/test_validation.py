@@ -23,6 +23,7 @@ from moderation.submissions.structure import (
     check_webp,
 )
 from moderation.submissions.validation import (
+    ImageInfo,
     decode_caption,
     parse_metadata,
     sniff_format,
@@ -295,11 +296,28 @@ def test_tiff_strip_tables_must_be_integers() -> None:
         check_tiff(b"\x00" * 100, image)  # type: ignore[arg-type]
 
 
-def test_any_parser_failure_is_a_422_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(data: bytes, fmt: str, image: Image.Image) -> None:
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_any_parser_failure_is_a_422_not_a_crash(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
 
-    monkeypatch.setattr(validation, "check_structure", broken)
+    # JPEGs are walked by check_jpeg alone; other formats are opened by Pillow, then checked.
+    monkeypatch.setattr(validation, "check_jpeg" if fmt == "JPEG" else "check_structure", broken)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(buf, fmt)
     with pytest.raises(InvalidInput) as err:
-        validate_image(make_jpeg(64, 48), SETTINGS)
+        validate_image(buf.getvalue(), SETTINGS)
     assert err.value.code == "image_undecodable" and "TypeError" in str(err.value)
+
+
+def test_a_jpeg_is_sized_from_its_frame_header_and_the_pixel_limit_comes_first() -> None:
+    jpeg = make_jpeg(64, 48)
+    assert validate_image(jpeg, SETTINGS) == ImageInfo("JPEG", 64, 48)
+    small = SETTINGS.model_copy(update={"max_image_pixels": 64 * 48 - 1})
+    for data in (jpeg, jpeg[: len(jpeg) // 2]):  # whole, and cut short: the size is known from the header
+        with pytest.raises(InvalidInput) as err:
+            validate_image(data, small)
+        assert err.value.code == "image_too_many_pixels"
+    with pytest.raises(InvalidInput) as err:
+        validate_image(jpeg[: len(jpeg) // 2], SETTINGS)
+    assert err.value.code == "image_undecodable"
