@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from starlette.datastructures import UploadFile
 
 from api.deps import SessionDep, TenantDep, cached_tenant, resolve_tenant
+from api.multipart import boundary_of, parse_form, read_body
 from moderation import metrics
 from moderation.config import Settings
 from moderation.errors import (
@@ -48,50 +48,52 @@ class SubmissionJSON(BaseModel):
     metadata: dict[str, Any] | str | None = None
 
 
+def _request_limit(settings: Settings) -> int:
+    """Largest body an intake request may have: the image limit, base64-encoded, plus the other fields."""
+    return settings.max_image_bytes * 4 // 3 + _FORM_OVERHEAD
+
+
 def _content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     return int(raw) if raw and raw.isdigit() else None
 
 
-async def _read_upload(upload: UploadFile, limit: int) -> bytes:
-    chunks = []
-    size = 0
-    while chunk := await upload.read(1024 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"image is larger than {limit} bytes", code="image_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _parse_multipart(request: Request, settings: Settings) -> dict[str, Any]:
-    form = await request.form(max_files=2, max_fields=20, max_part_size=settings.max_caption_chars * 4 + 1024)
-    try:
-        image = form.get("image")
-        if not isinstance(image, UploadFile):
-            raise InvalidInput("multipart field 'image' (a file) is required", code="image_missing")
-        caption = form.get("caption")
-        if caption is None:
-            raise InvalidInput("multipart field 'caption' is required", code="caption_empty")
-        raw_caption: str | bytes = await caption.read() if isinstance(caption, UploadFile) else caption
-        fields = {}
-        for name in ("external_id", "metadata"):
-            value = form.get(name)
-            if isinstance(value, UploadFile):
-                raise InvalidInput(f"multipart field '{name}' must be text", code=f"invalid_{name}")
-            fields[name] = value
-        return {
-            "image": await _read_upload(image, settings.max_image_bytes),
-            "caption": raw_caption,
-            "source_url": None,
-            **fields,
-        }
-    finally:
-        await form.close()
+    boundary = boundary_of(request.headers["content-type"])
+    body = await read_body(
+        request,
+        _request_limit(settings),
+        too_large=f"request is larger than the {settings.max_image_bytes}-byte image limit allows",
+    )
+    form = parse_form(body, boundary)
+    image = form.get("image")
+    if image is None or not image.is_file:
+        raise InvalidInput("multipart field 'image' (a file) is required", code="image_missing")
+    if len(image.data) > settings.max_image_bytes:
+        raise PayloadTooLarge(
+            f"image is larger than {settings.max_image_bytes} bytes", code="image_too_large"
+        )
+    caption = form.get("caption")
+    if caption is None:
+        raise InvalidInput("multipart field 'caption' is required", code="caption_empty")
+    fields: dict[str, str | None] = {}
+    for name in ("external_id", "metadata"):
+        part = form.get(name)
+        if part is not None and part.is_file:
+            raise InvalidInput(f"multipart field '{name}' must be text", code=f"invalid_{name}")
+        try:
+            fields[name] = None if part is None else part.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"multipart field '{name}' is not UTF-8", code=f"invalid_{name}") from exc
+    return {"image": image.data, "caption": caption.data, "source_url": None, **fields}
 
 
 async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
-    body = await request.body()
+    body = await read_body(
+        request,
+        _request_limit(settings),
+        too_large=f"request is larger than the {settings.max_image_bytes}-byte image limit allows",
+    )
     try:
         data = SubmissionJSON.model_validate_json(body)
     except ValueError as exc:
@@ -148,7 +150,7 @@ async def create_submission(request: Request) -> JSONResponse:
             settings.rate_limit_burst,
         )
         length = _content_length(request)
-        if length is not None and length > settings.max_image_bytes * 4 // 3 + _FORM_OVERHEAD:
+        if length is not None and length > _request_limit(settings):
             raise PayloadTooLarge(
                 f"request is larger than the {settings.max_image_bytes}-byte image limit allows"
             )
