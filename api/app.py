@@ -43,6 +43,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
             app.state.intake_sessions,
             app.state.blob_store,
             max_batch=settings.intake_batch_max,
+            job_interval=settings.intake_job_interval_ms / 1000,
+            job_max_submissions=settings.batch_max_size,
         )
         app.state.intake_writer.start()
         if dispatcher is not None:

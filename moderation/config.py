@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         "the rows of submissions whose images were stored while the previous transaction ran share one INSERT "
         "and one COMMIT; a lone submission is written at once.",
     )
+    intake_job_interval_ms: float = Field(
+        default=20.0,
+        ge=0,
+        description="Longest the GPU job of a committed submission is held, so that consecutive intake batches "
+        "of one API process share one job (one broker publish) under load; 0 sends a job per batch. A job held "
+        "when the process dies is sent by the sweeper.",
+    )
     intake_store_concurrency: int | None = Field(
         default=None,
         ge=1,

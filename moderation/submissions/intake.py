@@ -20,7 +20,7 @@ from moderation.blobs import BlobStore, BlobStoreError
 from moderation.config import Settings
 from moderation.db import make_engine, utcnow
 from moderation.errors import ServiceUnavailable
-from moderation.jobs import enqueue_after_commit
+from moderation.jobs import dispatch_all, enqueue_after_commit
 from moderation.submissions.models import Submission
 from moderation.submissions.repository import SubmissionRepository
 from moderation.submissions.service import (
@@ -51,7 +51,7 @@ def _match_existing(prepared: PreparedSubmission, existing: Sequence[Submission]
 
 
 def store_batch(
-    session: Session, batch: Sequence[PreparedSubmission], blob_store: BlobStore
+    session: Session, batch: Sequence[PreparedSubmission], blob_store: BlobStore, *, enqueue_job: bool = True
 ) -> list[Outcome]:
     """Store a batch in the caller's transaction: one lookup, one blob pass, one INSERT, one job after commit.
 
@@ -109,7 +109,7 @@ def store_batch(
         outcomes[index] = IntakeResult.inserted(repo, values)
         ours.append(index)
     job_ids = [*(rows[index]["id"] for index in ours), *rewritten]
-    if job_ids:
+    if job_ids and enqueue_job:
         # One job names them all: a GPU worker judges them in one batch, and no job is left over to find
         # its submission already judged as another's companion. (A repeated job is harmless.)
         enqueue_after_commit(session, process_job(*job_ids))
@@ -157,11 +157,17 @@ class IntakeWriter:
         blob_store: BlobStore,
         *,
         max_batch: int = 64,
+        job_interval: float = 0.0,
+        job_max_submissions: int = 64,
         name: str = "intake-writer",
     ) -> None:
         self.sessions = sessions
         self.blob_store = blob_store
         self.max_batch = max_batch
+        self.job_interval = job_interval
+        self.job_max_submissions = job_max_submissions
+        self._unsent: list[uuid.UUID] = []  # committed submissions whose GPU job is not sent yet
+        self._last_sent = 0.0
         self._incoming: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -263,7 +269,14 @@ class IntakeWriter:
         """Write one batch in its own session; when it fails as a whole, each submission is tried alone.
 
         A batch whose database connection turns out to be dead is written again once, on a new connection.
+        The GPU jobs of the new rows are sent after the commit, together with those of the batches before
+        when ``job_interval`` has not passed yet since the last send (the writer sends them within it).
         """
+        outcomes = self._write(batch)
+        self._send_due_jobs()
+        return outcomes
+
+    def _write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         try:
             try:
                 return self._write_once(batch)
@@ -278,18 +291,48 @@ class IntakeWriter:
                 return [exc]
             # One bad row must not fail its neighbours: find it by writing each alone.
             logger.warning("a batch of %d submissions failed (%s); writing them one by one", len(batch), exc)
-            return [self.write([prepared])[0] for prepared in batch]
+            return [self._write([prepared])[0] for prepared in batch]
 
     def _write_once(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         with self.sessions() as session:
-            outcomes = store_batch(session, batch, self.blob_store)
-            session.commit()  # the after-commit hook hands the batch's job to the broker
-            return outcomes
+            outcomes = store_batch(session, batch, self.blob_store, enqueue_job=False)
+            session.commit()
+        # Only now, after the commit, do the new rows get their GPU job.
+        self._unsent += [o.id for o in outcomes if isinstance(o, IntakeResult) and o.created]
+        return outcomes
+
+    def _send_jobs(self) -> None:
+        """Send the GPU jobs of every submission committed since the last send (the sweeper covers a failure)."""
+        ids, self._unsent = self._unsent, []
+        self._last_sent = time.monotonic()
+        step = self.job_max_submissions
+        if ids:
+            dispatch_all([process_job(*ids[i : i + step]) for i in range(0, len(ids), step)])
+
+    def _send_due_jobs(self) -> None:
+        if self._unsent and time.monotonic() - self._last_sent >= self.job_interval:
+            self._send_jobs()
+
+    def _next(self) -> _Pending | None:
+        """The next stored submission; jobs held for ``job_interval`` are sent while waiting for it."""
+        while self._unsent:
+            wait = self._last_sent + self.job_interval - time.monotonic()
+            try:
+                return self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                self._send_jobs()
+        return self._queue.get()
 
     def _run(self) -> None:
+        try:
+            self._take_batches()
+        finally:
+            self._send_jobs()
+
+    def _take_batches(self) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            first = self._next()
             if first is None:
                 break
             pending = [first]

@@ -500,3 +500,48 @@ def test_the_writers_own_connection_autocommits_and_survives_being_cut(
         with Session(db_engine) as session, session.begin():
             session.execute(delete(Submission).where(Submission.tenant_id == tenant.id))
             session.execute(delete(Tenant).where(Tenant.id == tenant.id))
+
+
+def test_under_load_the_jobs_of_consecutive_batches_are_sent_together(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: BlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store, job_interval=1.0)
+    writer.start()
+    first = writer.submit(prepare(tenant, settings, 0)).result(timeout=30)
+    assert [job.args for job in dispatched.jobs] == [(str(first.id),)]  # nothing was held: sent at once
+    held = [writer.submit(prepare(tenant, settings, seed)).result(timeout=30) for seed in (1, 2)]
+    started = time.monotonic()
+    assert len(dispatched.jobs) == 1  # committed and answered; their job waits for the interval
+    while len(dispatched.jobs) < 2 and time.monotonic() - started < 10:
+        time.sleep(0.01)
+    assert [job.args for job in dispatched.jobs][1] == tuple(str(r.id) for r in held)
+    assert time.monotonic() - started < 5  # sent by the idle writer once the interval passed
+    last = writer.submit(prepare(tenant, settings, 3)).result(timeout=30)
+    writer.close()  # a job still held is sent on the way out
+    assert dispatched.jobs[-1].args == (str(last.id),)
+    assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(
+        str(r.id) for r in [first, *held, last]
+    )
+
+
+def test_held_jobs_are_split_at_the_gpu_batch_size(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: BlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store, job_interval=60, job_max_submissions=2)
+    futures = [writer.submit(prepare(tenant, settings, seed)) for seed in range(5)]
+    deadline = time.monotonic() + 30
+    while writer.waiting < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.start()
+    results = [future.result(timeout=30) for future in futures]
+    writer.close()
+    assert [len(job.args) for job in dispatched.jobs] == [2, 2, 1]
+    assert [arg for job in dispatched.jobs for arg in job.args] == [str(r.id) for r in results]
