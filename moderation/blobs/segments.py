@@ -181,8 +181,9 @@ class SegmentBlobStore(BlobStore):
         new: list[tuple[bytes, bytes]] = []
         for data, digest in zip(blobs, digests, strict=True):
             known = self._unsealed.get(digest)
-            if known is not None:
-                waits.append(known)  # written by this process (maybe not synced yet) or found on disk
+            # Only this process's own copies count: one another process appended may not be durable yet.
+            if known is not None and known.writer is not None:
+                waits.append(known)  # maybe not synced yet: this put waits for its sync
             elif all(digest != pending for pending, _ in new):
                 new.append((digest, data))
         if not new:
@@ -315,6 +316,8 @@ class SegmentBlobStore(BlobStore):
                     continue  # sealed meanwhile by another process
                 records = [(digest, offset, length) for digest, offset, length, _ in _read_records(fd, 0)]
                 if records:
+                    if self.fsync:
+                        os.fsync(fd)  # its writer may have died between an append and its sync
                     self._write_index(name, records)
                     logger.info(
                         "sealed blob segment %s of a writer that is gone (%d blobs)", name, len(records)
