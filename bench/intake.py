@@ -658,15 +658,21 @@ def claim_redis_db(url: str) -> None:
         client.close()
 
 
-def flush_redis_db(url: str) -> int:
-    """Flush the benchmark's Redis database; returns the number of queued GPU jobs found first."""
+def flush_redis_db(url: str) -> tuple[int, int]:
+    """Flush the benchmark's Redis database; first counts the queued GPU jobs and the submissions they name."""
+    import base64
+
     import redis
 
     client = redis.Redis.from_url(url)
     try:
-        queued = int(client.llen("gpu"))
+        messages = client.lrange("gpu", 0, -1)
+        named = 0
+        for raw in messages:
+            args, _, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            named += len(args)
         client.flushdb()
-        return queued
+        return len(messages), named
     finally:
         client.close()
 
@@ -1033,8 +1039,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
         if "real" in targets:
             with contextlib.suppress(Exception):
-                queued = flush_redis_db(args.redis_url)
-                print(f"check: {queued} jobs were queued in Redis ({args.redis_url}); flushed")
+                queued, named = flush_redis_db(args.redis_url)
+                print(
+                    f"check: {queued} GPU jobs naming {named} submissions were queued in Redis "
+                    f"({args.redis_url}); flushed"
+                )
             if not args.keep_db:
                 with contextlib.suppress(Exception):
                     drop_database(args.database_url)
