@@ -145,10 +145,7 @@ class SegmentBlobStore(BlobStore):
 
     def put(self, data: bytes) -> str:
         """Store ``data`` unless this process already knows a copy, and return its SHA-256 hex digest."""
-        result = self.put_many([data])[0]
-        if isinstance(result, BlobStoreError):
-            raise result
-        return result
+        return self._put_through_many(data)
 
     def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
         """Append the blobs not stored yet to this process's segment and make them durable in one sync."""

@@ -57,6 +57,13 @@ class BlobStore(abc.ABC):
         """Store several blobs; each entry is that blob's digest, or the error it met (the others are stored)."""
         return [self._put_or_error(data) for data in blobs]
 
+    def _put_through_many(self, data: bytes) -> str:
+        """``put`` for stores whose ``put_many`` does the work."""
+        result = self.put_many([data])[0]
+        if isinstance(result, BlobStoreError):
+            raise result
+        return result
+
     def _put_or_error(self, data: bytes) -> str | BlobStoreError:
         try:
             return self.put(data)
@@ -172,10 +179,7 @@ class LocalBlobStore(BlobStore):
 
     def put(self, data: bytes) -> str:
         """Store ``data`` atomically unless an intact copy exists; concurrent writers of one blob are safe."""
-        result = self.put_many([data])[0]
-        if isinstance(result, BlobStoreError):
-            raise result
-        return result
+        return self._put_through_many(data)
 
     def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
         """Store several blobs atomically with one durability pass: write all, sync all, rename all.

@@ -226,22 +226,28 @@ class IntakeWriter:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def _drain(
+        self, source: queue.SimpleQueue[_Pending | None], first: _Pending
+    ) -> tuple[list[_Pending], bool]:
+        """``first`` and whatever else waits in ``source``, up to the batch size; and whether a stop came."""
+        pending = [first]
+        while len(pending) < self.max_batch:
+            try:
+                item = source.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return pending, True
+            pending.append(item)
+        return pending, False
+
     def _run_images(self) -> None:
         stopping = False
         while not stopping:
             first = self._incoming.get()
             if first is None:
                 break
-            pending = [first]
-            while len(pending) < self.max_batch:
-                try:
-                    item = self._incoming.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                pending.append(item)
+            pending, stopping = self._drain(self._incoming, first)
             self._store_images(pending)
         self._queue.put(None)
 
@@ -335,16 +341,7 @@ class IntakeWriter:
             first = self._next()
             if first is None:
                 break
-            pending = [first]
-            while len(pending) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                pending.append(item)
+            pending, stopping = self._drain(self._queue, first)
             self._resolve(pending)
 
     def _resolve(self, pending: list[_Pending]) -> None:
