@@ -8,6 +8,7 @@ part's headers and a blank line before its bytes, and ``--boundary--`` at the en
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
@@ -104,47 +105,44 @@ def _part(body: bytes, start: int, end: int) -> FormPart:
         raise MultipartError("a multipart part's field or file name is not UTF-8") from exc
 
 
-def _delimiter_end(body: bytes, pos: int) -> int | None:
-    """Where the delimiter line whose ``--boundary`` ends at ``pos`` ends: -1 for the close delimiter, the
-    start of the next part otherwise, None if these bytes only look like a delimiter."""
-    if body.startswith(b"--", pos):
-        return -1
-    # Transport padding (spaces and tabs) may follow a delimiter before its line break.
-    line_end = body.find(_CRLF, pos, pos + 1024)
-    if line_end < 0 or body[pos:line_end].strip(b" \t"):
-        return None
-    return line_end + len(_CRLF)
+def _next_line(body: bytes, lines: re.Pattern[bytes], needle: bytes, start: int) -> re.Match[bytes] | None:
+    """The next delimiter line from ``start`` on."""
+    # bytes.find is several times faster than the expression's search on ordinary bodies; after a few
+    # look-alikes (data that repeats the delimiter) the expression takes over, so a crafted body costs
+    # no Python loop per look-alike.
+    found = body.find(needle, start)
+    for _ in range(8):
+        if found < 0:
+            return None
+        line = lines.match(body, found)
+        if line is not None:
+            return line
+        found = body.find(needle, found + 1)
+    return lines.search(body, found) if found >= 0 else None
 
 
 def parse_form(body: bytes, boundary: bytes) -> dict[str, FormPart]:
     """The parts of a multipart/form-data body by field name; MultipartError when it is malformed."""
     delimiter = b"--" + boundary
-    next_delimiter = _CRLF + delimiter
-    start: int | None = None
-    if body.startswith(delimiter):
-        start = _delimiter_end(body, len(delimiter))
-    search = 0
-    while start is None:  # a preamble, ignored, ends with the line break before the first delimiter
-        found = body.find(next_delimiter, search)
-        if found < 0:
+    # A delimiter line: a line break, the delimiter, then "--" (the close delimiter) or transport padding
+    # and a line break. One expression finds them all in C, however many look-alikes the data holds.
+    lines = re.compile(re.escape(_CRLF + delimiter) + rb"(--|[ \t]*\r\n)")
+    opening = re.match(re.escape(delimiter) + rb"(--|[ \t]*\r\n)", body)
+    if opening is None:  # a preamble, ignored, before the first delimiter line
+        opening = lines.search(body)
+        if opening is None:
             raise MultipartError("the body holds no multipart delimiter line for the given boundary")
-        start = _delimiter_end(body, found + len(next_delimiter))
-        search = found + 1
     parts: dict[str, FormPart] = {}
-    while start != -1:
-        end, search = -1, start
-        following: int | None = None
-        while following is None:
-            end = body.find(next_delimiter, search)
-            if end < 0:
-                raise MultipartError("the multipart body is truncated: a part has no closing delimiter")
-            following = _delimiter_end(body, end + len(next_delimiter))
-            search = end + 1
+    previous = opening
+    while previous.group(1) != b"--":
+        following = _next_line(body, lines, _CRLF + delimiter, previous.end())
+        if following is None:
+            raise MultipartError("the multipart body is truncated: a part has no closing delimiter")
         if len(parts) == MAX_PARTS:
             raise MultipartError(f"the multipart body has more than {MAX_PARTS} parts")
-        part = _part(body, start, end)
+        part = _part(body, previous.end(), following.start())
         if part.name in parts:
             raise MultipartError(f"the multipart field {part.name!r} is given more than once")
         parts[part.name] = part
-        start = following
+        previous = following
     return parts

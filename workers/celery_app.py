@@ -133,10 +133,15 @@ def _reuse_redis_client(channel: Any) -> None:
     create = getattr(channel, "_create_client", None)
     if create is None or "_create_client" in vars(channel):
         return  # not a Redis channel, or already set up
-    client = create()
+    clients: list[Any] = []
 
     def create_client(asynchronous: bool = False) -> Any:
-        return create(asynchronous=True) if asynchronous else client
+        if asynchronous:
+            return create(asynchronous=True)
+        # kombu replaces the channel's pool after it disconnects one (after a fork, say): follow it.
+        if not clients or clients[0].connection_pool is not getattr(channel, "_pool", None):
+            clients[:] = [create()]
+        return clients[0]
 
     channel._create_client = create_client
 

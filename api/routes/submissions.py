@@ -65,7 +65,11 @@ async def _parse_multipart(request: Request, settings: Settings) -> dict[str, An
         _request_limit(settings),
         too_large=f"request is larger than the {settings.max_image_bytes}-byte image limit allows",
     )
-    form = parse_form(body, boundary)
+    # Cutting a large body apart would hold up the event loop: it is done on a thread instead.
+    if len(body) <= _CHECK_ON_LOOP_BYTES:
+        form = parse_form(body, boundary)
+    else:
+        form = await run_in_threadpool(parse_form, body, boundary)
     image = form.get("image")
     if image is None or not image.is_file:
         raise InvalidInput("multipart field 'image' (a file) is required", code="image_missing")

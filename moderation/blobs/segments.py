@@ -13,7 +13,10 @@ meanwhile costs about 0.1 ms. Layout under ``root/segments``:
 Readers keep an in-memory index of unsealed segments, read incrementally from their records, and refresh
 it (and the list of sealed segments) when a digest is not found. Loose files of the one-file-per-blob
 layout (``LocalBlobStore``) in the same root are still read and deleted. Deleting a blob overwrites its
-bytes with zeros and marks its record deleted, in every segment that holds it.
+bytes with zeros, then marks its record deleted, in every segment that holds it.
+
+A segment that meets a write or sync error is abandoned: nothing more is appended to it (no offset is ever
+reused), and the copies it holds no longer count as stored for later puts.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
-import mmap
 import os
 import secrets
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +50,7 @@ _INDEX_ENTRY = struct.Struct(">32sQQ")  # digest, offset of the record, length o
 _INDEX_MAGIC = b"MBI1"
 _SEGMENT_SUFFIX = ".seg"
 _INDEX_SUFFIX = ".idx"
+_TEMP_SUFFIX = ".tmp"
 # writev takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_BUFFERS = 1024
 _ZEROS = bytes(1024 * 1024)
@@ -64,6 +69,7 @@ class _Segment:
     records: list[tuple[bytes, int, int]] = field(default_factory=list)  # (digest, offset, length)
     sync_lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
+    broken: bool = False  # a write or sync failed: nothing more is appended, its copies do not count
 
 
 @dataclass(frozen=True)
@@ -78,36 +84,42 @@ class _Location:
 
 
 class _SealedIndex:
-    """The sorted index file of a sealed segment, searched in place."""
+    """The sorted index file of a sealed segment, binary-searched with positioned reads (no file kept open)."""
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
+        self.path = path
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            if size < _INDEX_HEADER.size:
-                raise ValueError("index file is shorter than its header")
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        magic, count = _INDEX_HEADER.unpack_from(self._map, 0)
+            header = handle.read(_INDEX_HEADER.size)
+        if len(header) < _INDEX_HEADER.size:
+            raise ValueError("index file is shorter than its header")
+        magic, count = _INDEX_HEADER.unpack(header)
         if magic != _INDEX_MAGIC or size != _INDEX_HEADER.size + count * _INDEX_ENTRY.size:
-            self._map.close()
             raise ValueError("index file is malformed")
         self.count = count
 
-    def _digest_at(self, position: int) -> bytes:
-        start = _INDEX_HEADER.size + position * _INDEX_ENTRY.size
-        return self._map[start : start + 32]
-
-    def find(self, digest: bytes) -> Iterator[_Location]:
+    def find(self, digest: bytes) -> list[_Location]:
         """Every record of this segment with this digest."""
-        position = bisect.bisect_left(range(self.count), digest, key=self._digest_at)
-        while position < self.count:
-            found, offset, length = _INDEX_ENTRY.unpack_from(
-                self._map, _INDEX_HEADER.size + position * _INDEX_ENTRY.size
-            )
-            if found != digest:
-                return
-            yield _Location(self.name, offset, length)
-            position += 1
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+
+            def entry(position: int) -> tuple[bytes, int, int]:
+                raw = os.pread(fd, _INDEX_ENTRY.size, _INDEX_HEADER.size + position * _INDEX_ENTRY.size)
+                found: tuple[bytes, int, int] = _INDEX_ENTRY.unpack(raw)
+                return found
+
+            position = bisect.bisect_left(range(self.count), digest, key=lambda i: entry(i)[0])
+            found: list[_Location] = []
+            while position < self.count:
+                key, offset, length = entry(position)
+                if key != digest:
+                    break
+                found.append(_Location(self.name, offset, length))
+                position += 1
+            return found
+        finally:
+            os.close(fd)
 
 
 def _write_fully(fd: int, buffers: Sequence[bytes]) -> None:
@@ -122,6 +134,12 @@ def _write_fully(fd: int, buffers: Sequence[bytes]) -> None:
             else:
                 pending[0] = pending[0][written:]
                 written = 0
+
+
+def _reset_after_fork(reference: weakref.ref[SegmentBlobStore]) -> None:
+    store = reference()
+    if store is not None:
+        store._after_fork()
 
 
 class SegmentBlobStore(BlobStore):
@@ -140,11 +158,24 @@ class SegmentBlobStore(BlobStore):
         self._unsealed: dict[bytes, _Location] = {}
         self._scanned: dict[str, int] = {}  # unsealed segment (of another process) -> bytes read so far
         self._sealed: dict[str, _SealedIndex] = {}
+        os.register_at_fork(after_in_child=functools.partial(_reset_after_fork, weakref.ref(self)))
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's segment (its file and lock stay the parent's) and locks."""
+        active = self._active
+        if active is not None:
+            with contextlib.suppress(OSError):
+                os.close(active.fd)  # the parent's flock lives on in its own descriptor
+        self._active = None
+        self._append_lock = threading.Lock()
+        self._index_lock = threading.Lock()
+        self._unsealed = {}
+        self._scanned = {}
 
     # -- writing --------------------------------------------------------------------------------------
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` unless this process already knows a copy, and return its SHA-256 hex digest."""
+        """Store ``data`` unless this process already holds a durable copy; its SHA-256 hex digest."""
         return self._put_through_many(data)
 
     def put_many(self, blobs: Sequence[bytes]) -> list[str | BlobStoreError]:
@@ -158,53 +189,62 @@ class SegmentBlobStore(BlobStore):
         except OSError as exc:
             error = BlobStoreError(f"could not write blobs: {exc.strerror or exc}")
             return [error] * len(blobs)
-        try:
-            if segment is not None:
-                waits.append(_Location(segment.name, 0, 0, segment, sequence))
-            for location in waits:
-                if location.writer is not None:
-                    self._sync(location.writer, location.sequence)
-        except OSError as exc:
-            error = BlobStoreError(f"could not sync blobs: {exc.strerror or exc}")
-            return [error] * len(blobs)
+        if segment is not None:
+            waits.append(_Location(segment.name, 0, 0, segment, sequence))
+        for location in waits:
+            assert location.writer is not None
+            try:
+                self._sync(location.writer, location.sequence)
+            except OSError as exc:
+                error = BlobStoreError(f"could not sync blobs: {exc.strerror or exc}")
+                return [error] * len(blobs)
         if segment is not None and segment.size >= self.segment_max_bytes:
             self._retire(segment)
         return results
+
+    def _known_copy(self, digest: bytes) -> _Location | None:
+        """A copy this process wrote to a segment that is still sound and whose record is still live."""
+        known = self._unsealed.get(digest)
+        # Another process's copy may not be durable yet, and a broken segment's may never be.
+        if known is None or known.writer is None or known.writer.broken:
+            return None
+        if known.writer.closed or known.writer.synced >= known.sequence:
+            # Durable: still count it only if no other process has deleted it since.
+            return known if self._is_live(known, digest) else None
+        return known
 
     def _append(
         self, blobs: Sequence[bytes], digests: Sequence[bytes], waits: list[_Location]
     ) -> tuple[_Segment | None, int]:
         """Append the new blobs (under the append lock); the segment and this append's sequence number."""
-        new: list[tuple[bytes, bytes]] = []
+        new: dict[bytes, bytes] = {}
         for data, digest in zip(blobs, digests, strict=True):
-            known = self._unsealed.get(digest)
-            # Only this process's own copies count: one another process appended may not be durable yet.
-            if known is not None and known.writer is not None:
+            if digest in new:
+                continue
+            known = self._known_copy(digest)
+            if known is not None:
                 waits.append(known)  # maybe not synced yet: this put waits for its sync
-            elif all(digest != pending for pending, _ in new):
-                new.append((digest, data))
+            else:
+                new[digest] = data
         if not new:
             return None, 0
         segment = self._active
-        if segment is None or segment.pid != os.getpid():  # a forked child never shares its parent's segment
+        if segment is None or segment.broken:
             segment = self._open_segment()
         buffers: list[bytes] = []
         records: list[tuple[bytes, int, int]] = []
         offset = segment.size
-        for digest, data in new:
+        for digest, data in new.items():
             buffers += (_RECORD.pack(_LIVE, len(data), digest), data)
             records.append((digest, offset, len(data)))
             offset += _RECORD.size + len(data)
         try:
             _write_fully(segment.fd, buffers)
         except OSError:
-            # A partial record at the end would hide every later one from readers: cut it off, or retire
-            # the segment so that nothing more is appended behind it.
-            try:
-                os.ftruncate(segment.fd, segment.size)
-            except OSError:
-                self._active = None
-                self._retire(segment)
+            # Part of the batch may be in the file: nothing more goes behind it, so no offset a reader has
+            # seen is ever written again.
+            self._active = None
+            self._abandon(segment)
             raise
         segment.size = offset
         sequence = segment.written = segment.written + 1
@@ -217,23 +257,29 @@ class SegmentBlobStore(BlobStore):
         return segment, sequence
 
     def _open_segment(self) -> _Segment:
-        """Create this process's next segment (sealing orphans of dead writers first) and make it active."""
+        """Create this process's next segment (sealing orphans of dead writers first) and make it active.
+
+        The file is created and locked under a temporary name, then renamed: a segment is never visible
+        unlocked, so a writer sealing orphans cannot take a new one for a dead writer's.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self._orphans_sealed:
-            self._seal_orphans()
-            self._orphans_sealed = True
+            try:
+                self._seal_orphans()
+            finally:
+                self._orphans_sealed = True
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = os.open(
-            self.directory / f"{name}{_SEGMENT_SUFFIX}",
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL,
-            0o644,
-        )
+        temporary = self.directory / f".{name}{_SEGMENT_SUFFIX}{_TEMP_SUFFIX}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(temporary, self.directory / f"{name}{_SEGMENT_SUFFIX}")
             if self.fsync:
                 _fsync_directory(self.directory)
         except OSError:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
             raise
         segment = _Segment(name, fd, os.getpid())
         self._active = segment
@@ -246,12 +292,35 @@ class SegmentBlobStore(BlobStore):
         with segment.sync_lock:
             if segment.synced >= sequence:
                 return
-            if segment.closed:  # closed by a seal whose sync failed
-                raise OSError(f"blob segment {segment.name} was closed before it could be synced")
+            if segment.broken or segment.closed:
+                raise OSError(f"blob segment {segment.name} failed before this write was made durable")
             target = segment.written
-            if self.fsync:
-                os.fdatasync(segment.fd)
+            try:
+                if self.fsync:
+                    os.fdatasync(segment.fd)
+            except OSError:
+                # After a failed sync the kernel may have dropped the pages while a later sync succeeds:
+                # nothing written to this file since its last good sync can be trusted.
+                self._forget(segment)
+                raise
             segment.synced = target
+
+    def _forget(self, segment: _Segment) -> None:
+        """Mark a segment broken (under its sync lock): no more appends, and its copies no longer count."""
+        segment.broken = True
+        with self._index_lock:
+            for digest, _, _ in segment.records:
+                known = self._unsealed.get(digest)
+                if known is not None and known.writer is segment:
+                    del self._unsealed[digest]
+
+    def _abandon(self, segment: _Segment) -> None:
+        """Stop using a segment that failed; a later writer seals what it holds intact."""
+        with segment.sync_lock:
+            self._forget(segment)
+            if not segment.closed:
+                segment.closed = True
+                os.close(segment.fd)  # releases the flock
 
     def _retire(self, segment: _Segment) -> None:
         """Seal a full segment: every append durable, its index written, its file closed."""
@@ -265,6 +334,7 @@ class SegmentBlobStore(BlobStore):
                 self._write_index(segment.name, segment.records)
             except OSError:
                 logger.exception("could not seal blob segment %s; a later writer seals it", segment.name)
+                self._forget(segment)
                 return
             finally:
                 segment.closed = True
@@ -275,13 +345,13 @@ class SegmentBlobStore(BlobStore):
         """Seal this process's active segment."""
         with self._append_lock:
             segment, self._active = self._active, None
-        if segment is not None:
+        if segment is not None and not segment.broken:
             self._retire(segment)
 
     def _write_index(self, name: str, records: Sequence[tuple[bytes, int, int]]) -> None:
         entries = sorted(records)
         path = self.directory / f"{name}{_INDEX_SUFFIX}"
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TEMP_SUFFIX}")
         try:
             with open(temporary, "wb") as handle:
                 handle.write(_INDEX_HEADER.pack(_INDEX_MAGIC, len(entries)))
@@ -297,91 +367,143 @@ class SegmentBlobStore(BlobStore):
             _fsync_directory(self.directory)
 
     def _seal_orphans(self) -> None:
-        """Index the unsealed segments whose writers are gone (no lock held on them); drop empty ones."""
-        for name in self._segment_names(sealed=False):
-            path = self.directory / f"{name}{_SEGMENT_SUFFIX}"
+        """Index the segments whose writers are gone (no lock held on them); drop empty and temporary ones.
+
+        Runs once per process, before its first segment; a segment that cannot be sealed is logged and
+        left for the next writer.
+        """
+        try:
+            entries = os.listdir(self.directory)
+        except OSError:
+            logger.exception("could not list blob segments to seal orphans")
+            return
+        for entry in entries:
+            if entry.startswith(".") and entry.endswith(_TEMP_SUFFIX):
+                self._remove_unlocked(self.directory / entry)
+        for name in self._names(entries)[1]:
             try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
+                self._seal_orphan(name)
+            except OSError:
+                logger.exception("could not seal orphaned blob segment %s; a later writer tries again", name)
+
+    def _remove_unlocked(self, path: Path) -> None:
+        """Remove a temporary file no live process holds (one a writer died with)."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # held by a live process
+        finally:
+            os.close(fd)
+
+    def _seal_orphan(self, name: str) -> None:
+        path = self.directory / f"{name}{_SEGMENT_SUFFIX}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer's
-                if (self.directory / f"{name}{_INDEX_SUFFIX}").exists():
-                    continue  # sealed meanwhile by another process
-                records = [(digest, offset, length) for digest, offset, length, _ in _read_records(fd, 0)]
-                if records:
-                    if self.fsync:
-                        os.fsync(fd)  # its writer may have died between an append and its sync
-                    self._write_index(name, records)
-                    logger.info(
-                        "sealed blob segment %s of a writer that is gone (%d blobs)", name, len(records)
-                    )
-                else:
-                    path.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # a live writer's
+            if (self.directory / f"{name}{_INDEX_SUFFIX}").exists():
+                return  # sealed meanwhile by another process
+            records = [(digest, offset, length) for digest, offset, length, _ in _read_records(fd, 0)]
+            if records:
+                if self.fsync:
+                    os.fsync(fd)  # its writer may have died between an append and its sync
+                self._write_index(name, records)
+                logger.info("sealed blob segment %s of a writer that is gone (%d blobs)", name, len(records))
+            else:
+                path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     # -- reading --------------------------------------------------------------------------------------
 
-    def _segment_names(self, *, sealed: bool) -> list[str]:
-        try:
-            entries = os.listdir(self.directory)
-        except FileNotFoundError:
-            return []
-        suffix = _INDEX_SUFFIX if sealed else _SEGMENT_SUFFIX
-        names = {entry[: -len(suffix)] for entry in entries if entry.endswith(suffix) and entry[0] != "."}
-        if not sealed:
-            names -= {entry[: -len(_INDEX_SUFFIX)] for entry in entries if entry.endswith(_INDEX_SUFFIX)}
-        return sorted(names, reverse=True)  # newest first: recent blobs are read most
+    @staticmethod
+    def _names(entries: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Sealed and unsealed segment names in one listing of the folder, newest first."""
+        sealed = {e[: -len(_INDEX_SUFFIX)] for e in entries if e.endswith(_INDEX_SUFFIX) and e[0] != "."}
+        segments = {
+            e[: -len(_SEGMENT_SUFFIX)] for e in entries if e.endswith(_SEGMENT_SUFFIX) and e[0] != "."
+        }
+        return sorted(sealed & segments, reverse=True), sorted(segments - sealed, reverse=True)
 
-    def _adopt_index(self, name: str) -> None:
-        """Use a sealed segment's index file instead of its records in memory."""
+    def _adopt_index(self, name: str) -> bool:
+        """Use a sealed segment's index file instead of its records in memory; False if it is unusable."""
         try:
             index = _SealedIndex(name, self.directory / f"{name}{_INDEX_SUFFIX}")
         except (OSError, ValueError) as exc:
             logger.warning("blob segment index %s is unusable (%s); its records are read instead", name, exc)
-            return
+            return False
         with self._index_lock:
             self._sealed[name] = index
             self._sealed = dict(sorted(self._sealed.items(), reverse=True))
             self._scanned.pop(name, None)
             for digest in [d for d, location in self._unsealed.items() if location.segment == name]:
                 del self._unsealed[digest]
+        return True
 
     def _refresh(self) -> None:
         """Learn of segments sealed since, and of records appended by other processes."""
-        for name in self._segment_names(sealed=True):
-            if name not in self._sealed:
-                self._adopt_index(name)
-        for name in self._segment_names(sealed=False):
-            active = self._active
+        try:
+            entries = os.listdir(self.directory)
+        except FileNotFoundError:
+            return
+        sealed, unsealed = self._names(entries)
+        # A segment whose index cannot be used is read record by record, as an unsealed one.
+        unreadable = [name for name in sealed if name not in self._sealed and not self._adopt_index(name)]
+        active = self._active
+        for name in [*unsealed, *unreadable]:
             if active is not None and active.name == name:
                 continue
-            start = self._scanned.get(name, 0)
-            try:
-                fd = os.open(self.directory / f"{name}{_SEGMENT_SUFFIX}", os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                found = list(_read_records(fd, start))
-            finally:
-                os.close(fd)
-            with self._index_lock:
-                for digest, offset, length, end in found:
-                    self._unsealed.setdefault(digest, _Location(name, offset, length))
-                    self._scanned[name] = end
+            self._scan(name)
 
-    def _locations(self, digest: bytes) -> list[_Location]:
+    def _scan(self, name: str) -> None:
+        """Read the records appended to an unsealed segment since it was last read."""
+        start = self._scanned.get(name, 0)
+        try:
+            fd = os.open(self.directory / f"{name}{_SEGMENT_SUFFIX}", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            found = list(_read_records(fd, start))
+        finally:
+            os.close(fd)
+        with self._index_lock:
+            for digest, offset, length, end in found:
+                self._unsealed.setdefault(digest, _Location(name, offset, length))
+                self._scanned[name] = end
+
+    def _locations(self, digest: bytes) -> Iterator[_Location]:
+        """Where copies of the blob lie: known unsealed ones first, then sealed segments, newest first."""
         with self._index_lock:
             known = self._unsealed.get(digest)
             sealed = list(self._sealed.values())
-        found = [known] if known is not None else []
+        if known is not None:
+            yield known
         for index in sealed:
-            found.extend(index.find(digest))
-        return found
+            yield from index.find(digest)
+
+    def _is_live(self, location: _Location, digest: bytes) -> bool:
+        """Whether the record at ``location`` is still a live copy of the blob (one positioned read)."""
+        try:
+            fd = os.open(self.directory / f"{location.segment}{_SEGMENT_SUFFIX}", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            header = os.pread(fd, _RECORD.size, location.offset)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        return len(header) == _RECORD.size and _RECORD.unpack(header) == (_LIVE, location.length, digest)
 
     def _read(self, location: _Location, digest: bytes) -> bytes | None:
         """The blob at ``location`` if its record is live and intact, else None."""
@@ -392,15 +514,12 @@ class SegmentBlobStore(BlobStore):
             return None
         try:
             header = os.pread(fd, _RECORD.size, location.offset)
-            if len(header) < _RECORD.size:
+            if len(header) < _RECORD.size or _RECORD.unpack(header) != (_LIVE, location.length, digest):
                 return None
-            magic, length, stored = _RECORD.unpack(header)
-            if magic != _LIVE or stored != digest or length != location.length:
-                return None
-            data = os.pread(fd, length, location.offset + _RECORD.size)
+            data = os.pread(fd, location.length, location.offset + _RECORD.size)
         finally:
             os.close(fd)
-        if len(data) != length or hashlib.sha256(data).digest() != digest:
+        if len(data) != location.length or hashlib.sha256(data).digest() != digest:
             logger.error("blob %s in segment %s is corrupt", digest.hex(), location.segment)
             return None
         return data
@@ -435,31 +554,62 @@ class SegmentBlobStore(BlobStore):
         return True
 
     def delete(self, sha256: str) -> None:
-        """Erase every copy of the blob: its bytes overwritten with zeros and its records marked deleted."""
+        """Erase every copy of the blob: its bytes overwritten with zeros, then its records marked deleted."""
         key = normalize_sha256(sha256)
         digest = bytes.fromhex(key)
-        self._refresh()
         try:
-            for location in self._locations(digest):
+            entries = os.listdir(self.directory)
+        except FileNotFoundError:
+            entries = []
+        sealed, unsealed = self._names(entries)
+        try:
+            # Every unsealed segment is read whole: the in-memory index knows one copy per blob only.
+            copies: list[_Location] = []
+            for name in unsealed:
+                with open(self.directory / f"{name}{_SEGMENT_SUFFIX}", "rb") as handle:
+                    copies += [
+                        _Location(name, offset, length)
+                        for found, offset, length, _ in _read_records(handle.fileno(), 0)
+                        if found == digest
+                    ]
+            for name in sealed:
+                try:
+                    copies += _SealedIndex(name, self.directory / f"{name}{_INDEX_SUFFIX}").find(digest)
+                except ValueError:
+                    with open(self.directory / f"{name}{_SEGMENT_SUFFIX}", "rb") as handle:
+                        copies += [
+                            _Location(name, offset, length)
+                            for found, offset, length, _ in _read_records(handle.fileno(), 0)
+                            if found == digest
+                        ]
+            for location in copies:
                 self._erase(location, digest)
         except OSError as exc:
             raise BlobStoreError(f"could not delete blob {key}: {exc.strerror or exc}") from exc
+        erased = {(location.segment, location.offset) for location in copies}
         with self._index_lock:
-            self._unsealed.pop(digest, None)
+            known = self._unsealed.get(digest)
+            if known is not None and (known.segment, known.offset) in erased:
+                del self._unsealed[digest]
         self.loose.delete(key)
 
     def _erase(self, location: _Location, digest: bytes) -> None:
-        if location.writer is not None:
-            self._sync(location.writer, location.sequence)
+        # The bytes go first: a crash between the two steps leaves a live record of zeros (which fails its
+        # digest check on read, and a later delete finds and marks), never unreachable image bytes.
+        with self._append_lock:
+            active = self._active
+        if active is not None and active.name == location.segment:
+            self._sync(active, active.written)
         fd = os.open(self.directory / f"{location.segment}{_SEGMENT_SUFFIX}", os.O_RDWR)
         try:
             header = os.pread(fd, _RECORD.size, location.offset)
             if len(header) < _RECORD.size or _RECORD.unpack(header)[2] != digest:
                 return
-            os.pwrite(fd, _RECORD.pack(_DELETED, location.length, digest), location.offset)
             start, end = location.offset + _RECORD.size, location.offset + _RECORD.size + location.length
             while start < end:
                 start += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), end - start)], start)
+            os.fsync(fd)
+            os.pwrite(fd, _RECORD.pack(_DELETED, location.length, digest), location.offset)
             os.fsync(fd)
         finally:
             os.close(fd)

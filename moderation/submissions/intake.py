@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any, TypeAlias, cast
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from moderation import metrics
@@ -295,6 +295,12 @@ class IntakeWriter:
             if len(batch) == 1:
                 logger.exception("could not store a submission")
                 return [exc]
+            if isinstance(exc, OperationalError | InterfaceError) or getattr(
+                exc, "connection_invalidated", False
+            ):
+                # The database is unreachable or timing out: writing each row alone would fail the same way.
+                logger.error("could not store a batch of %d submissions: %s", len(batch), exc)
+                return [exc] * len(batch)
             # One bad row must not fail its neighbours: find it by writing each alone.
             logger.warning("a batch of %d submissions failed (%s); writing them one by one", len(batch), exc)
             return [self._write([prepared])[0] for prepared in batch]

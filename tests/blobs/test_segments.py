@@ -186,21 +186,30 @@ def test_a_failed_append_fails_its_batch_and_hides_nothing_written_later(
 ) -> None:
     store = SegmentBlobStore(tmp_path)
     kept = store.put(blob(1))
+    early_reader = SegmentBlobStore(tmp_path)
+    assert early_reader.get(kept) == blob(1)  # it has read the segment up to here
     real = os.writev
 
     def disk_full(fd: int, buffers: list[memoryview]) -> int:
-        real(fd, [buffers[0][:20]])  # part of a header reaches the file, then the disk is full
+        real(fd, [*buffers[:2], buffers[2][:20]])  # a whole record, part of the next, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(segments_module.os, "writev", disk_full)
     results = store.put_many([blob(2), blob(3)])
     assert all(isinstance(r, BlobStoreError) and "No space left" in str(r) for r in results)
     monkeypatch.setattr(segments_module.os, "writev", real)
+    assert early_reader.get(hashlib.sha256(blob(2)).hexdigest()) == blob(
+        2
+    )  # complete, though not acknowledged
+    # Nothing is appended behind the partial record: later blobs go to a new segment, and offsets a reader
+    # has seen are never written again.
     after = store.put(blob(4))
-    reader = SegmentBlobStore(tmp_path)
-    assert reader.get(kept) == blob(1) and reader.get(after) == blob(4)
+    again = store.put(blob(2))
+    assert len(files(store, ".seg")) == 2
+    for reader in (early_reader, SegmentBlobStore(tmp_path)):
+        assert reader.get(kept) == blob(1) and reader.get(after) == blob(4) and reader.get(again) == blob(2)
     with pytest.raises(NotFound):
-        reader.get(hashlib.sha256(blob(2)).hexdigest())
+        SegmentBlobStore(tmp_path).get(hashlib.sha256(blob(3)).hexdigest())
 
 
 def test_a_failed_sync_fails_the_put(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -272,3 +281,113 @@ def test_check(tmp_path: Path) -> None:
     with pytest.raises(BlobStoreError):
         SegmentBlobStore(blocker).check()
     assert isinstance(SegmentBlobStore(blocker).put_many([b"x"])[0], BlobStoreError)
+
+
+def test_after_a_failed_sync_the_segment_is_given_up_and_its_copies_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SegmentBlobStore(tmp_path)
+    real = os.fdatasync
+    failing = [True]
+
+    def flaky(fd: int) -> None:
+        if failing and failing.pop():
+            raise OSError(errno.EIO, "Input/output error")  # the kernel may have dropped the pages
+        real(fd)
+
+    monkeypatch.setattr(segments_module.os, "fdatasync", flaky)
+    with pytest.raises(BlobStoreError, match="Input/output error"):
+        store.put(blob(1))
+    # The retry must not trust the copy whose sync failed (a second sync would "succeed"): it is written
+    # again, to a new segment.
+    key = store.put(blob(1))
+    assert len(files(store, ".seg")) == 2
+    location = store._unsealed[bytes.fromhex(key)]
+    assert location.writer is not None and not location.writer.broken
+    assert SegmentBlobStore(tmp_path).get(key) == blob(1)
+
+
+def test_a_failed_seal_does_not_make_later_puts_of_its_blobs_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SegmentBlobStore(tmp_path)
+    key = store.put(blob(1))
+
+    def no_index(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_write_index", no_index)
+    store.close()
+    assert files(store, ".idx") == []
+    assert store.put_many([blob(1), blob(2)]) == [key, hashlib.sha256(blob(2)).hexdigest()]
+    assert SegmentBlobStore(tmp_path).get(key) == blob(1)
+
+
+def test_a_segment_whose_index_is_unusable_is_read_record_by_record(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    keys = [store.put(blob(i)) for i in range(3)]
+    store.close()
+    [index] = files(store, ".idx")
+    index.write_bytes(b"garbage")
+    reader = SegmentBlobStore(tmp_path)
+    assert [reader.get(k) for k in keys] == [blob(i) for i in range(3)]
+
+
+def test_segments_appear_only_locked_and_dead_writers_temporary_files_are_removed(tmp_path: Path) -> None:
+    directory = tmp_path / "segments"
+    directory.mkdir()
+    stale = directory / ".00000000000000000001-1-deadbeef.seg.tmp"
+    stale.write_bytes(b"")
+    live = SegmentBlobStore(tmp_path)
+    live.put(blob(1))  # its segment is created under a temporary name, locked, then renamed
+    assert not stale.exists()
+    assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
+    assert SegmentBlobStore(tmp_path).put(blob(2))
+    assert files(live, ".idx") == [] and len(files(live, ".seg")) == 2  # the live writer's was left alone
+
+
+def test_an_orphan_that_cannot_be_sealed_does_not_stop_writes(tmp_path: Path) -> None:
+    script = (
+        "import os, signal, sys\n"
+        "from moderation.blobs import SegmentBlobStore\n"
+        "SegmentBlobStore(sys.argv[1]).put(b'orphaned')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False, timeout=60)
+    [orphan] = files(SegmentBlobStore(tmp_path), ".seg")
+    orphan.with_suffix(".idx").mkdir()  # its index cannot be written
+    store = SegmentBlobStore(tmp_path)
+    key = store.put(blob(1))
+    assert store.get(key) == blob(1) and store.get(hashlib.sha256(b"orphaned").hexdigest()) == b"orphaned"
+
+
+def test_delete_erases_copies_in_several_unsealed_segments_and_a_later_put_stores_again(
+    tmp_path: Path,
+) -> None:
+    data = blob(9)
+    key = hashlib.sha256(data).hexdigest()
+    first, second = SegmentBlobStore(tmp_path), SegmentBlobStore(tmp_path)
+    first.put(data)
+    second.put(data)  # two processes, two unsealed copies
+    SegmentBlobStore(tmp_path).delete(key)  # a third process deletes
+    for segment in files(first, ".seg"):
+        assert data[:64] not in segment.read_bytes()
+    assert not SegmentBlobStore(tmp_path).exists(key)
+    assert first.put(data) == key  # its own copy is gone: written again, not trusted
+    assert SegmentBlobStore(tmp_path).get(key) == data
+
+
+def _close_in_child(store: SegmentBlobStore) -> None:
+    store.close()
+
+
+def test_a_forked_child_does_not_seal_its_parents_segment(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    store.put(blob(1))
+    child = multiprocessing.get_context("fork").Process(target=_close_in_child, args=(store,))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    assert files(store, ".idx") == []
+    later = store.put(blob(2))
+    assert SegmentBlobStore(tmp_path).get(later) == blob(2)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Connection, Engine, delete, event, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.blobs import BlobStore, BlobStoreError, LocalBlobStore, SegmentBlobStore
@@ -545,3 +545,22 @@ def test_held_jobs_are_split_at_the_gpu_batch_size(
     writer.close()
     assert [len(job.args) for job in dispatched.jobs] == [2, 2, 1]
     assert [arg for job in dispatched.jobs for arg in job.args] == [str(r.id) for r in results]
+
+
+def test_a_database_that_cannot_be_reached_fails_the_batch_without_a_row_by_row_retry(
+    tenant: Tenant, settings: Settings, tmp_path: Path, dispatched: RecordingDispatcher
+) -> None:
+    from moderation.db import make_engine
+
+    # Nothing listens on port 9: every connection attempt fails at once.
+    unreachable = sessionmaker(bind=make_engine("postgresql+psycopg://postgres@127.0.0.1:9/none"))
+    opened: list[Session] = []
+
+    def sessions() -> Session:
+        opened.append(unreachable())
+        return opened[-1]
+
+    writer = IntakeWriter(sessions, SegmentBlobStore(tmp_path / "blobs"))
+    outcomes = writer.write([prepare(tenant, settings, seed) for seed in range(3)])
+    assert all(isinstance(o, OperationalError) for o in outcomes)
+    assert len(opened) == 1 and dispatched.jobs == []
