@@ -37,7 +37,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moderation.blobs.store import BlobStore, BlobStoreError, LocalBlobStore, normalize_sha256
+from moderation.blobs.store import (
+    BlobStore,
+    BlobStoreError,
+    LocalBlobStore,
+    fsync_directory,
+    normalize_sha256,
+)
 from moderation.errors import NotFound
 
 logger = logging.getLogger(__name__)
@@ -275,7 +281,7 @@ class SegmentBlobStore(BlobStore):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(temporary, self.directory / f"{name}{_SEGMENT_SUFFIX}")
             if self.fsync:
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -364,7 +370,7 @@ class SegmentBlobStore(BlobStore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
         if self.fsync:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
     def _seal_orphans(self) -> None:
         """Index the segments whose writers are gone (no lock held on them); drop empty and temporary ones.
@@ -566,22 +572,12 @@ class SegmentBlobStore(BlobStore):
             # Every unsealed segment is read whole: the in-memory index knows one copy per blob only.
             copies: list[_Location] = []
             for name in unsealed:
-                with open(self.directory / f"{name}{_SEGMENT_SUFFIX}", "rb") as handle:
-                    copies += [
-                        _Location(name, offset, length)
-                        for found, offset, length, _ in _read_records(handle.fileno(), 0)
-                        if found == digest
-                    ]
+                copies += self._copies_in(name, digest)
             for name in sealed:
                 try:
                     copies += _SealedIndex(name, self.directory / f"{name}{_INDEX_SUFFIX}").find(digest)
                 except ValueError:
-                    with open(self.directory / f"{name}{_SEGMENT_SUFFIX}", "rb") as handle:
-                        copies += [
-                            _Location(name, offset, length)
-                            for found, offset, length, _ in _read_records(handle.fileno(), 0)
-                            if found == digest
-                        ]
+                    copies += self._copies_in(name, digest)
             for location in copies:
                 self._erase(location, digest)
         except OSError as exc:
@@ -592,6 +588,15 @@ class SegmentBlobStore(BlobStore):
             if known is not None and (known.segment, known.offset) in erased:
                 del self._unsealed[digest]
         self.loose.delete(key)
+
+    def _copies_in(self, name: str, digest: bytes) -> list[_Location]:
+        """Every live record of the blob in segment ``name``, read record by record."""
+        with open(self.directory / f"{name}{_SEGMENT_SUFFIX}", "rb") as handle:
+            return [
+                _Location(name, offset, length)
+                for found, offset, length, _ in _read_records(handle.fileno(), 0)
+                if found == digest
+            ]
 
     def _erase(self, location: _Location, digest: bytes) -> None:
         # The bytes go first: a crash between the two steps leaves a live record of zeros (which fails its
@@ -624,14 +629,6 @@ class SegmentBlobStore(BlobStore):
             probe.unlink()
         except OSError as exc:
             raise BlobStoreError(f"blob segment directory {self.directory} is not usable: {exc}") from exc
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_records(fd: int, start: int) -> Iterator[tuple[bytes, int, int, int]]:

@@ -90,7 +90,8 @@ class BlobStore(abc.ABC):
         """Finish and release what the store holds open."""
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Make a folder's entries (files created, renamed or removed in it) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -143,7 +144,7 @@ class LocalBlobStore(BlobStore):
             # parent of a folder that already existed is synced too (once per process), since another
             # writer may have created it and not yet synced it.
             for created in missing or [directory]:
-                _fsync_dir(created.parent)
+                fsync_directory(created.parent)
         self._ready_dirs.add(directory)
 
     def _stored_at(self, key: str, size: int) -> Path | None:
@@ -240,7 +241,7 @@ class LocalBlobStore(BlobStore):
             in_folder = [(key, self.path_for(key).parent) for _, key in renamed]
             in_folder += [(key, folder) for _, key, folder in present]
             directories = sorted({folder for _, folder in in_folder})
-            outcomes = self._in_parallel(_fsync_dir, directories)
+            outcomes = self._in_parallel(fsync_directory, directories)
             for directory, failure in zip(directories, outcomes, strict=True):
                 if failure is None:
                     continue

@@ -90,8 +90,8 @@ def test_local_put_syncs_each_new_fan_out_folder_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[Path] = []
-    real_fsync_dir = store_module._fsync_dir
-    monkeypatch.setattr(store_module, "_fsync_dir", lambda path: (synced.append(path), real_fsync_dir(path)))
+    real_fsync_dir = store_module.fsync_directory
+    monkeypatch.setattr(store_module, "fsync_directory", lambda path: (synced.append(path), real_fsync_dir(path)))
     root = tmp_path / "blobs"
     store = LocalBlobStore(root)
     first, second, third = _blobs_in_folder("ab", 3)
@@ -349,7 +349,7 @@ def test_local_put_many_syncs_every_blob_before_its_name_appears_and_each_folder
     store.put(in_ab[2])
     store.put(in_cd[1])
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace, real_fsync_dir = os.fsync, os.replace, store_module._fsync_dir
+    real_fsync, real_replace, real_fsync_dir = os.fsync, os.replace, store_module.fsync_directory
 
     def fsync(fd: int) -> None:
         target = os.readlink(f"/proc/self/fd/{fd}")
@@ -367,7 +367,7 @@ def test_local_put_many_syncs_every_blob_before_its_name_appears_and_each_folder
 
     monkeypatch.setattr(store_module.os, "fsync", fsync)
     monkeypatch.setattr(store_module.os, "replace", replace)
-    monkeypatch.setattr(store_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(store_module, "fsync_directory", fsync_dir)
     batch = [in_ab[0], in_cd[0], in_ab[1], in_ab[0], _blobs_in_folder("ef", 1)[0]]
     keys = store.put_many(batch)
     assert keys == [hashlib.sha256(data).hexdigest() for data in batch] and keys[4] == already
