@@ -91,7 +91,9 @@ def test_local_put_syncs_each_new_fan_out_folder_once(
 ) -> None:
     synced: list[Path] = []
     real_fsync_dir = store_module.fsync_directory
-    monkeypatch.setattr(store_module, "fsync_directory", lambda path: (synced.append(path), real_fsync_dir(path)))
+    monkeypatch.setattr(
+        store_module, "fsync_directory", lambda path: (synced.append(path), real_fsync_dir(path))
+    )
     root = tmp_path / "blobs"
     store = LocalBlobStore(root)
     first, second, third = _blobs_in_folder("ab", 3)
