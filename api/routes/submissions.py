@@ -6,7 +6,8 @@ import asyncio
 import functools
 import time
 import uuid
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,10 +32,11 @@ from moderation.submissions.schemas import SubmissionAccepted, SubmissionOut, Su
 from moderation.tenants.models import Tenant
 
 router = APIRouter(prefix="/v1/submissions", tags=["submissions"])
+T = TypeVar("T")
 
 # Multipart framing around the image and fields; the image limit itself is enforced on the bytes.
 _FORM_OVERHEAD = 64 * 1024
-# Images up to this size are checked on the event loop (well under a millisecond).
+# Bodies and images up to this size are parsed and checked on the event loop (well under a millisecond).
 _CHECK_ON_LOOP_BYTES = 1024 * 1024
 
 
@@ -53,6 +55,22 @@ def _request_limit(settings: Settings) -> int:
     return settings.max_image_bytes * 4 // 3 + _FORM_OVERHEAD
 
 
+def _request_too_large(settings: Settings) -> str:
+    return f"request is larger than the {settings.max_image_bytes}-byte image limit allows"
+
+
+async def _read_request_body(request: Request, settings: Settings) -> bytes:
+    """The request body, refused (413) past the intake limit while it is read."""
+    return await read_body(request, _request_limit(settings), too_large=_request_too_large(settings))
+
+
+async def _off_loop_if_large(size: int, work: Callable[[], T]) -> T:
+    """Run ``work`` on the event loop when its input is small, else on a thread (it would stall the loop)."""
+    if size <= _CHECK_ON_LOOP_BYTES:
+        return work()
+    return await run_in_threadpool(work)
+
+
 def _content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     return int(raw) if raw and raw.isdigit() else None
@@ -60,16 +78,8 @@ def _content_length(request: Request) -> int | None:
 
 async def _parse_multipart(request: Request, settings: Settings) -> dict[str, Any]:
     boundary = boundary_of(request.headers["content-type"])
-    body = await read_body(
-        request,
-        _request_limit(settings),
-        too_large=f"request is larger than the {settings.max_image_bytes}-byte image limit allows",
-    )
-    # Cutting a large body apart would hold up the event loop: it is done on a thread instead.
-    if len(body) <= _CHECK_ON_LOOP_BYTES:
-        form = parse_form(body, boundary)
-    else:
-        form = await run_in_threadpool(parse_form, body, boundary)
+    body = await _read_request_body(request, settings)
+    form = await _off_loop_if_large(len(body), functools.partial(parse_form, body, boundary))
     image = form.get("image")
     if image is None or not image.is_file:
         raise InvalidInput("multipart field 'image' (a file) is required", code="image_missing")
@@ -93,11 +103,7 @@ async def _parse_multipart(request: Request, settings: Settings) -> dict[str, An
 
 
 async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
-    body = await read_body(
-        request,
-        _request_limit(settings),
-        too_large=f"request is larger than the {settings.max_image_bytes}-byte image limit allows",
-    )
+    body = await _read_request_body(request, settings)
     try:
         data = SubmissionJSON.model_validate_json(body)
     except ValueError as exc:
@@ -155,9 +161,7 @@ async def create_submission(request: Request) -> JSONResponse:
         )
         length = _content_length(request)
         if length is not None and length > _request_limit(settings):
-            raise PayloadTooLarge(
-                f"request is larger than the {settings.max_image_bytes}-byte image limit allows"
-            )
+            raise PayloadTooLarge(_request_too_large(settings))
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
             fields = await _parse_multipart(request, settings)
@@ -175,10 +179,7 @@ async def create_submission(request: Request) -> JSONResponse:
             **fields,
         )
         # Checking a typical image costs less than a thread hand-off; a large one would stall the loop.
-        if len(fields["image"]) <= _CHECK_ON_LOOP_BYTES:
-            prepared = prepare()
-        else:
-            prepared = await run_in_threadpool(prepare)
+        prepared = await _off_loop_if_large(len(fields["image"]), prepare)
         # The writer answers after the commit that stored the submission (shared with whatever arrived
         # alongside it), so a 202 is never given for something a crash could lose.
         try:
