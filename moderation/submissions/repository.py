@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from moderation.db import new_id, utcnow
+from moderation.db import utcnow
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
 _SUBMISSIONS = cast(Table, Submission.__table__)
@@ -302,22 +302,6 @@ class SubmissionRepository:
             .values(lease_token=None, lease_expires_at=None, updated_at=utcnow(), **values)
         )
         return bool(result.rowcount == 1)  # type: ignore[attr-defined]
-
-    def add_verdict(self, verdict: Verdict) -> bool:
-        """Insert a verdict unless the submission already has one; True when inserted."""
-        values = {
-            c.key: getattr(verdict, c.key)
-            for c in Verdict.__table__.columns
-            if getattr(verdict, c.key) is not None
-        }
-        values.setdefault("id", new_id())
-        stmt = (
-            insert(Verdict)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=[Verdict.submission_id])
-            .returning(Verdict.id)
-        )
-        return self.session.scalar(stmt) is not None
 
     def finish_fenced_many(self, moves: Sequence[FencedMove]) -> set[uuid.UUID]:
         """Move many leased submissions on in one statement, each only if its lease still holds (fencing).

@@ -41,23 +41,25 @@ def _verdict(
         settings=settings,
     ).submission.id
     decision = Decision.block if score >= 0.8 else Decision.allow if score <= 0.3 else Decision.review
-    SubmissionRepository(session).add_verdict(
-        Verdict(
-            id=new_id(),
-            submission_id=sid,
-            decision=decision,
-            conflict_score=score,
-            confidence=0.9,
-            categories=[{"name": "violence", "score": 0.01}],
-            description="d",
-            visible_text="",
-            explanation="e",
-            reasons=[],
-            model_name=str(kw.get("model_name", "qwen")),
-            model_revision="r",
-            prompt_version="p",
-            decided_at=utcnow(),
-        )
+    SubmissionRepository(session).add_verdicts(
+        [
+            Verdict(
+                id=new_id(),
+                submission_id=sid,
+                decision=decision,
+                conflict_score=score,
+                confidence=0.9,
+                categories=[{"name": "violence", "score": 0.01}],
+                description="d",
+                visible_text="",
+                explanation="e",
+                reasons=[],
+                model_name=str(kw.get("model_name", "qwen")),
+                model_revision="r",
+                prompt_version="p",
+                decided_at=utcnow(),
+            )
+        ]
     )
     label = kw.get("label")
     values: dict[str, object] = {"status": SubmissionStatus.decided, "final_decision": decision}
