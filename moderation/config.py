@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         ge=1,
         description="Most submissions one API process commits in one transaction. Intake is group-committed: "
         "the rows of submissions whose images were stored while the previous transaction ran share one INSERT "
-        "and one COMMIT; a lone submission is written at once.",
+        "(one transaction); a lone submission is written at once.",
     )
     intake_job_interval_ms: float = Field(
         default=20.0,

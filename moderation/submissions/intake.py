@@ -145,7 +145,7 @@ class IntakeWriter:
 
     The image stage takes every submission handed over since its last pass and stores their images with one
     ``put_many`` (one data sync for the local store's segments, parallel uploads for S3); the row stage takes
-    every submission whose image is stored by then and writes their rows in one INSERT and one COMMIT (group
+    every submission whose image is stored by then and writes their rows in one INSERT, one transaction (group
     commit), while the image stage works on the next images. Batches grow with the load and no timer waits: a
     lone submission is written at once. A caller's future resolves only after the commit that made its row,
     so no submission answered 202 can be lost.
