@@ -504,12 +504,11 @@ class SegmentBlobStore(BlobStore):
         except OSError:
             return False
         try:
-            header = os.pread(fd, _RECORD.size, location.offset)
+            return _live_record_at(fd, location, digest)
         except OSError:
             return False
         finally:
             os.close(fd)
-        return len(header) == _RECORD.size and _RECORD.unpack(header) == (_LIVE, location.length, digest)
 
     def _read(self, location: _Location, digest: bytes) -> bytes | None:
         """The blob at ``location`` if its record is live and intact, else None."""
@@ -519,8 +518,7 @@ class SegmentBlobStore(BlobStore):
         except FileNotFoundError:
             return None
         try:
-            header = os.pread(fd, _RECORD.size, location.offset)
-            if len(header) < _RECORD.size or _RECORD.unpack(header) != (_LIVE, location.length, digest):
+            if not _live_record_at(fd, location, digest):
                 return None
             data = os.pread(fd, location.length, location.offset + _RECORD.size)
         finally:
@@ -629,6 +627,12 @@ class SegmentBlobStore(BlobStore):
             probe.unlink()
         except OSError as exc:
             raise BlobStoreError(f"blob segment directory {self.directory} is not usable: {exc}") from exc
+
+
+def _live_record_at(fd: int, location: _Location, digest: bytes) -> bool:
+    """Whether the header at ``location`` in the open segment is a live record of this blob and length."""
+    header = os.pread(fd, _RECORD.size, location.offset)
+    return len(header) == _RECORD.size and _RECORD.unpack(header) == (_LIVE, location.length, digest)
 
 
 def _read_records(fd: int, start: int) -> Iterator[tuple[bytes, int, int, int]]:
