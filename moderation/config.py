@@ -72,9 +72,9 @@ class Settings(BaseSettings):
     intake_batch_max: int = Field(
         default=64,
         ge=1,
-        description="Most submissions one API process commits in one transaction. Intake is group-committed: "
-        "the rows of submissions whose images were stored while the previous transaction ran share one INSERT "
-        "(one transaction); a lone submission is written at once.",
+        description="Most submissions one API process stores in one pass. Intake is group-committed: the "
+        "submissions that arrived while the previous pass ran share one data sync of their images and one "
+        "INSERT (one transaction); a lone submission is written at once.",
     )
     intake_job_interval_ms: float = Field(
         default=20.0,

@@ -141,14 +141,14 @@ def intake_sessionmaker(settings: Settings) -> sessionmaker[Session]:
 
 
 class IntakeWriter:
-    """Stores submissions in two overlapping stages: images in batches, then rows in shared transactions.
+    """Stores submissions in shared passes: one data sync for their images, one INSERT for their rows.
 
-    The image stage takes every submission handed over since its last pass and stores their images with one
-    ``put_many`` (one data sync for the local store's segments, parallel uploads for S3); the row stage takes
-    every submission whose image is stored by then and writes their rows in one INSERT, one transaction (group
-    commit), while the image stage works on the next images. Batches grow with the load and no timer waits: a
-    lone submission is written at once. A caller's future resolves only after the commit that made its row,
-    so no submission answered 202 can be lost.
+    One thread per process takes every submission handed over since its last pass, stores their images with
+    one ``put_many`` (one data sync for the local store's segments, parallel uploads for S3) and writes their
+    rows in one INSERT, one transaction (group commit). Batches grow with the load, since whatever arrives
+    while a pass runs goes in the next one, and no timer waits: a lone submission is written at once. A
+    caller's future resolves only after the commit that made its row, so no submission answered 202 can be
+    lost.
     """
 
     def __init__(
@@ -168,35 +168,30 @@ class IntakeWriter:
         self.job_max_submissions = job_max_submissions
         self._unsent: list[uuid.UUID] = []  # committed submissions whose GPU job is not sent yet
         self._last_sent = 0.0
-        self._incoming: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._busy_since: float | None = None  # when the batch of rows being written was taken
-        self._storing_since: float | None = None  # when the batch of images being stored was taken
-        # The image stage starts with the first submission, the row stage with start().
-        self._images = threading.Thread(target=self._run_images, name=f"{name}-images", daemon=True)
+        self._busy_since: float | None = None  # when the batch being stored was taken
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
     def waiting(self) -> int:
-        """Submissions whose image is stored and whose row waits for the next transaction."""
+        """Submissions handed over and waiting for the next pass."""
         return self._queue.qsize()
 
     @property
     def running(self) -> bool:
-        """Whether the writer takes submissions (started, not closed, its threads alive)."""
-        images_ok = self._images.is_alive() or self._images.ident is None
-        return not self._closed and self._thread.is_alive() and images_ok
+        """Whether the writer takes submissions (started, not closed, its thread alive)."""
+        return not self._closed and self._thread.is_alive()
 
     @property
     def busy_for(self) -> float:
-        """Seconds either stage has spent on the batch it is working on now (0 when idle)."""
-        started = [since for since in (self._busy_since, self._storing_since) if since is not None]
-        return time.monotonic() - min(started) if started else 0.0
+        """Seconds the writer has spent on the batch it is working on now (0 when idle)."""
+        since = self._busy_since
+        return time.monotonic() - since if since is not None else 0.0
 
     def start(self) -> None:
-        """Start the row stage."""
+        """Start the writer's thread."""
         self._thread.start()
 
     def submit(self, prepared: PreparedSubmission) -> Future[IntakeResult]:
@@ -205,35 +200,25 @@ class IntakeWriter:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the service is shutting down", code="shutting_down")
-            if self._images.ident is None:
-                self._images.start()
-            self._incoming.put((prepared, future))
+            self._queue.put((prepared, future))
         return future
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking submissions, finish those already taken and stop the threads."""
+        """Stop taking submissions, finish those already taken and stop the thread."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            images_started = self._images.ident is not None
-        if images_started:
-            # Every image taken is stored and its submission queued before the row stage is told to stop.
-            self._incoming.put(None)
-            self._images.join(timeout)
-        else:
             self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _drain(
-        self, source: queue.SimpleQueue[_Pending | None], first: _Pending
-    ) -> tuple[list[_Pending], bool]:
-        """``first`` and whatever else waits in ``source``, up to the batch size; and whether a stop came."""
+    def _drain(self, first: _Pending) -> tuple[list[_Pending], bool]:
+        """``first`` and whatever else waits, up to the batch size; and whether a stop came."""
         pending = [first]
         while len(pending) < self.max_batch:
             try:
-                item = source.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:
@@ -241,46 +226,14 @@ class IntakeWriter:
             pending.append(item)
         return pending, False
 
-    def _run_images(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._incoming.get()
-            if first is None:
-                break
-            pending, stopping = self._drain(self._incoming, first)
-            self._store_images(pending)
-        self._queue.put(None)
-
-    def _store_images(self, pending: list[_Pending]) -> None:
-        # A caller that left before anything was stored was never answered: its image is not written.
-        pending = [(prepared, future) for prepared, future in pending if not future.cancelled()]
-        if not pending:
-            return
-        self._storing_since = time.monotonic()
-        stored: Sequence[str | Exception]
-        try:
-            stored = self.blob_store.put_many([prepared.image for prepared, _ in pending])
-        except Exception as exc:  # the stage must outlive any failure, and every caller must hear back
-            logger.exception("intake could not store a batch of images")
-            stored = [exc] * len(pending)
-        finally:
-            self._storing_since = None
-        for (prepared, future), digest in zip(pending, stored, strict=True):
-            if isinstance(digest, str):
-                self._queue.put((replace(prepared, image_sha256=digest), future))
-            elif future.set_running_or_notify_cancel():
-                future.set_exception(digest)
-
     def write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         """Write one batch in its own session; when it fails as a whole, each submission is tried alone.
 
         A batch whose database connection turns out to be dead is written again once, on a new connection.
-        The GPU jobs of the new rows are sent after the commit, together with those of the batches before
-        when ``job_interval`` has not passed yet since the last send (the writer sends them within it).
+        The GPU jobs of the new rows are held for ``send_jobs``, which the writer's thread calls after it has
+        answered the batch's callers (at once, or within ``job_interval`` together with later batches).
         """
-        outcomes = self._write(batch)
-        self._send_due_jobs()
-        return outcomes
+        return self._write(batch)
 
     def _write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         try:
@@ -313,7 +266,7 @@ class IntakeWriter:
         self._unsent += [o.id for o in outcomes if isinstance(o, IntakeResult) and o.created]
         return outcomes
 
-    def _send_jobs(self) -> None:
+    def send_jobs(self) -> None:
         """Send the GPU jobs of every submission committed since the last send (the sweeper covers a failure)."""
         ids, self._unsent = self._unsent, []
         self._last_sent = time.monotonic()
@@ -323,23 +276,23 @@ class IntakeWriter:
 
     def _send_due_jobs(self) -> None:
         if self._unsent and time.monotonic() - self._last_sent >= self.job_interval:
-            self._send_jobs()
+            self.send_jobs()
 
     def _next(self) -> _Pending | None:
-        """The next stored submission; jobs held for ``job_interval`` are sent while waiting for it."""
+        """The next submission handed over; jobs held for ``job_interval`` are sent while waiting for it."""
         while self._unsent:
             wait = self._last_sent + self.job_interval - time.monotonic()
             try:
                 return self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
-                self._send_jobs()
+                self.send_jobs()
         return self._queue.get()
 
     def _run(self) -> None:
         try:
             self._take_batches()
         finally:
-            self._send_jobs()
+            self.send_jobs()
 
     def _take_batches(self) -> None:
         stopping = False
@@ -347,8 +300,10 @@ class IntakeWriter:
             first = self._next()
             if first is None:
                 break
-            pending, stopping = self._drain(self._queue, first)
+            pending, stopping = self._drain(first)
             self._resolve(pending)
+            # Publishing comes after the answers: a caller waits for its commit, not for the broker.
+            self._send_due_jobs()
 
     def _resolve(self, pending: list[_Pending]) -> None:
         # A caller that gave up before its submission was taken (client gone) was never answered 202.

@@ -6,7 +6,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Engine, delete, event, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from moderation import jobs
 from moderation.blobs import BlobStore, BlobStoreError, LocalBlobStore, SegmentBlobStore
 from moderation.config import Settings
 from moderation.errors import ServiceUnavailable
@@ -178,6 +179,7 @@ def test_a_batch_that_fails_as_a_whole_is_written_one_by_one(
     orphan = PreparedSubmission(**{**orphan.__dict__, "tenant_id": uuid.uuid4()})
     writer = IntakeWriter(sessions, store)
     outcomes = writer.write([prepare(tenant, settings, 0), orphan, prepare(tenant, settings, 2)])
+    writer.send_jobs()
     assert isinstance(outcomes[1], IntegrityError)
     assert isinstance(outcomes[0], IntakeResult) and isinstance(outcomes[2], IntakeResult)
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 2"]
@@ -424,7 +426,7 @@ class GatedStore(SegmentBlobStore):
         return super().put_many(blobs)
 
 
-def test_the_image_stage_stores_what_arrived_meanwhile_in_one_pass(
+def test_the_writer_stores_the_images_that_arrived_meanwhile_in_one_pass(
     sessions: sessionmaker[Session],
     tenant: Tenant,
     settings: Settings,
@@ -439,7 +441,7 @@ def test_the_image_stage_stores_what_arrived_meanwhile_in_one_pass(
     while not store.batches and time.monotonic() < deadline:
         time.sleep(0.01)
     rest = [writer.submit(prepare(tenant, settings, seed)) for seed in range(1, 10)]
-    assert writer.busy_for > 0  # the image stage is busy with the first
+    assert writer.busy_for > 0  # the writer is busy with the first
     store.gate.set()
     assert first.result(timeout=30).created and all(f.result(timeout=30).created for f in rest)
     assert store.batches == [1, 9]  # the nine that waited went to the store together: one data sync
@@ -448,7 +450,7 @@ def test_the_image_stage_stores_what_arrived_meanwhile_in_one_pass(
     assert all(store.get(r.image_sha256) for r in rows(sessions))
 
 
-def test_an_unexpected_store_failure_fails_its_batch_and_the_stage_goes_on(
+def test_an_unexpected_store_failure_fails_its_batch_and_the_writer_goes_on(
     sessions: sessionmaker[Session],
     tenant: Tenant,
     settings: Settings,
@@ -512,7 +514,9 @@ def test_under_load_the_jobs_of_consecutive_batches_are_sent_together(
     writer = IntakeWriter(sessions, store, job_interval=1.0)
     writer.start()
     first = writer.submit(prepare(tenant, settings, 0)).result(timeout=30)
-    assert [job.args for job in dispatched.jobs] == [(str(first.id),)]  # nothing was held: sent at once
+    # Nothing was held: the job follows the answer at once.
+    assert wait_until(lambda: len(dispatched.jobs) == 1, timeout=5)
+    assert [job.args for job in dispatched.jobs] == [(str(first.id),)]
     held = [writer.submit(prepare(tenant, settings, seed)).result(timeout=30) for seed in (1, 2)]
     started = time.monotonic()
     assert len(dispatched.jobs) == 1  # committed and answered; their job waits for the interval
@@ -526,6 +530,51 @@ def test_under_load_the_jobs_of_consecutive_batches_are_sent_together(
     assert sorted(dispatched.tasks(TASK_PROCESS_SUBMISSION)) == sorted(
         str(r.id) for r in [first, *held, last]
     )
+
+
+class GatedDispatcher(RecordingDispatcher):
+    """Records jobs, each only once ``gate`` is set: a broker that is slow to take them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def dispatch(self, job: jobs.Job) -> None:
+        """Wait for the gate, then record the job."""
+        self.entered.set()
+        self.gate.wait(30)
+        super().dispatch(job)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_callers_are_answered_before_their_job_is_published(
+    sessions: sessionmaker[Session], tenant: Tenant, store: BlobStore, settings: Settings
+) -> None:
+    broker = GatedDispatcher()
+    previous = jobs.get_dispatcher()
+    jobs.set_dispatcher(broker)
+    try:
+        writer = IntakeWriter(sessions, store)
+        writer.start()
+        answered = writer.submit(prepare(tenant, settings, 0)).result(timeout=30)
+        assert answered.created and broker.jobs == []  # committed and answered; the publish has not ended
+        assert broker.entered.wait(30)
+        broker.gate.set()
+        writer.close()
+        assert [job.args for job in broker.jobs] == [(str(answered.id),)]
+    finally:
+        broker.gate.set()
+        jobs.set_dispatcher(previous)
 
 
 def test_held_jobs_are_split_at_the_gpu_batch_size(
