@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis
@@ -105,3 +106,100 @@ def test_a_round_as_large_as_the_burst_passes_whole_on_a_fresh_key(
 
     allowed, retry_ms = asyncio.run(run())
     assert allowed == burst and retry_ms > 0
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_limiter(client: redis.asyncio.Redis, clock: FakeClock) -> tuple[RateLimiter, list[int]]:
+    """A limiter on ``clock`` and the count each of its script calls asked Redis for."""
+    limiter = RateLimiter(client, clock=clock)
+    counts: list[int] = []
+    script = limiter._script
+
+    async def counting(*, keys: list[str], args: list[float]) -> object:
+        counts.append(int(args[3]))
+        return await script(keys=keys, args=args)
+
+    limiter._script = counting  # type: ignore[assignment]
+    return limiter, counts
+
+
+def test_a_busy_key_spends_passes_granted_ahead_without_round_trips(redis_client: redis.Redis) -> None:
+    async def run() -> list[int]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        clock = FakeClock()
+        limiter, counts = counting_limiter(client, clock)
+        try:
+            # 1,000 a second with a burst of 1,000: up to 100 passes may be granted ahead.
+            for _ in range(30):
+                assert (await limiter.check("busy", 60_000, 1000)).allowed
+            assert counts == [1] * 30  # no demand known yet: one round trip each
+            clock.now += 0.1
+            for _ in range(31):
+                assert (await limiter.check("busy", 60_000, 1000)).allowed
+            # The last window's demand (30) was asked for beyond the one needed, and spent locally.
+            assert counts[30:] == [31]
+            assert (await limiter.check("busy", 60_000, 1000)).allowed
+            assert counts[31:] == [31]
+            # Passes granted ahead lapse after the lease: the next check asks Redis again.
+            clock.now += 0.1
+            assert (await limiter.check("busy", 60_000, 1000)).allowed
+            return counts
+        finally:
+            await client.aclose()
+
+    assert len(asyncio.run(run())) == 33
+
+
+def test_passes_granted_ahead_serve_checks_that_queued_behind_a_round(redis_client: redis.Redis) -> None:
+    async def run() -> tuple[list[bool], list[int]]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        clock = FakeClock()
+        limiter, counts = counting_limiter(client, clock)
+        try:
+            for _ in range(20):
+                await limiter.check("queued", 60_000, 1000)
+            clock.now += 0.1
+            # The first goes to Redis and asks for 20 more; the nine queued behind it spend nine of them.
+            decisions = await asyncio.gather(*(limiter.check("queued", 60_000, 1000) for _ in range(10)))
+            return [d.allowed for d in decisions], counts[20:]
+        finally:
+            await client.aclose()
+
+    allowed, counts = asyncio.run(run())
+    assert all(allowed) and counts == [21]
+
+
+def test_granting_ahead_never_lets_processes_together_past_the_limit(redis_client: redis.Redis) -> None:
+    async def run() -> tuple[int, float, list[int]]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        clock = FakeClock()
+        # Two processes of one tenant: 100 a second with a burst of 100, so each may hold up to 10 ahead.
+        first, first_counts = counting_limiter(client, clock)
+        second, second_counts = counting_limiter(client, clock)
+        started = time.time()
+        passed = 0
+        try:
+            for step in range(600):
+                if step % 20 == 0:
+                    clock.now += 0.05  # demand windows roll over, so both keep asking ahead
+                limiter = first if step % 2 else second
+                passed += (await limiter.check("shared", 6000, 100)).allowed
+            return passed, time.time() - started, first_counts + second_counts
+        finally:
+            await client.aclose()
+
+    passed, elapsed, counts = asyncio.run(run())
+    assert max(counts) > 1  # passes were granted ahead
+    # Redis's own clock governs the limit: the burst plus what the rate earned while the test ran.
+    assert passed <= 100 + 100 * elapsed + 1
+    # Passes granted ahead and left unused are lost: here no more than what the two leases held.
+    assert passed >= 100 - 2 * 10
