@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import String, Table, Uuid, bindparam, column, func, or_, select, tuple_, update
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+import orjson
+from sqlalchemy import String, Table, Text, Uuid, bindparam, column, func, or_, select, tuple_, update
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.types import TypeEngine
 
 from moderation.db import utcnow
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
@@ -37,17 +41,19 @@ _PER_ROW = (
 _SHARED = ("status", "attempts", "enqueued_at", "created_at", "updated_at")
 
 
-def _array_of(name: str) -> ARRAY:
+def _type_of(name: str) -> TypeEngine[Any]:
     # Spelled out for foreign keys: their column type is only known once the referenced table is imported.
-    return ARRAY(Uuid() if name in ("id", "tenant_id") else _SUBMISSIONS.c[name].type)
+    return Uuid() if name in ("id", "tenant_id") else _SUBMISSIONS.c[name].type
 
 
+# The new rows arrive as one JSON array of objects: one parameter to send for any number of rows, where an
+# array per column costs the driver a conversion of every column of every row.
 _ROWS = (
-    func.unnest(*(bindparam(name, type_=_array_of(name)) for name in _PER_ROW))
-    .table_valued(*_PER_ROW)
-    .render_derived(name="new_rows")
+    func.jsonb_to_recordset(sql_cast(bindparam("new_rows", type_=Text()), JSONB))
+    .table_valued(*(column(name, _type_of(name)) for name in _PER_ROW))
+    .render_derived(name="new_rows", with_types=True)
 )
-# One statement text for any number of rows (INSERT ... SELECT FROM unnest(arrays)), so it is parsed and
+# One statement text for any number of rows (INSERT ... SELECT FROM jsonb_to_recordset), so it is parsed and
 # planned once, where a multi-row VALUES list would be a new statement for every batch size.
 _INSERT_MANY_IF_NEW = (
     insert(_SUBMISSIONS)
@@ -61,6 +67,14 @@ _INSERT_MANY_IF_NEW = (
     .on_conflict_do_nothing()
     .returning(_SUBMISSIONS.c.id)
 )
+
+
+def _json_array(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as JSON text (UUIDs as strings); integers beyond 64 bits, which orjson refuses, are kept."""
+    try:
+        return orjson.dumps(rows).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(rows, default=str, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -195,7 +209,8 @@ class SubmissionRepository:
         first = rows[0]
         if any(row[name] != first[name] for row in rows for name in _SHARED):
             raise ValueError("rows inserted together must share status, attempts and timestamps")
-        params: dict[str, Any] = {name: [row[name] for row in rows] for name in _PER_ROW}
+        new_rows = [{name: row[name] for name in _PER_ROW} for row in rows]
+        params: dict[str, Any] = {"new_rows": _json_array(new_rows)}
         params.update({f"shared_{name}": first[name] for name in _SHARED})
         return set(self.session.execute(_INSERT_MANY_IF_NEW, params).scalars())
 

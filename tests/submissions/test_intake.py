@@ -310,6 +310,14 @@ def test_every_column_of_a_batch_insert_is_stored_as_given(
             settings=settings,
             source_url="https://images.example/cat.jpg",
         ),
+        # What JSON text must escape, astral characters, and an integer beyond 64 bits.
+        service.prepare_submission(
+            tenant.id,
+            image=make_jpeg(30, 20, seed=3),
+            caption='quote " backslash \\ tab \t newline \n 🐱 \u2028 </script>',
+            settings=settings,
+            metadata={"id": 123456789012345678901234567890, "s": '"\\\u001f🐱', "n": -0.5},
+        ),
     ]
     values = [item.row_values(hashlib.sha256(item.image).hexdigest(), now) for item in batch]
     with sessions() as session:
@@ -405,7 +413,7 @@ def test_the_batch_statements_compile_whatever_module_is_imported_first() -> Non
         "print(_FINISH_FENCED_MANY.compile(dialect=postgresql.dialect()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    assert "%(tenant_id)s::UUID[]" in out and "%(move_tokens)s::UUID[]" in out
+    assert "new_rows(id UUID, tenant_id UUID," in out and "%(move_tokens)s::UUID[]" in out
 
 
 class GatedStore(SegmentBlobStore):

@@ -130,7 +130,9 @@ def test_identifiers_and_metadata() -> None:
     assert parse_metadata('{"a": 1}') == {"a": 1}
     assert parse_metadata({"lang": "zh"}) == {"lang": "zh"}
     assert parse_metadata(None) == {}
-    for bad in ("[1, 2]", "{not json", '{"a": "\\u0000"}', {"big": "x" * 20000}):
+    assert parse_metadata('{"id": 123456789012345678901234567890}') == {"id": 123456789012345678901234567890}
+    not_finite = ('{"a": NaN}', '{"a": -Infinity}', {"a": float("inf")})
+    for bad in ("[1, 2]", "{not json", '{"a": "\\u0000"}', {"big": "x" * 20000}, *not_finite):
         with pytest.raises(InvalidInput) as err:
             parse_metadata(bad)
         assert err.value.code == "invalid_metadata"
