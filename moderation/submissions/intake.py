@@ -9,118 +9,28 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import replace
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from moderation import metrics
-from moderation.blobs import BlobStore, BlobStoreError
+from moderation.blobs import BlobStore
 from moderation.config import Settings
-from moderation.db import make_engine, utcnow
+from moderation.db import make_engine
 from moderation.errors import ServiceUnavailable
-from moderation.jobs import dispatch_all, enqueue_after_commit
-from moderation.submissions.models import Submission
-from moderation.submissions.repository import SubmissionRepository
+from moderation.jobs import dispatch_all
 from moderation.submissions.service import (
     IntakeResult,
+    Outcome,
     PreparedSubmission,
     process_job,
-    replay_of_conflict,
+    store_batch,
 )
 
 logger = logging.getLogger(__name__)
 
-Outcome: TypeAlias = IntakeResult | Exception
 _Pending: TypeAlias = tuple[PreparedSubmission, "Future[IntakeResult]"]
-
-
-def _match_existing(prepared: PreparedSubmission, existing: Sequence[Submission]) -> Submission | None:
-    """The oldest of ``existing`` that this submission repeats (same tenant and key or external id)."""
-    matches = [
-        row
-        for row in existing
-        if row.tenant_id == prepared.tenant_id
-        and (
-            (prepared.idempotency_key is not None and row.idempotency_key == prepared.idempotency_key)
-            or (prepared.external_id is not None and row.external_id == prepared.external_id)
-        )
-    ]
-    return min(matches, key=lambda row: row.created_at) if matches else None
-
-
-def store_batch(
-    session: Session, batch: Sequence[PreparedSubmission], blob_store: BlobStore, *, enqueue_job: bool = True
-) -> list[Outcome]:
-    """Store a batch in the caller's transaction: one lookup, one blob pass, one INSERT, one job after commit.
-
-    Images not stored yet are stored first, in one pass. Repeats of stored submissions (and of each other)
-    are answered as replays; an image that cannot be written fails only its own submission. The caller
-    commits; the job naming the new rows goes to the broker only then, and is dropped on rollback. (In an
-    autocommit session, as the intake writer's, the INSERT commits by itself: a failure after it drops the
-    job, and the sweeper sends it later; writing the batch again finds the rows and sends it at once.)
-    """
-    repo = SubmissionRepository(session)
-    outcomes: list[Outcome | None] = [None] * len(batch)
-    keyed = [(p.tenant_id, p.idempotency_key, p.external_id) for p in batch if p.has_key]
-    existing = repo.find_existing_many(keyed) if keyed else []
-    to_store: list[int] = []
-    rewritten: list[uuid.UUID] = []  # rows an earlier attempt at this very batch already committed
-    for index, prepared in enumerate(batch):
-        match = _match_existing(prepared, existing) if prepared.has_key else None
-        if match is None:
-            to_store.append(index)
-        elif match.id == prepared.id:
-            outcomes[index] = replace(IntakeResult.replay(match), created=True)
-            rewritten.append(match.id)
-        else:
-            outcomes[index] = IntakeResult.replay(match)
-    unstored = [index for index in to_store if batch[index].image_sha256 is None]
-    written = (
-        dict(zip(unstored, blob_store.put_many([batch[i].image for i in unstored]), strict=True))
-        if unstored
-        else {}
-    )
-    now = utcnow()
-    rows: dict[int, dict[str, Any]] = {}
-    for index in to_store:
-        digest = batch[index].image_sha256 or written[index]
-        if isinstance(digest, BlobStoreError):
-            outcomes[index] = digest
-        else:
-            rows[index] = batch[index].row_values(digest, now)
-    # A fixed order of keys, so that two processes inserting the same keys cannot deadlock on the indexes.
-    ordered = sorted(
-        rows.values(),
-        key=lambda v: (str(v["tenant_id"]), v["idempotency_key"] or "", v["external_id"] or "", str(v["id"])),
-    )
-    inserted = repo.insert_many_if_new(ordered)
-    conflicted = [index for index, values in rows.items() if values["id"] not in inserted]
-    # A submission written by an earlier attempt whose outcome was lost (a failure after its commit)
-    # conflicts with its own row: it is answered as created, not stored twice.
-    earlier = repo.created_at_of([rows[index]["id"] for index in conflicted])
-    ours: list[int] = []
-    for index, values in rows.items():
-        if values["id"] in earlier:
-            values = {**values, "created_at": earlier[values["id"]]}
-        elif values["id"] not in inserted:
-            continue
-        outcomes[index] = IntakeResult.inserted(repo, values)
-        ours.append(index)
-    job_ids = [*(rows[index]["id"] for index in ours), *rewritten]
-    if job_ids and enqueue_job:
-        # One job names them all: a GPU worker judges them in one batch, and no job is left over to find
-        # its submission already judged as another's companion. (A repeated job is harmless.)
-        enqueue_after_commit(session, process_job(*job_ids))
-    # A row that lost to an equal key (another transaction's, which the INSERT waited for, or an earlier
-    # one of this batch) is visible to the next statement.
-    for index in conflicted:
-        if outcomes[index] is None:
-            outcomes[index] = replay_of_conflict(repo, batch[index])
-    if any(outcome is None for outcome in outcomes):  # pragma: no cover - every branch above sets one
-        raise RuntimeError("a submission of the batch got no outcome")
-    return cast(list[Outcome], outcomes)
 
 
 def intake_sessionmaker(settings: Settings) -> sessionmaker[Session]:

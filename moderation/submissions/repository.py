@@ -21,8 +21,6 @@ from moderation.db import utcnow
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
 _SUBMISSIONS = cast(Table, Submission.__table__)
-# Built once: a Core insert executed with a parameter dict skips the ORM's per-call statement handling.
-_INSERT_IF_NEW = insert(_SUBMISSIONS).on_conflict_do_nothing().returning(_SUBMISSIONS.c.id)
 # Columns a batch of new submissions differ in (one array each) and those they share (one value each).
 _PER_ROW = (
     "id",
@@ -170,11 +168,6 @@ class SubmissionRepository:
             .limit(1)
         )
         return self.session.scalar(stmt)
-
-    def insert_if_new(self, values: dict[str, Any]) -> uuid.UUID | None:
-        """Insert a submission unless its idempotency key or external id exists; the new id or None."""
-        inserted: uuid.UUID | None = self.session.execute(_INSERT_IF_NEW, values).scalar()
-        return inserted
 
     def find_existing_many(
         self, keys: Sequence[tuple[uuid.UUID, str | None, str | None]]

@@ -6,15 +6,15 @@ import base64
 import binascii
 import functools
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from sqlalchemy.orm import Session
 
-from moderation.blobs import BlobStore
+from moderation.blobs import BlobStore, BlobStoreError
 from moderation.config import Settings
 from moderation.db import new_id, utcnow
 from moderation.errors import InvalidInput, NotFound, PayloadTooLarge
@@ -99,7 +99,6 @@ class PreparedSubmission:
     external_id: str | None = None
     idempotency_key: str | None = None
     source_url: str | None = None
-    image_sha256: str | None = None  # set once the image is in the blob store
     # Chosen once, so that writing the same submission again (after a failure whose outcome is unknown)
     # finds its own row instead of adding a second one.
     id: uuid.UUID = field(default_factory=new_id)
@@ -190,19 +189,10 @@ def submit(
 
 def store_prepared(session: Session, prepared: PreparedSubmission, blob_store: BlobStore) -> IntakeResult:
     """Store one prepared submission in the caller's transaction and queue its job after commit."""
-    repo = SubmissionRepository(session)
-    existing = repo.find_existing(
-        prepared.tenant_id, idempotency_key=prepared.idempotency_key, external_id=prepared.external_id
-    )
-    if existing is not None:
-        return IntakeResult.replay(existing)
-    values = prepared.row_values(blob_store.put(prepared.image), utcnow())
-    new_submission_id = repo.insert_if_new(values)
-    if new_submission_id is None:
-        # A concurrent request with the same key won the race; answer with its submission.
-        return replay_of_conflict(repo, prepared)
-    enqueue_after_commit(session, process_job(new_submission_id))
-    return IntakeResult.inserted(repo, values)
+    (outcome,) = store_batch(session, [prepared], blob_store)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
 
 
 def replay_of_conflict(repo: SubmissionRepository, prepared: PreparedSubmission) -> IntakeResult:
@@ -213,6 +203,91 @@ def replay_of_conflict(repo: SubmissionRepository, prepared: PreparedSubmission)
     if existing is None:  # pragma: no cover - the conflicting row must exist
         raise RuntimeError("idempotent insert conflicted but no submission was found")
     return IntakeResult.replay(existing)
+
+
+Outcome: TypeAlias = IntakeResult | Exception
+
+
+def _match_existing(prepared: PreparedSubmission, existing: Sequence[Submission]) -> Submission | None:
+    """The oldest of ``existing`` that this submission repeats (same tenant and key or external id)."""
+    matches = [
+        row
+        for row in existing
+        if row.tenant_id == prepared.tenant_id
+        and (
+            (prepared.idempotency_key is not None and row.idempotency_key == prepared.idempotency_key)
+            or (prepared.external_id is not None and row.external_id == prepared.external_id)
+        )
+    ]
+    return min(matches, key=lambda row: row.created_at) if matches else None
+
+
+def store_batch(
+    session: Session, batch: Sequence[PreparedSubmission], blob_store: BlobStore, *, enqueue_job: bool = True
+) -> list[Outcome]:
+    """Store a batch in the caller's transaction: one lookup, one blob pass, one INSERT, one job after commit.
+
+    The images of new submissions are stored first, in one pass. Repeats of stored submissions (and of
+    each other) are answered as replays; an image that cannot be written fails only its own submission.
+    The caller commits; the job naming the new rows goes to the broker only then, and is dropped on
+    rollback. (In an autocommit session, as the intake writer's, the INSERT commits by itself: a failure
+    after it drops the job, and the sweeper sends it later; writing the batch again finds the rows and
+    sends it at once.)
+    """
+    repo = SubmissionRepository(session)
+    outcomes: list[Outcome | None] = [None] * len(batch)
+    keyed = [(p.tenant_id, p.idempotency_key, p.external_id) for p in batch if p.has_key]
+    existing = repo.find_existing_many(keyed) if keyed else []
+    to_store: list[int] = []
+    rewritten: list[uuid.UUID] = []  # rows an earlier attempt at this very batch already committed
+    for index, prepared in enumerate(batch):
+        match = _match_existing(prepared, existing) if prepared.has_key else None
+        if match is None:
+            to_store.append(index)
+        elif match.id == prepared.id:
+            outcomes[index] = replace(IntakeResult.replay(match), created=True)
+            rewritten.append(match.id)
+        else:
+            outcomes[index] = IntakeResult.replay(match)
+    written = blob_store.put_many([batch[index].image for index in to_store]) if to_store else []
+    now = utcnow()
+    rows: dict[int, dict[str, Any]] = {}
+    for index, digest in zip(to_store, written, strict=True):
+        if isinstance(digest, BlobStoreError):
+            outcomes[index] = digest
+        else:
+            rows[index] = batch[index].row_values(digest, now)
+    # A fixed order of keys, so that two processes inserting the same keys cannot deadlock on the indexes.
+    ordered = sorted(
+        rows.values(),
+        key=lambda v: (str(v["tenant_id"]), v["idempotency_key"] or "", v["external_id"] or "", str(v["id"])),
+    )
+    inserted = repo.insert_many_if_new(ordered)
+    conflicted = [index for index, values in rows.items() if values["id"] not in inserted]
+    # A submission written by an earlier attempt whose outcome was lost (a failure after its commit)
+    # conflicts with its own row: it is answered as created, not stored twice.
+    earlier = repo.created_at_of([rows[index]["id"] for index in conflicted])
+    ours: list[int] = []
+    for index, values in rows.items():
+        if values["id"] in earlier:
+            values = {**values, "created_at": earlier[values["id"]]}
+        elif values["id"] not in inserted:
+            continue
+        outcomes[index] = IntakeResult.inserted(repo, values)
+        ours.append(index)
+    job_ids = [*(rows[index]["id"] for index in ours), *rewritten]
+    if job_ids and enqueue_job:
+        # One job names them all: a GPU worker judges them in one batch, and no job is left over to find
+        # its submission already judged as another's companion. (A repeated job is harmless.)
+        enqueue_after_commit(session, process_job(*job_ids))
+    # A row that lost to an equal key (another transaction's, which the INSERT waited for, or an earlier
+    # one of this batch) is visible to the next statement.
+    for index in conflicted:
+        if outcomes[index] is None:
+            outcomes[index] = replay_of_conflict(repo, batch[index])
+    if any(outcome is None for outcome in outcomes):  # pragma: no cover - every branch above sets one
+        raise RuntimeError("a submission of the batch got no outcome")
+    return cast(list[Outcome], outcomes)
 
 
 def get_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID) -> SubmissionOut:

@@ -20,9 +20,9 @@ from moderation.config import Settings
 from moderation.errors import ServiceUnavailable
 from moderation.jobs import TASK_PROCESS_SUBMISSION
 from moderation.submissions import service
-from moderation.submissions.intake import IntakeWriter, intake_sessionmaker, store_batch
+from moderation.submissions.intake import IntakeWriter, intake_sessionmaker
 from moderation.submissions.models import Submission, SubmissionStatus
-from moderation.submissions.service import IntakeResult, PreparedSubmission
+from moderation.submissions.service import IntakeResult, PreparedSubmission, store_batch
 from moderation.tenants.models import Tenant
 from moderation.tenants.service import create_tenant
 from tests.conftest import RecordingDispatcher, make_jpeg
@@ -368,7 +368,6 @@ def test_a_failure_after_the_commit_does_not_store_the_batch_twice(
     dispatched: RecordingDispatcher,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import moderation.submissions.intake as intake_module
 
     with sessions() as session:
         (original,) = store_batch(session, [prepare(tenant, settings, 0, external_id="post-1")], store)
@@ -389,7 +388,7 @@ def test_a_failure_after_the_commit_does_not_store_the_batch_twice(
         return session
 
     # The repeat slips past the look-up (as when another process commits it meanwhile) and conflicts.
-    monkeypatch.setattr(intake_module, "_match_existing", lambda prepared, existing: None)
+    monkeypatch.setattr(service, "_match_existing", lambda prepared, existing: None)
     writer = IntakeWriter(sessions_whose_first_commit_is_lost, store)
     fresh, repeat = writer.write(
         [prepare(tenant, settings, 1), prepare(tenant, settings, 2, external_id="post-1")]

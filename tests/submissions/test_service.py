@@ -67,7 +67,7 @@ def test_the_answer_is_built_from_the_inserted_values_and_matches_the_row(
     assert store.exists(row.image_sha256)
 
 
-def test_insert_if_new_inserts_each_key_once(
+def test_an_insert_skips_a_row_whose_key_exists(
     sessions: sessionmaker[Session],
     tenant: Tenant,
     store: LocalBlobStore,
@@ -81,9 +81,9 @@ def test_insert_if_new_inserts_each_key_once(
         repo = SubmissionRepository(session)
         for changes in ({"external_id": "other"}, {"idempotency_key": "other"}):
             conflicting = {**values, **changes, "id": new_id()}
-            assert repo.insert_if_new(conflicting) is None
+            assert repo.insert_many_if_new([conflicting]) == set()
         fresh = {**values, "id": new_id(), "idempotency_key": "k2", "external_id": "e2"}
-        assert repo.insert_if_new(fresh) == fresh["id"]
+        assert repo.insert_many_if_new([fresh]) == {fresh["id"]}
         session.rollback()
 
 
@@ -97,16 +97,16 @@ def test_a_request_that_loses_the_insert_race_answers_with_the_winner(
 ) -> None:
     winner = _submit(sessions, tenant, store, settings, caption="first", idempotency_key="same")
     # The loser checked for the key before the winner committed, so its own insert is the one that conflicts.
-    real_find = SubmissionRepository.find_existing
+    real_find_many = SubmissionRepository.find_existing_many
     calls: list[int] = []
 
-    def find_late(self: SubmissionRepository, *args: object, **kwargs: object) -> Submission | None:
+    def find_late(self: SubmissionRepository, *args: object, **kwargs: object) -> list[Submission]:
         calls.append(1)
-        return None if len(calls) == 1 else real_find(self, *args, **kwargs)  # type: ignore[arg-type]
+        return [] if len(calls) == 1 else real_find_many(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(SubmissionRepository, "find_existing", find_late)
+    monkeypatch.setattr(SubmissionRepository, "find_existing_many", find_late)
     loser = _submit(sessions, tenant, store, settings, caption="second", idempotency_key="same")
-    assert not loser.created and loser.submission.id == winner.submission.id and len(calls) == 2
+    assert not loser.created and loser.submission.id == winner.submission.id and len(calls) == 1
     assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == [str(winner.submission.id)]
     with sessions() as session:
         assert len(session.scalars(select(Submission)).all()) == 1
