@@ -185,10 +185,12 @@ class RateLimiter:
             now = self.clock()
             served = 0
             for waiter in waiting.waiters:
+                if waiter.done():  # its request was cancelled meanwhile: it needs no pass
+                    served += 1
+                    continue
                 if not lease.take(now):
                     break
-                if not waiter.done():
-                    waiter.set_result(_PASS)
+                waiter.set_result(_PASS)
                 served += 1
             del waiting.waiters[:served]
         if not waiting.waiters:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -47,18 +48,36 @@ def test_unreachable_redis_lets_requests_through_unless_fail_closed() -> None:
     asyncio.run(run())
 
 
+class FakeClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting_limiter(
+    client: redis.asyncio.Redis, clock: Callable[[], float] = time.monotonic
+) -> tuple[RateLimiter, list[int]]:
+    """A limiter on ``clock`` and the count each of its script calls asked Redis for."""
+    limiter = RateLimiter(client, clock=clock)
+    counts: list[int] = []
+    script = limiter._script
+
+    async def counting(*, keys: list[str], args: list[float]) -> object:
+        counts.append(int(args[3]))
+        return await script(keys=keys, args=args)
+
+    limiter._script = counting  # type: ignore[assignment]
+    return limiter, counts
+
+
 def test_concurrent_checks_of_one_key_share_round_trips_and_keep_the_limit(redis_client: redis.Redis) -> None:
     async def run() -> tuple[list[bool], list[int]]:
         client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
-        limiter = RateLimiter(client)
-        counts: list[int] = []
-        script = limiter._script
-
-        async def counting(*, keys: list[str], args: list[float]) -> object:
-            counts.append(int(args[3]))
-            return await script(keys=keys, args=args)
-
-        limiter._script = counting  # type: ignore[assignment]
+        limiter, counts = counting_limiter(client)
         try:
             decisions = await asyncio.gather(*(limiter.check("busy", 60, 5) for _ in range(12)))
             other = await limiter.check("quiet", 60, 5)
@@ -106,30 +125,6 @@ def test_a_round_as_large_as_the_burst_passes_whole_on_a_fresh_key(
 
     allowed, retry_ms = asyncio.run(run())
     assert allowed == burst and retry_ms > 0
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def counting_limiter(client: redis.asyncio.Redis, clock: FakeClock) -> tuple[RateLimiter, list[int]]:
-    """A limiter on ``clock`` and the count each of its script calls asked Redis for."""
-    limiter = RateLimiter(client, clock=clock)
-    counts: list[int] = []
-    script = limiter._script
-
-    async def counting(*, keys: list[str], args: list[float]) -> object:
-        counts.append(int(args[3]))
-        return await script(keys=keys, args=args)
-
-    limiter._script = counting  # type: ignore[assignment]
-    return limiter, counts
 
 
 def test_a_busy_key_spends_passes_granted_ahead_without_round_trips(redis_client: redis.Redis) -> None:
