@@ -114,6 +114,7 @@ class RateLimiter:
         self._next_round: dict[tuple[str, int, int], _Round] = {}
         self._rounds: set[asyncio.Task[None]] = set()  # strong references until they finish
         self._leases: dict[tuple[str, int, int], _Lease] = {}
+        self._sweep_at = 4096  # size of _leases at which keys not checked lately are dropped
 
     async def check(self, key: str, per_minute: int, burst: int) -> RateDecision:
         """Count one request against ``key``; Redis trouble lets requests through (logged)."""
@@ -142,9 +143,10 @@ class RateLimiter:
     def _lease(self, slot: tuple[str, int, int], now: float) -> _Lease:
         lease = self._leases.get(slot)
         if lease is None:
-            if len(self._leases) >= 4096:  # forget keys not checked lately
+            if len(self._leases) >= self._sweep_at:  # forget keys not checked lately
                 stale = now - 2 * self.lease_seconds
                 self._leases = {s: v for s, v in self._leases.items() if v.window_start >= stale}
+                self._sweep_at = max(4096, 2 * len(self._leases))
             lease = self._leases[slot] = _Lease(window_start=now)
         return lease
 
@@ -161,6 +163,8 @@ class RateLimiter:
         """Decisions for ``count`` checks of ``slot``; passes granted beyond them are kept as its lease."""
         key, per_minute, burst = slot
         extra = self._prefetch(slot)
+        # Passes lapse lease_seconds after they were asked for, not after the answer came.
+        asked_at = self.clock()
         try:
             decisions = await self._count(key, per_minute, burst, count + extra)
         except redis.RedisError:
@@ -173,7 +177,7 @@ class RateLimiter:
             lease = self._leases.get(slot)
             if lease is not None:
                 lease.tokens = granted
-                lease.expires = self.clock() + self.lease_seconds
+                lease.expires = asked_at + self.lease_seconds
         return decisions[:count]
 
     def _hand_over(self, slot: tuple[str, int, int]) -> None:

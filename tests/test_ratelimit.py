@@ -194,7 +194,33 @@ def test_granting_ahead_never_lets_processes_together_past_the_limit(redis_clien
 
     passed, elapsed, counts = asyncio.run(run())
     assert max(counts) > 1  # passes were granted ahead
-    # Redis's own clock governs the limit: the burst plus what the rate earned while the test ran.
+    # The limit: the burst plus what the rate earned while the test ran (by the clients' wall clock).
     assert passed <= 100 + 100 * elapsed + 1
     # Passes granted ahead and left unused are lost: here no more than what the two leases held.
     assert passed >= 100 - 2 * 10
+
+
+def test_a_check_cancelled_while_queued_takes_no_pass_granted_ahead(redis_client: redis.Redis) -> None:
+    async def run() -> tuple[list[bool], list[int], int]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        clock = FakeClock()
+        limiter, counts = counting_limiter(client, clock)
+        try:
+            for _ in range(5):
+                await limiter.check("cancel", 60_000, 1000)
+            clock.now += 0.1
+            # The first goes to Redis and asks for 5 more; four queue behind it, and one of those gives up.
+            first = asyncio.ensure_future(limiter.check("cancel", 60_000, 1000))
+            await asyncio.sleep(0)
+            queued = [asyncio.ensure_future(limiter.check("cancel", 60_000, 1000)) for _ in range(4)]
+            await asyncio.sleep(0)
+            queued[1].cancel()
+            served = await asyncio.gather(first, queued[0], queued[2], queued[3])
+            lease = limiter._leases[("cancel", 60_000, 1000)]
+            return [d.allowed for d in served], counts[5:], lease.tokens
+        finally:
+            await client.aclose()
+
+    allowed, counts, left = asyncio.run(run())
+    # One round trip for all; the three still waiting spent three of the five passes, the cancelled none.
+    assert all(allowed) and counts == [6] and left == 2

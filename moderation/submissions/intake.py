@@ -141,7 +141,8 @@ class IntakeWriter:
 
         A batch whose database connection turns out to be dead is written again once, on a new connection.
         The GPU jobs of the new rows are held for ``send_jobs``, which the writer's thread calls after it has
-        answered the batch's callers (at once, or within ``job_interval`` together with later batches).
+        answered the batch's callers (at once, or within ``job_interval`` together with later batches). Call
+        it on the writer's thread, or before ``start``: it is not safe alongside a running writer.
         """
         return self._write(batch)
 
@@ -213,7 +214,11 @@ class IntakeWriter:
             pending, stopping = self._drain(first)
             self._resolve(pending)
             # Publishing comes after the answers: a caller waits for its commit, not for the broker.
-            self._send_due_jobs()
+            self._busy_since = time.monotonic()  # a publish that hangs shows as a stuck writer too
+            try:
+                self._send_due_jobs()
+            finally:
+                self._busy_since = None
 
     def _resolve(self, pending: list[_Pending]) -> None:
         # A caller that gave up before its submission was taken (client gone) was never answered 202.

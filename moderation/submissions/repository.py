@@ -21,7 +21,8 @@ from moderation.db import utcnow
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
 _SUBMISSIONS = cast(Table, Submission.__table__)
-# Columns a batch of new submissions differ in (one array each) and those they share (one value each).
+# Columns a batch of new submissions differ in (one key of each row's JSON object) and those they share
+# (one parameter each).
 _PER_ROW = (
     "id",
     "tenant_id",
@@ -67,12 +68,18 @@ _INSERT_MANY_IF_NEW = (
 )
 
 
+def _uuid_as_json(value: object) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not a column value")
+
+
 def _json_array(rows: list[dict[str, Any]]) -> str:
     """``rows`` as JSON text (UUIDs as strings); integers beyond 64 bits, which orjson refuses, are kept."""
     try:
         return orjson.dumps(rows).decode()
     except orjson.JSONEncodeError:
-        return json.dumps(rows, default=str, ensure_ascii=False)
+        return json.dumps(rows, default=_uuid_as_json, ensure_ascii=False, allow_nan=False)
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def parse_metadata(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError as exc:  # NaN and Infinity parse in Python but are not JSON, and Postgres refuses them
-        raise InvalidInput("metadata has a number that is not finite", code="invalid_metadata") from exc
+        raise InvalidInput(f"metadata cannot be stored as JSON: {exc}", code="invalid_metadata") from exc
     if len(encoded.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
         raise InvalidInput(f"metadata is larger than {MAX_METADATA_BYTES} bytes", code="invalid_metadata")
     if "\\u0000" in encoded or "\x00" in encoded:
