@@ -74,6 +74,13 @@ def counting_limiter(
     return limiter, counts
 
 
+async def build_demand(limiter: RateLimiter, clock: FakeClock, key: str, checks: int) -> None:
+    """Make ``checks`` checks of ``key`` (1,000 a second, burst 1,000), then start the next demand window."""
+    for _ in range(checks):
+        assert (await limiter.check(key, 60_000, 1000)).allowed
+    clock.now += 0.1
+
+
 def test_concurrent_checks_of_one_key_share_round_trips_and_keep_the_limit(redis_client: redis.Redis) -> None:
     async def run() -> tuple[list[bool], list[int]]:
         client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
@@ -160,9 +167,7 @@ def test_passes_granted_ahead_serve_checks_that_queued_behind_a_round(redis_clie
         clock = FakeClock()
         limiter, counts = counting_limiter(client, clock)
         try:
-            for _ in range(20):
-                await limiter.check("queued", 60_000, 1000)
-            clock.now += 0.1
+            await build_demand(limiter, clock, "queued", 20)
             # The first goes to Redis and asks for 20 more; the nine queued behind it spend nine of them.
             decisions = await asyncio.gather(*(limiter.check("queued", 60_000, 1000) for _ in range(10)))
             return [d.allowed for d in decisions], counts[20:]
@@ -206,9 +211,7 @@ def test_a_check_cancelled_while_queued_takes_no_pass_granted_ahead(redis_client
         clock = FakeClock()
         limiter, counts = counting_limiter(client, clock)
         try:
-            for _ in range(5):
-                await limiter.check("cancel", 60_000, 1000)
-            clock.now += 0.1
+            await build_demand(limiter, clock, "cancel", 5)
             # The first goes to Redis and asks for 5 more; four queue behind it, and one of those gives up.
             first = asyncio.ensure_future(limiter.check("cancel", 60_000, 1000))
             await asyncio.sleep(0)
