@@ -8,7 +8,9 @@ meanwhile costs about 0.1 ms. Layout under ``root/segments``:
   Every writing process appends to its own segment, which it holds an exclusive ``flock`` on, and never
   appends to a segment it did not create.
 * ``<name>.idx``: written when a segment is sealed (full, its writer closed, or found orphaned by a later
-  writer): the segment's records sorted by digest, looked up by binary search on a memory map.
+  writer): the segment's records sorted by digest, looked up by binary search with positioned reads, and a
+  Bloom filter of their digests that readers keep in memory, so that only segments that may hold a digest
+  are searched.
 
 Readers keep an in-memory index of unsealed segments, read incrementally from their records, and refresh
 it (and the list of sealed segments) when a digest is not found. Loose files of the one-file-per-blob
@@ -53,7 +55,11 @@ _LIVE = b"MBR1"
 _DELETED = b"MBRX"
 _INDEX_HEADER = struct.Struct(">4sQ")  # magic, number of entries
 _INDEX_ENTRY = struct.Struct(">32sQQ")  # digest, offset of the record, length of the blob
-_INDEX_MAGIC = b"MBI1"
+_INDEX_MAGIC = b"MBI2"  # entries, then a Bloom filter of their digests
+_INDEX_MAGIC_V1 = b"MBI1"  # entries only (indexes sealed before the filter existed)
+_FILTER_LENGTH = struct.Struct(">Q")  # bytes of the Bloom filter, after the entries
+_FILTER_BITS_PER_ENTRY = 10
+_FILTER_PROBES = 7  # ~0.8% false positives at 10 bits per entry
 _SEGMENT_SUFFIX = ".seg"
 _INDEX_SUFFIX = ".idx"
 _TEMP_SUFFIX = ".tmp"
@@ -89,24 +95,65 @@ class _Location:
     sequence: int = 0
 
 
+def _filter_positions(digest: bytes, bits: int) -> list[int]:
+    """The filter's bits for a digest: SHA-256 is uniform, so its own 4-byte slices serve as the hashes."""
+    return [int.from_bytes(digest[4 * i : 4 * i + 4], "big") % bits for i in range(_FILTER_PROBES)]
+
+
+def _bloom_filter(digests: Sequence[bytes]) -> bytes:
+    """A Bloom filter of ``digests`` (at least one byte)."""
+    bits = max(8, len(digests) * _FILTER_BITS_PER_ENTRY)
+    array = bytearray((bits + 7) // 8)
+    bits = len(array) * 8
+    for digest in digests:
+        for position in _filter_positions(digest, bits):
+            array[position >> 3] |= 1 << (position & 7)
+    return bytes(array)
+
+
 class _SealedIndex:
-    """The sorted index file of a sealed segment, binary-searched with positioned reads (no file kept open)."""
+    """The sorted index file of a sealed segment, binary-searched with positioned reads (no file kept open).
+
+    Its Bloom filter is kept in memory (10 bits per blob), so a lookup opens only the indexes that may hold
+    the digest: with many sealed segments, a read costs one binary search instead of one per segment.
+    """
 
     def __init__(self, name: str, path: Path) -> None:
         self.name = name
         self.path = path
+        self.filter: bytes | None = None
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             header = handle.read(_INDEX_HEADER.size)
-        if len(header) < _INDEX_HEADER.size:
-            raise ValueError("index file is shorter than its header")
-        magic, count = _INDEX_HEADER.unpack(header)
-        if magic != _INDEX_MAGIC or size != _INDEX_HEADER.size + count * _INDEX_ENTRY.size:
-            raise ValueError("index file is malformed")
+            if len(header) < _INDEX_HEADER.size:
+                raise ValueError("index file is shorter than its header")
+            magic, count = _INDEX_HEADER.unpack(header)
+            entries_end = _INDEX_HEADER.size + count * _INDEX_ENTRY.size
+            if magic == _INDEX_MAGIC_V1:
+                if size != entries_end:
+                    raise ValueError("index file is malformed")
+            elif magic == _INDEX_MAGIC:
+                handle.seek(entries_end)
+                raw = handle.read(_FILTER_LENGTH.size)
+                (length,) = _FILTER_LENGTH.unpack(raw) if len(raw) == _FILTER_LENGTH.size else (0,)
+                if length == 0 or size != entries_end + _FILTER_LENGTH.size + length:
+                    raise ValueError("index file is malformed")
+                self.filter = handle.read(length)
+            else:
+                raise ValueError("index file is malformed")
         self.count = count
+
+    def may_hold(self, digest: bytes) -> bool:
+        """False only if this segment certainly holds no record of the digest."""
+        if self.filter is None:
+            return True
+        array = self.filter
+        return all(array[p >> 3] & (1 << (p & 7)) for p in _filter_positions(digest, len(array) * 8))
 
     def find(self, digest: bytes) -> list[_Location]:
         """Every record of this segment with this digest."""
+        if not self.may_hold(digest):
+            return []
         fd = os.open(self.path, os.O_RDONLY)
         try:
 
@@ -362,6 +409,9 @@ class SegmentBlobStore(BlobStore):
             with open(temporary, "wb") as handle:
                 handle.write(_INDEX_HEADER.pack(_INDEX_MAGIC, len(entries)))
                 handle.writelines(_INDEX_ENTRY.pack(*entry) for entry in entries)
+                bloom = _bloom_filter([digest for digest, _, _ in entries])
+                handle.write(_FILTER_LENGTH.pack(len(bloom)))
+                handle.write(bloom)
                 handle.flush()
                 if self.fsync:
                     os.fsync(handle.fileno())

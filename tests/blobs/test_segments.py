@@ -137,6 +137,52 @@ def test_full_segments_are_sealed_and_found_through_their_index(tmp_path: Path) 
         reader.get(hashlib.sha256(b"absent").hexdigest())
 
 
+def test_a_read_searches_only_the_sealed_indexes_whose_filter_may_hold_the_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SegmentBlobStore(tmp_path, segment_max_bytes=200_000)
+    data = [blob(i, 20_000) for i in range(200)]
+    keys = [store.put(d) for d in data]
+    store.close()
+    reader = SegmentBlobStore(tmp_path)
+    with pytest.raises(NotFound):
+        reader.get(hashlib.sha256(b"absent").hexdigest())  # learns of every sealed segment
+    indexes = list(reader._sealed.values())
+    assert len(indexes) >= 20 and all(index.filter for index in indexes)
+    searched: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".idx"):
+            searched.append(str(path))
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(segments_module.os, "open", counting_open)
+    for key, expected in zip(keys, data, strict=True):
+        assert reader.get(key) == expected
+    # Each blob lies in one segment: about one index searched per read, not one per segment.
+    assert len(searched) < len(keys) * 1.2
+    searched.clear()
+    absent = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(-100, 0)]
+    assert not any(reader.exists(key) for key in absent)
+    assert len(searched) < len(absent) * len(indexes) * 0.1  # false positives only
+
+
+def test_indexes_sealed_before_the_filter_existed_are_still_read(tmp_path: Path) -> None:
+    store = SegmentBlobStore(tmp_path)
+    data = [blob(i) for i in range(5)]
+    keys = [store.put(d) for d in data]
+    store.close()
+    [index] = files(store, ".idx")
+    raw = index.read_bytes()
+    count = int.from_bytes(raw[4:12], "big")
+    index.write_bytes(b"MBI1" + raw[4 : 12 + count * 48])  # the first format: entries only
+    reader = SegmentBlobStore(tmp_path)
+    assert [reader.get(k) for k in keys] == data
+    [adopted] = reader._sealed.values()
+    assert adopted.filter is None
+
+
 def test_a_writer_that_died_leaves_a_segment_the_next_writer_seals(tmp_path: Path) -> None:
     script = (
         "import os, signal, sys\n"
@@ -160,7 +206,7 @@ def test_a_writer_that_died_leaves_a_segment_the_next_writer_seals(tmp_path: Pat
     [orphan_index] = files(writer, ".idx")
     assert len(files(writer, ".seg")) == 2
     assert [SegmentBlobStore(tmp_path).get(k) for k in keys] == [str(s).encode() * 1000 for s in range(5)]
-    assert orphan_index.stat().st_size == 12 + 5 * 48  # the torn record is not indexed
+    assert int.from_bytes(orphan_index.read_bytes()[4:12], "big") == 5  # the torn record is not indexed
 
 
 def test_a_live_writers_segment_is_not_sealed_by_another_writer(tmp_path: Path) -> None:
