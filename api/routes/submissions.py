@@ -183,9 +183,8 @@ async def create_submission(request: Request) -> JSONResponse:
         # The writer answers after the commit that stored the submission (shared with whatever arrived
         # alongside it), so a 202 is never given for something a crash could lose.
         try:
-            result = await asyncio.wait_for(
-                asyncio.wrap_future(state.intake_writer.submit(prepared)), settings.intake_timeout_seconds
-            )
+            async with asyncio.timeout(settings.intake_timeout_seconds):
+                result = await asyncio.wrap_future(state.intake_writer.submit(prepared))
         except TimeoutError:
             raise ServiceUnavailable(
                 f"the submission could not be stored within {settings.intake_timeout_seconds:g} s; it may "
