@@ -144,9 +144,6 @@ class IntakeWriter:
         answered the batch's callers (at once, or within ``job_interval`` together with later batches). Call
         it on the writer's thread, or before ``start``: it is not safe alongside a running writer.
         """
-        return self._write(batch)
-
-    def _write(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         try:
             try:
                 return self._write_once(batch)
@@ -167,7 +164,7 @@ class IntakeWriter:
                 return [exc] * len(batch)
             # One bad row must not fail its neighbours: find it by writing each alone.
             logger.warning("a batch of %d submissions failed (%s); writing them one by one", len(batch), exc)
-            return [self._write([prepared])[0] for prepared in batch]
+            return [self.write([prepared])[0] for prepared in batch]
 
     def _write_once(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         with self.sessions() as session:
