@@ -79,6 +79,16 @@ def writer_with_batch_sizes(
     return writer, sizes
 
 
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def rows(sessions: sessionmaker[Session]) -> list[Submission]:
     with sessions() as session:
         return list(session.scalars(select(Submission).order_by(Submission.caption)))
@@ -198,9 +208,7 @@ def test_the_writer_batches_what_waits_and_answers_every_caller(
     writer, sizes = writer_with_batch_sizes(sessions, store, max_batch=4)
     # Ten are stored before the writer thread starts: their rows wait together and go in batches of four.
     futures = [writer.submit(prepare(tenant, settings, seed)) for seed in range(10)]
-    deadline = time.monotonic() + 30
-    while writer.waiting < 10 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: writer.waiting == 10, timeout=30)
     assert writer.waiting == 10 and not any(future.done() for future in futures)
     writer.start()
     results = [future.result(timeout=30) for future in futures]
@@ -444,9 +452,7 @@ def test_the_writer_stores_the_images_that_arrived_meanwhile_in_one_pass(
     writer = IntakeWriter(sessions, store)
     writer.start()
     first = writer.submit(prepare(tenant, settings, 0))
-    deadline = time.monotonic() + 30
-    while not store.batches and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: bool(store.batches), timeout=30)
     rest = [writer.submit(prepare(tenant, settings, seed)) for seed in range(1, 10)]
     assert writer.busy_for > 0  # the writer is busy with the first
     store.gate.set()
@@ -527,8 +533,7 @@ def test_under_load_the_jobs_of_consecutive_batches_are_sent_together(
     held = [writer.submit(prepare(tenant, settings, seed)).result(timeout=30) for seed in (1, 2)]
     started = time.monotonic()
     assert len(dispatched.jobs) == 1  # committed and answered; their job waits for the interval
-    while len(dispatched.jobs) < 2 and time.monotonic() - started < 10:
-        time.sleep(0.01)
+    wait_until(lambda: len(dispatched.jobs) >= 2, timeout=10)
     assert [job.args for job in dispatched.jobs][1] == tuple(str(r.id) for r in held)
     assert time.monotonic() - started < 5  # sent by the idle writer once the interval passed
     last = writer.submit(prepare(tenant, settings, 3)).result(timeout=30)
@@ -552,16 +557,6 @@ class GatedDispatcher(RecordingDispatcher):
         self.entered.set()
         self.gate.wait(30)
         super().dispatch(job)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_callers_are_answered_before_their_job_is_published(
@@ -594,9 +589,7 @@ def test_held_jobs_are_split_at_the_gpu_batch_size(
 ) -> None:
     writer = IntakeWriter(sessions, store, job_interval=60, job_max_submissions=2)
     futures = [writer.submit(prepare(tenant, settings, seed)) for seed in range(5)]
-    deadline = time.monotonic() + 30
-    while writer.waiting < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: writer.waiting == 5, timeout=30)
     writer.start()
     results = [future.result(timeout=30) for future in futures]
     writer.close()
