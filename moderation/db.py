@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import secrets
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,10 +25,45 @@ NAMING_CONVENTION = {
 }
 
 
+class RandomBytes:
+    """Bytes from the operating system's CSPRNG, fetched a block at a time; a forked child starts afresh.
+
+    ``os.urandom`` releases the GIL for its system call, and an API process's event loop that releases it
+    per request waits for the intake writer's thread to hand it back; one call per block avoids that.
+    """
+
+    def __init__(self, block_size: int = 4096) -> None:
+        self.block_size = block_size
+        self._lock = threading.Lock()
+        self._block = b""
+        self._used = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        # A child must never hand out the bytes its parent hands out too.
+        self._lock = threading.Lock()
+        self._block = b""
+        self._used = 0
+
+    def take(self, count: int) -> bytes:
+        """``count`` fresh random bytes (never handed out before in this or any other process)."""
+        if count > self.block_size:
+            return os.urandom(count)
+        with self._lock:
+            if self._used + count > len(self._block):
+                self._block, self._used = os.urandom(self.block_size), 0
+            start = self._used
+            self._used += count
+            return self._block[start : self._used]
+
+
+_random_bytes = RandomBytes()
+
+
 def new_id() -> uuid.UUID:
     """A time-ordered UUIDv7, so primary keys index well and sort by creation."""
     millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(secrets.token_bytes(10), "big")
+    rand = int.from_bytes(_random_bytes.take(10), "big")
     value = (millis & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= ((rand >> 62) & 0xFFF) << 64

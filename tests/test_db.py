@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from moderation.db import make_engine
+from moderation.db import RandomBytes, make_engine, new_id
 
 
 def test_an_engine_with_a_statement_timeout_cancels_slow_statements(database_url: str) -> None:
@@ -27,3 +31,37 @@ def test_an_engine_with_a_statement_timeout_cancels_slow_statements(database_url
             assert conn.execute(text("SELECT current_setting('statement_timeout')")).scalar_one() == "0"
     finally:
         plain.dispose()
+
+
+def test_ids_are_uuid7_ordered_by_time_and_unique() -> None:
+    before = time.time_ns() // 1_000_000
+    ids = [new_id() for _ in range(5000)]
+    after = time.time_ns() // 1_000_000
+    assert len(set(ids)) == len(ids)
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert all(before <= i.int >> 80 <= after for i in ids)
+    assert [i.int >> 80 for i in ids] == sorted(i.int >> 80 for i in ids)
+
+
+def test_random_bytes_are_never_handed_out_twice_across_blocks() -> None:
+    source = RandomBytes(block_size=64)
+    taken = [source.take(10) for _ in range(200)]  # crosses many blocks, leaving tails unused
+    assert all(len(chunk) == 10 for chunk in taken)
+    assert len(set(taken)) == len(taken)
+    assert len(source.take(100)) == 100  # larger than a block: straight from the OS
+
+
+def test_a_forked_child_does_not_repeat_its_parents_random_bytes() -> None:
+    source = RandomBytes()
+    source.take(10)  # the parent now holds a block with bytes still to hand out
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe and exits at once
+        os.write(write_end, source.take(10))
+        os._exit(0)
+    os.close(write_end)
+    child = os.read(read_end, 10)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child) == 10
+    assert child != source.take(10)
