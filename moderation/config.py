@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         default=None, description="Folder of the local blob store; `DATA_DIR/blobs` if unset."
     )
     blob_fsync: bool = Field(default=True, description="fsync each new blob before the submission commits.")
+    blob_direct_io: bool = Field(
+        default=True,
+        description="The `segments` layout appends images with direct I/O (O_DIRECT), past the page cache: "
+        "intake writes each image once, and copying it into fresh cache pages costs more CPU than the write. "
+        "Filesystems without direct I/O are written through the page cache whatever this says.",
+    )
     blob_local_layout: Literal["segments", "files"] = Field(
         default="segments",
         description="How the local blob store keeps images: `segments` appends them to per-process segment "

@@ -453,4 +453,5 @@ def blob_store_from_settings(settings: Settings) -> BlobStore:
         settings.effective_blob_dir,
         fsync=settings.blob_fsync,
         segment_max_bytes=settings.blob_segment_max_bytes,
+        direct_io=settings.blob_direct_io,
     )
