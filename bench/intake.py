@@ -70,7 +70,7 @@ bare_app = FastAPI(title="bare intake (benchmark ceiling)")
 
 @bare_app.post("/v1/submissions", status_code=202)
 async def bare_submission(request: Request) -> JSONResponse:
-    """Parse the multipart form exactly as intake does, read the whole image, answer 202."""
+    """Parse the multipart form as a plain FastAPI endpoint does (Starlette), read the whole image, answer 202."""
     form = await request.form(max_files=2, max_fields=20, max_part_size=4000 * 4 + 1024)
     try:
         image = form.get("image")
