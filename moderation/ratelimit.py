@@ -134,10 +134,8 @@ class RateLimiter:
         self._next_round[slot] = _Round()
         try:
             (decision,) = await self._count_for(slot, 1)
-        except BaseException:
+        finally:
             self._hand_over(slot)
-            raise
-        self._hand_over(slot)
         return decision
 
     def _lease(self, slot: tuple[str, int, int], now: float) -> _Lease:
