@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -37,7 +39,7 @@ class RandomBytes:
         self._lock = threading.Lock()
         self._block = b""
         self._used = 0
-        os.register_at_fork(after_in_child=self._forget)
+        os.register_at_fork(after_in_child=functools.partial(_forget_in_child, weakref.ref(self)))
 
     def _forget(self) -> None:
         # A child must never hand out the bytes its parent hands out too.
@@ -55,6 +57,12 @@ class RandomBytes:
             start = self._used
             self._used += count
             return self._block[start : self._used]
+
+
+def _forget_in_child(reference: weakref.ref[RandomBytes]) -> None:
+    source = reference()
+    if source is not None:
+        source._forget()
 
 
 _random_bytes = RandomBytes()

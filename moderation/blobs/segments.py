@@ -81,6 +81,8 @@ _ZEROS = bytes(1024 * 1024)
 _ALIGNMENT = 4096
 _STAGING_BYTES = 4 * 1024 * 1024  # a direct append larger than this is written in several steps
 _PADDING_DIGEST = bytes(32)
+# What a filesystem without direct I/O answers (tmpfs before Linux 6.6, some network filesystems).
+_NO_DIRECT_IO = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP})
 
 
 @dataclass
@@ -196,6 +198,8 @@ def _write_fully_at(fd: int, buffers: Sequence[bytes], offset: int) -> None:
     pending = [memoryview(buffer) for buffer in buffers if buffer]
     while pending:
         written = os.pwritev(fd, pending[:_MAX_BUFFERS], offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "a write made no progress")
         offset += written
         while written and pending:
             if written >= len(pending[0]):
@@ -207,9 +211,11 @@ def _write_fully_at(fd: int, buffers: Sequence[bytes], offset: int) -> None:
 
 
 def _padding_record(position: int) -> bytes:
-    """A deleted record of zeros that ends at the next block boundary after ``position``."""
+    """A deleted record of zeros from ``position`` to the next block boundary (nothing if it is one)."""
     gap = -position % _ALIGNMENT
-    if gap < _RECORD.size:
+    if gap == 0:
+        return b""
+    if gap < _RECORD.size:  # too short for a record header: pad to the boundary after it
         gap += _ALIGNMENT
     return _RECORD.pack(_DELETED, gap - _RECORD.size, _PADDING_DIGEST) + bytes(gap - _RECORD.size)
 
@@ -224,7 +230,7 @@ class _DirectWriter:
     def write(self, fd: int, buffers: Sequence[bytes], offset: int) -> int:
         """Write the buffers and a padding record at the block-aligned ``offset``; the bytes written."""
         if self._buffer is None:
-            self._buffer = mmap.mmap(-1, self.capacity)
+            self._buffer = mmap.mmap(-1, self.capacity, flags=mmap.MAP_PRIVATE)
         staging = self._buffer
         filled = 0
         start = offset
@@ -423,11 +429,13 @@ class SegmentBlobStore(BlobStore):
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-            return self._direct.write(fd, [], 0)
+            # The first block, padding, doubles as the probe: some filesystems take the flag, not the write.
+            first_block = _RECORD.pack(_DELETED, _ALIGNMENT - _RECORD.size, _PADDING_DIGEST)
+            return self._direct.write(fd, [first_block, bytes(_ALIGNMENT - _RECORD.size)], 0)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno not in _NO_DIRECT_IO:
                 raise
-        # The filesystem refuses direct I/O (tmpfs, some network filesystems): use the page cache.
+        # The filesystem refuses direct I/O: use the page cache.
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
         logger.info("blob segments in %s are written through the page cache (no direct I/O)", self.directory)
         self.direct_io = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import mmap
 import multiprocessing
 import os
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,12 +23,33 @@ from moderation.errors import InvalidInput, NotFound
 
 
 @pytest.fixture(autouse=True, params=["direct", "buffered"])
-def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """Every test runs twice: stores that append with direct I/O, and through the page cache (the fallback)."""
+    if request.param == "direct" and not _has_direct_io(tmp_path):
+        pytest.skip("the test folder's filesystem has no direct I/O")
     if request.param == "buffered":
-        # The constructor's defaults: fsync, segment_max_bytes, direct_io.
-        monkeypatch.setattr(SegmentBlobStore.__init__, "__defaults__", (True, 1 << 30, False))
+        real_init = SegmentBlobStore.__init__
+
+        def buffered_init(self: SegmentBlobStore, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("direct_io", False)
+            real_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(SegmentBlobStore, "__init__", buffered_init)
     return str(request.param)
+
+
+def _has_direct_io(folder: Path) -> bool:
+    """Whether a 4 KiB direct write succeeds in ``folder``."""
+    block = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE)
+    fd = os.open(folder / ".direct-io-probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    try:
+        os.pwrite(fd, block, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(folder / ".direct-io-probe")
 
 
 def segment_size(io_mode: str, *appends: list[bytes]) -> int:
@@ -35,8 +58,7 @@ def segment_size(io_mode: str, *appends: list[bytes]) -> int:
     for blobs in appends:
         written = sum(44 + len(data) for data in blobs)
         if io_mode == "direct":
-            gap = -written % 4096
-            written += gap if gap >= 44 else gap + 4096  # a padding record to the next block boundary
+            written = -(-written // 4096) * 4096 + (4096 if 0 < -written % 4096 < 44 else 0)
         size += written
     return size
 
@@ -478,11 +500,9 @@ def test_direct_appends_are_block_aligned_and_padded_with_records_every_reader_s
     if io_mode != "direct":
         pytest.skip("direct I/O only")
     store = SegmentBlobStore(tmp_path)
-    sizes = [[blob(1)], [blob(2, 4096 - 88), blob(3, 10)], [blob(4, 70_000)]]  # one ends 44 bytes short
+    sizes = [[blob(1)], [blob(2, 4096 - 88), blob(3, 10)], [blob(4, 70_000)]]
     keys = [store.put_many(batch) for batch in sizes]
     assert store._active is not None and store._active.direct
-    if store.direct_io is False:  # pragma: no cover - a test folder on a filesystem without direct I/O
-        pytest.skip("the test folder's filesystem has no direct I/O")
     assert fcntl.fcntl(store._active.fd, fcntl.F_GETFL) & os.O_DIRECT
     [segment] = files(store, ".seg")
     assert segment.stat().st_size % 4096 == 0
@@ -492,7 +512,7 @@ def test_direct_appends_are_block_aligned_and_padded_with_records_every_reader_s
         walked = [digest.hex() for digest, _, _, _ in segments_module._read_records(handle.fileno(), 0)]
     assert walked == [key for batch in keys for key in batch]
     reader = SegmentBlobStore(tmp_path)
-    assert [reader.get(k) for batch in keys for k in batch] == [d for batch in sizes for d in batch]
+    assert [reader.get(str(k)) for batch in keys for k in batch] == [d for batch in sizes for d in batch]
 
 
 def test_an_append_larger_than_the_staging_buffer_is_written_in_steps(tmp_path: Path, io_mode: str) -> None:
@@ -501,7 +521,7 @@ def test_an_append_larger_than_the_staging_buffer_is_written_in_steps(tmp_path: 
     data = [blob(1, 50_000), blob(2, 8192), blob(3, 1)]
     keys = store.put_many(data)
     store.close()
-    assert [SegmentBlobStore(tmp_path).get(k) for k in keys] == data  # type: ignore[arg-type]
+    assert [SegmentBlobStore(tmp_path).get(str(k)) for k in keys] == data
 
 
 def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
@@ -522,3 +542,73 @@ def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
     assert store.direct_io is False and store._active is not None and not store._active.direct
     assert files(store, ".seg")[0].stat().st_size == 44 + 5000
     assert SegmentBlobStore(tmp_path).get(key) == blob(1)
+
+
+@pytest.mark.parametrize(
+    ("short_by", "padded_size"),
+    [
+        (0, 8192),  # the record ends on a block boundary: no padding
+        (1, 12288),  # too little room for a padding header: padding runs to the boundary after
+        (43, 12288),
+        (44, 8192),  # room for a padding header and no bytes
+        (45, 8192),
+    ],
+)
+def test_a_direct_append_is_padded_to_the_next_block_boundary(
+    tmp_path: Path, io_mode: str, short_by: int, padded_size: int
+) -> None:
+    if io_mode != "direct":
+        pytest.skip("direct I/O only")
+    store = SegmentBlobStore(tmp_path)
+    first = blob(1, 4096 - 44 - short_by)  # after the first block, its record ends short_by bytes short
+    second = blob(2, 100)
+    keys = store.put_many([first]) + store.put_many([second])
+    [segment] = files(store, ".seg")
+    assert segment.stat().st_size == padded_size + 4096
+    with open(segment, "rb") as handle:
+        walked = [digest.hex() for digest, _, _, _ in segments_module._read_records(handle.fileno(), 0)]
+    assert walked == keys
+    assert [SegmentBlobStore(tmp_path).get(str(k)) for k in keys] == [first, second]
+
+
+def test_short_direct_writes_are_continued(
+    tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if io_mode != "direct":
+        pytest.skip("direct I/O only")
+    store = SegmentBlobStore(tmp_path)
+    store.put(blob(0))
+    real = os.pwrite
+    monkeypatch.setattr(segments_module.os, "pwrite", lambda fd, data, offset: real(fd, data[:4096], offset))
+    data = [blob(1, 30_000), blob(2, 5)]
+    keys = store.put_many(data)
+    assert [SegmentBlobStore(tmp_path).get(str(k)) for k in keys] == data
+
+
+def test_a_failure_in_a_later_step_of_a_large_direct_append_fails_the_batch(
+    tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if io_mode != "direct":
+        pytest.skip("direct I/O only")
+    store = SegmentBlobStore(tmp_path)
+    kept = store.put(blob(0))
+    store._direct = segments_module._DirectWriter(capacity=8192)
+    real = os.pwrite
+    calls: list[int] = []
+
+    def failing_second_step(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(segments_module.os, "pwrite", failing_second_step)
+    results = store.put_many([blob(1, 20_000)])
+    assert len(calls) == 2 and isinstance(results[0], BlobStoreError)
+    monkeypatch.setattr(segments_module.os, "pwrite", real)
+    after = store.put(blob(2))
+    assert len(files(store, ".seg")) == 2  # nothing more goes behind the failed append
+    reader = SegmentBlobStore(tmp_path)
+    assert reader.get(kept) == blob(0) and reader.get(after) == blob(2)
+    with pytest.raises(NotFound):
+        reader.get(hashlib.sha256(blob(1, 20_000)).hexdigest())
