@@ -277,6 +277,7 @@ class PhaseResult:
     client_cpu: float
     server_cpu: float
     server_sys: float
+    server_threads: dict[str, float]  # CPU seconds by thread role (see _thread_cpu)
     services_cpu: float
     machine_busy: float
     error_samples: list[str] = field(default_factory=list)
@@ -309,6 +310,38 @@ def _tree_cpu(pid: int) -> tuple[float, float]:
     except psutil.Error:
         pass
     return user, system
+
+
+def _thread_cpu(pid: int) -> dict[tuple[int, int], tuple[str, float]]:
+    """CPU seconds of every thread of a process tree, by (pid, thread id), with the thread's role.
+
+    Roles: ``main`` (a process's first thread: uvicorn's event loop in a worker), the intake writer (named
+    ``intake-writer`` for the OS by the service), and ``other``.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage: dict[tuple[int, int], tuple[str, float]] = {}
+    for proc_pid in _tree_pids(pid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{proc_pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{proc_pid}/task/{tid}/stat") as handle:
+                        stat = handle.read()
+                    fields = stat[stat.rindex(")") + 2 :].split()
+                    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                    role = "main" if int(tid) == proc_pid else name if name == "intake-writer" else "other"
+                    usage[(proc_pid, int(tid))] = (role, (int(fields[11]) + int(fields[12])) / ticks)
+    return usage
+
+
+def _thread_deltas(
+    before: dict[tuple[int, int], tuple[str, float]], after: dict[tuple[int, int], tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds used between two snapshots, summed by thread role."""
+    roles: dict[str, float] = {}
+    for key, (role, seconds) in after.items():
+        previous = before.get(key)
+        roles[role] = roles.get(role, 0.0) + max(0.0, seconds - (previous[1] if previous else 0.0))
+    return roles
 
 
 def _owner_of(server_pid: int, port: int, client_port: int) -> int | None:
@@ -474,10 +507,12 @@ async def run_phase(
                     samples.append(f"HTTP {status}: {body[:300]!r}")
 
     cpu0, srv0, procs0, busy0 = time.process_time(), _tree_cpu(server_pid), _process_cpu(), _machine_busy()
+    threads0 = _thread_cpu(server_pid)
     started = perf()
     deadline = started + duration
     await asyncio.gather(*(drive(c) for c in conns))
     seconds = perf() - started
+    threads1 = _thread_cpu(server_pid)
     cpu1, srv1, procs1, busy1 = time.process_time(), _tree_cpu(server_pid), _process_cpu(), _machine_busy()
     deltas = _cpu_deltas(procs0, procs1)
     ours = {os.getpid(), *_tree_pids(server_pid)}
@@ -504,6 +539,7 @@ async def run_phase(
         client_cpu=cpu1 - cpu0,
         server_cpu=sum(srv1) - sum(srv0),
         server_sys=srv1[1] - srv0[1],
+        server_threads=_thread_deltas(threads0, threads1),
         services_cpu=services,
         busiest_others=[f"{name} {d:.1f}s" for d, name in others[:3] if d >= 0.5],
         machine_busy=busy1 - busy0,
@@ -727,6 +763,10 @@ def summarise(results: Sequence[PhaseResult]) -> dict[str, Any]:
         "client_cpu_ms_per_req": round(sum(r.client_cpu for r in results) * 1000 / per_req, 3),
         "server_cpu_ms_per_req": round(sum(r.server_cpu for r in results) * 1000 / per_req, 3),
         "server_sys_cpu_ms_per_req": round(sum(r.server_sys for r in results) * 1000 / per_req, 3),
+        "server_thread_cpu_ms_per_req": {
+            role: round(sum(r.server_threads.get(role, 0.0) for r in results) * 1000 / per_req, 3)
+            for role in sorted({role for r in results for role in r.server_threads})
+        },
         "pg_redis_cpu_ms_per_req": round(sum(r.services_cpu for r in results) * 1000 / per_req, 3),
         "other_processes_cpu_pct": round(
             100
@@ -981,6 +1021,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"everything else on the machine (kernel softirq, other users' processes): "
                 f"{s['other_processes_cpu_pct']}% of all CPUs"
             )
+            by_thread = ", ".join(f"{role} {ms} ms" for role, ms in s["server_thread_cpu_ms_per_req"].items())
+            print(f"{name}: server CPU per request by thread: {by_thread}")
         print()
         verdicts: dict[str, Any] = {}
         if "real" in summary and "bare" in summary:

@@ -27,6 +27,7 @@ from moderation.submissions.service import (
     process_job,
     store_batch,
 )
+from moderation.threads import name_current_thread
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class IntakeWriter:
         return self._queue.get()
 
     def _run(self) -> None:
+        name_current_thread(self._thread.name)
         try:
             self._take_batches()
         finally:

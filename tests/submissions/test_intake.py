@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.submissions.service import IntakeResult, PreparedSubmission, store_batch
 from moderation.tenants.models import Tenant
 from moderation.tenants.service import create_tenant
+from moderation.threads import native_name
 from tests.conftest import RecordingDispatcher, make_jpeg
 
 
@@ -614,3 +616,15 @@ def test_a_database_that_cannot_be_reached_fails_the_batch_without_a_row_by_row_
     outcomes = writer.write([prepare(tenant, settings, seed) for seed in range(3)])
     assert all(isinstance(o, OperationalError) for o in outcomes)
     assert len(opened) == 1 and dispatched.jobs == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names via /proc")
+def test_the_writer_thread_is_named_for_the_operating_system(
+    sessions: sessionmaker[Session], store: BlobStore
+) -> None:
+    writer = IntakeWriter(sessions, store)
+    writer.start()
+    try:
+        assert wait_until(lambda: native_name(writer._thread.native_id or 0) == "intake-writer", 5)
+    finally:
+        writer.close()
