@@ -59,7 +59,7 @@ typecheck: install
 	$(BIN)/mypy moderation api workers
 
 bench-intake: install
-	$(BIN)/python bench/intake.py
+	$(BIN)/python bench/intake.py --workers 2 --duration 15 --rounds 3
 
 bench-verdicts: install fixture-model
 	$(BIN)/python bench/verdict_writes.py
