@@ -24,9 +24,14 @@ from moderation.errors import InvalidInput, NotFound
 
 @pytest.fixture(autouse=True, params=["direct", "buffered"])
 def io_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    """Every test runs twice: stores that append with direct I/O, and through the page cache (the fallback)."""
+    """Every test runs twice: stores that append with direct I/O, and through the page cache (the fallback).
+
+    Tests marked ``direct_io_only`` run with direct I/O alone.
+    """
     if request.param == "direct" and not _has_direct_io(tmp_path):
         pytest.skip("the test folder's filesystem has no direct I/O")
+    if request.param == "buffered" and request.node.get_closest_marker("direct_io_only"):
+        pytest.skip("a direct I/O test")
     if request.param == "buffered":
         real_init = SegmentBlobStore.__init__
 
@@ -494,11 +499,10 @@ def test_a_forked_child_does_not_seal_its_parents_segment(tmp_path: Path) -> Non
     assert SegmentBlobStore(tmp_path).get(later) == blob(2)
 
 
+@pytest.mark.direct_io_only
 def test_direct_appends_are_block_aligned_and_padded_with_records_every_reader_skips(
     tmp_path: Path, io_mode: str
 ) -> None:
-    if io_mode != "direct":
-        pytest.skip("direct I/O only")
     store = SegmentBlobStore(tmp_path)
     sizes = [[blob(1)], [blob(2, 4096 - 88), blob(3, 10)], [blob(4, 70_000)]]
     keys = [store.put_many(batch) for batch in sizes]
@@ -524,11 +528,10 @@ def test_an_append_larger_than_the_staging_buffer_is_written_in_steps(tmp_path: 
     assert [SegmentBlobStore(tmp_path).get(str(k)) for k in keys] == data
 
 
+@pytest.mark.direct_io_only
 def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
     tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if io_mode != "direct":
-        pytest.skip("direct I/O only")
     real = fcntl.fcntl
 
     def no_direct_io(fd: int, command: int, arg: int = 0) -> int:
@@ -544,6 +547,7 @@ def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
     assert SegmentBlobStore(tmp_path).get(key) == blob(1)
 
 
+@pytest.mark.direct_io_only
 @pytest.mark.parametrize(
     ("short_by", "padded_size"),
     [
@@ -557,8 +561,6 @@ def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
 def test_a_direct_append_is_padded_to_the_next_block_boundary(
     tmp_path: Path, io_mode: str, short_by: int, padded_size: int
 ) -> None:
-    if io_mode != "direct":
-        pytest.skip("direct I/O only")
     store = SegmentBlobStore(tmp_path)
     first = blob(1, 4096 - 44 - short_by)  # after the first block, its record ends short_by bytes short
     second = blob(2, 100)
@@ -571,11 +573,10 @@ def test_a_direct_append_is_padded_to_the_next_block_boundary(
     assert [SegmentBlobStore(tmp_path).get(str(k)) for k in keys] == [first, second]
 
 
+@pytest.mark.direct_io_only
 def test_short_direct_writes_are_continued(
     tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if io_mode != "direct":
-        pytest.skip("direct I/O only")
     store = SegmentBlobStore(tmp_path)
     store.put(blob(0))
     real = os.pwrite
@@ -585,11 +586,10 @@ def test_short_direct_writes_are_continued(
     assert [SegmentBlobStore(tmp_path).get(str(k)) for k in keys] == data
 
 
+@pytest.mark.direct_io_only
 def test_a_failure_in_a_later_step_of_a_large_direct_append_fails_the_batch(
     tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if io_mode != "direct":
-        pytest.skip("direct I/O only")
     store = SegmentBlobStore(tmp_path)
     kept = store.put(blob(0))
     store._direct = segments_module._DirectWriter(capacity=8192)
