@@ -519,7 +519,8 @@ def test_direct_appends_are_block_aligned_and_padded_with_records_every_reader_s
     assert [reader.get(str(k)) for batch in keys for k in batch] == [d for batch in sizes for d in batch]
 
 
-def test_an_append_larger_than_the_staging_buffer_is_written_in_steps(tmp_path: Path, io_mode: str) -> None:
+@pytest.mark.direct_io_only
+def test_an_append_larger_than_the_staging_buffer_is_written_in_steps(tmp_path: Path) -> None:
     store = SegmentBlobStore(tmp_path)
     store._direct = segments_module._DirectWriter(capacity=8192)
     data = [blob(1, 50_000), blob(2, 8192), blob(3, 1)]
@@ -530,7 +531,7 @@ def test_an_append_larger_than_the_staging_buffer_is_written_in_steps(tmp_path: 
 
 @pytest.mark.direct_io_only
 def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
-    tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = fcntl.fcntl
 
@@ -559,7 +560,7 @@ def test_a_filesystem_without_direct_io_is_written_through_the_page_cache(
     ],
 )
 def test_a_direct_append_is_padded_to_the_next_block_boundary(
-    tmp_path: Path, io_mode: str, short_by: int, padded_size: int
+    tmp_path: Path, short_by: int, padded_size: int
 ) -> None:
     store = SegmentBlobStore(tmp_path)
     first = blob(1, 4096 - 44 - short_by)  # after the first block, its record ends short_by bytes short
@@ -574,9 +575,7 @@ def test_a_direct_append_is_padded_to_the_next_block_boundary(
 
 
 @pytest.mark.direct_io_only
-def test_short_direct_writes_are_continued(
-    tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_short_direct_writes_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = SegmentBlobStore(tmp_path)
     store.put(blob(0))
     real = os.pwrite
@@ -588,7 +587,7 @@ def test_short_direct_writes_are_continued(
 
 @pytest.mark.direct_io_only
 def test_a_failure_in_a_later_step_of_a_large_direct_append_fails_the_batch(
-    tmp_path: Path, io_mode: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = SegmentBlobStore(tmp_path)
     kept = store.put(blob(0))
