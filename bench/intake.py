@@ -1040,6 +1040,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"ratio real/bare: {ratio:.3f} ({real['submissions_per_s']} / {bare['submissions_per_s']} per s)"
             )
+            # Each round runs bare then real back to back: its ratio shows how much the machine drifted.
+            per_round = [
+                r["submissions_per_s"] / b["submissions_per_s"]
+                for r, b in zip(real["per_round"], bare["per_round"], strict=True)
+                if b["submissions_per_s"]
+            ]
+            if len(per_round) > 1:
+                verdicts["ratio_per_round"] = [round(x, 3) for x in per_round]
+                print(f"ratio per round: {', '.join(f'{x:.3f}' for x in per_round)}")
             print(
                 f"target: at least {TARGET_RATIO:.0%} of the bare endpoint's rate ... "
                 f"{'PASS' if rate_ok else 'FAIL'} ({ratio:.1%})"
