@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -56,6 +56,7 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/moderation_
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"
 OWNER_KEY = "bench:intake:owner"
 BOUNDARY = "benchboundary7d4a1c9e0b3f"
+K = TypeVar("K")
 TARGET_RATIO = 0.40
 TARGET_P99_MS = 50.0
 NUM_IMAGES = 64
@@ -338,9 +339,9 @@ def _thread_deltas(
 ) -> dict[str, float]:
     """CPU seconds used between two snapshots, summed by thread role."""
     roles: dict[str, float] = {}
-    for key, (role, seconds) in after.items():
-        previous = before.get(key)
-        roles[role] = roles.get(role, 0.0) + max(0.0, seconds - (previous[1] if previous else 0.0))
+    for key, seconds in _cpu_deltas(before, after).items():
+        role = after[key][0]
+        roles[role] = roles.get(role, 0.0) + seconds
     return roles
 
 
@@ -419,14 +420,12 @@ def _is_service(name: str) -> bool:
     return name.startswith("postgres") or name.startswith("redis-server")
 
 
-def _cpu_deltas(
-    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
-) -> dict[int, float]:
-    """CPU used between two snapshots by the processes alive at the second (new ones count from zero)."""
+def _cpu_deltas(before: dict[K, tuple[str, float]], after: dict[K, tuple[str, float]]) -> dict[K, float]:
+    """CPU used between two snapshots by the processes or threads alive at the second (new ones from zero)."""
     deltas = {}
-    for pid, (_, t) in after.items():
-        prev = before.get(pid)
-        deltas[pid] = max(0.0, t - (prev[1] if prev else 0.0))
+    for key, (_, t) in after.items():
+        prev = before.get(key)
+        deltas[key] = max(0.0, t - (prev[1] if prev else 0.0))
     return deltas
 
 
