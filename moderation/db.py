@@ -36,13 +36,11 @@ class RandomBytes:
 
     def __init__(self, block_size: int = 4096) -> None:
         self.block_size = block_size
-        self._lock = threading.Lock()
-        self._block = b""
-        self._used = 0
+        self._forget()
         os.register_at_fork(after_in_child=functools.partial(_forget_in_child, weakref.ref(self)))
 
     def _forget(self) -> None:
-        # A child must never hand out the bytes its parent hands out too.
+        # A forked child starts here too: it must never hand out the bytes its parent hands out.
         self._lock = threading.Lock()
         self._block = b""
         self._used = 0
