@@ -51,7 +51,8 @@ def confidence_from(conflict_score: float, mass: float) -> float:
 
 
 def _clean(text: str) -> str:
-    text = _SPECIAL_TEXT_RE.sub(" ", text.replace("\ufffd", ""))
+    # NUL: Postgres text columns refuse it, and a verdict that cannot be stored fails its whole batch.
+    text = _SPECIAL_TEXT_RE.sub(" ", text.replace("\ufffd", "").replace("\x00", ""))
     return re.sub(r"\s+", " ", text).strip().strip("*").strip()
 
 

@@ -21,6 +21,7 @@ from moderation.blobs import BlobStore
 from moderation.config import Settings
 from moderation.db import new_id, utcnow
 from moderation.engine.base import EngineRequest, EngineResult, ModelInfo, ModerationEngine
+from moderation.errors import NotFound
 from moderation.jobs import Job, enqueue_after_commit
 from moderation.policy.blocklist import Blocklist
 from moderation.policy.categories import categories_for
@@ -220,7 +221,8 @@ class BatchProcessor:
                 # this job has nothing to do, and must not lease (and release) anything else.
                 return []
             retry = first.attempts > 0
-        leased = self._claim(first_id, 1 if retry else self.settings.batch_max_size, fresh_only=False)
+        # Companions are only submissions never tried: a retried one is judged alone, by its own job.
+        leased = self._claim(first_id, 1 if retry else self.settings.batch_max_size, fresh_only=True)
         if not leased or leased[0].submission.id != first_id:
             # Our submission is done or held by another worker; its companions have jobs of their own.
             self._release_unstarted(leased)
@@ -256,6 +258,23 @@ class BatchProcessor:
             return report
         report.claimed = [item.submission.id for item in leased]
         metrics.BATCH_SIZE.observe(len(leased))
+        try:
+            self._process(leased, report)
+        except EngineUnhealthy:
+            raise
+        except Exception as exc:
+            # Whatever broke (a database error, a bug, a verdict the database refuses), the batch's leases
+            # are released now with the error recorded, instead of running out with the real cause lost.
+            # Retried, each submission is judged alone, so one that keeps failing fails by itself.
+            logger.exception("processing a batch of %d failed", len(leased))
+            settled = {*report.decided, *report.failed, *report.requeued, *report.lease_lost}
+            pending = [item for item in leased if item.submission.id not in settled]
+            metrics.PROCESSING_FAILURES.labels("processing_error").inc(len(pending))
+            self._retry_or_fail(pending, f"processing error: {type(exc).__name__}: {exc}", report)
+        return report
+
+    def _process(self, leased: list[_Leased], report: BatchReport) -> None:
+        """Judge a leased batch and write its verdicts (or release what failed)."""
         with self.sessions() as session:
             tenants = {
                 t.id: t
@@ -271,17 +290,22 @@ class BatchProcessor:
             tenant = tenants[item.submission.tenant_id]
             try:
                 request = self._request_for(item.submission, tenant)
-            except Exception as exc:
+            except _UnusableImage as exc:
                 logger.warning("submission %s has an unusable image: %s", item.submission.id, exc)
-                error = str(exc) if isinstance(exc, _UnusableImage) else f"image could not be loaded: {exc}"
-                self._fail(item, error, report)
+                self._fail(item, str(exc), report)
+                continue
+            except Exception as exc:
+                # A blob store that is unreachable now (S3 down, an I/O error) may answer on a retry.
+                logger.warning("could not load the image of submission %s: %s", item.submission.id, exc)
+                metrics.PROCESSING_FAILURES.labels("image_unavailable").inc()
+                self._retry_or_fail([item], f"image could not be loaded: {exc}", report)
                 continue
             prepared.append(_Prepared(item, tenant, request))
         decided, ready = self._before_engine(prepared)
         if decided:
             self._write_verdicts(decided, report)
         if not ready:
-            return report
+            return
         started = time.perf_counter()
         try:
             results = self.engine.moderate([p.request for p in ready])
@@ -294,7 +318,7 @@ class BatchProcessor:
             health = self.engine.health()
             if not health.ok:
                 raise EngineUnhealthy(f"engine unhealthy after a failed batch: {health.detail}") from exc
-            return report
+            return
         report.inference_seconds = time.perf_counter() - started
         metrics.INFERENCE_SECONDS.observe(report.inference_seconds)
         per_item_ms = report.inference_seconds * 1000 / len(ready)
@@ -302,7 +326,6 @@ class BatchProcessor:
             [self._engine_draft(p, result, per_item_ms) for p, result in zip(ready, results, strict=True)],
             report,
         )
-        return report
 
     def _before_engine(self, prepared: list[_Prepared]) -> tuple[list[_Draft], list[_Prepared]]:
         """Decide what needs no inference (known image, blocklisted caption, cached verdict)."""
@@ -431,7 +454,7 @@ class BatchProcessor:
     def _request_for(self, submission: Submission, tenant: Tenant) -> EngineRequest:
         try:
             data = self.blob_store.get(submission.image_sha256)
-        except Exception as exc:
+        except NotFound as exc:
             raise _UnusableImage(f"image could not be loaded: {exc}") from exc
         # Intake only checks the file's structure, so this is the first full decode of the image.
         try:
@@ -445,10 +468,20 @@ class BatchProcessor:
         """Write a batch's verdicts in one transaction, a few set-based statements for the whole batch.
 
         Only submissions whose lease this worker still holds are moved on (one fenced UPDATE); a verdict
-        whose lease was lost is discarded, its attempt recorded as such.
+        whose lease was lost is discarded, its attempt recorded as such. The report counts them only once
+        the transaction has committed: if it fails, the caller releases every lease still held.
         """
         if not drafts:
             return
+        decided: list[uuid.UUID] = []
+        lost: list[uuid.UUID] = []
+        self._write_verdicts_in_transaction(drafts, decided, lost)
+        report.decided += decided
+        report.lease_lost += lost
+
+    def _write_verdicts_in_transaction(
+        self, drafts: list[_Draft], decided: list[uuid.UUID], lost_ids: list[uuid.UUID]
+    ) -> None:
         with self.sessions() as session, session.begin():
             repo = SubmissionRepository(session)
             moved = repo.finish_fenced_many(
@@ -465,7 +498,7 @@ class BatchProcessor:
             lost = [draft for draft in drafts if draft.item.submission.id not in moved]
             for draft in lost:
                 logger.warning("lease on %s was lost; discarding this verdict", draft.item.submission.id)
-                report.lease_lost.append(draft.item.submission.id)
+                lost_ids.append(draft.item.submission.id)
             repo.finish_attempts([(d.item.submission.id, d.item.token) for d in lost], "lease_lost")
             kept = [draft for draft in drafts if draft.item.submission.id in moved]
             if not kept:
@@ -519,7 +552,7 @@ class BatchProcessor:
                     endpoints=endpoints[tenant_id],
                 )
                 metrics.VERDICTS.labels(draft.verdict.decision.value).inc()
-                report.decided.append(submission_id)
+                decided.append(submission_id)
 
     def _fail(self, item: _Leased, error: str, report: BatchReport) -> None:
         with self.sessions() as session, session.begin():

@@ -264,14 +264,19 @@ class SubmissionRepository:
         max_attempts: int,
         fresh_only: bool,
     ) -> tuple[uuid.UUID, list[Submission]]:
-        """Lease up to ``limit`` claimable submissions (``first_id`` first) with SKIP LOCKED; returns the token."""
+        """Lease up to ``limit`` claimable submissions (``first_id`` first) with SKIP LOCKED; returns the token.
+
+        ``fresh_only`` leases, besides ``first_id``, only submissions never tried before: a retried submission
+        (maybe one that crashed its worker or fails its batch) is leased only by its own job, alone. A
+        submission taken over from an expired lease has that lease's attempt recorded as ended.
+        """
         now = utcnow()
         claimable = or_(
             Submission.status == SubmissionStatus.queued,
             (Submission.status == SubmissionStatus.processing) & (Submission.lease_expires_at < now),
         )
         candidates = (
-            select(Submission.id)
+            select(Submission.id, Submission.lease_token)
             .where(claimable, Submission.attempts < max_attempts)
             .order_by(
                 (Submission.id == first_id).desc() if first_id else Submission.created_at,
@@ -281,11 +286,19 @@ class SubmissionRepository:
             .with_for_update(skip_locked=True)
         )
         if fresh_only:
-            candidates = candidates.where(Submission.attempts == 0)
+            fresh = Submission.attempts == 0
+            candidates = candidates.where(or_(Submission.id == first_id, fresh) if first_id else fresh)
         token = uuid.uuid4()
-        ids = list(self.session.scalars(candidates))
-        if not ids:
+        found = self.session.execute(candidates).all()
+        if not found:
             return token, []
+        ids = [row.id for row in found]
+        # A worker that died or stalled left its attempt open: it ended when its lease ran out.
+        self.finish_attempts(
+            [(row.id, row.lease_token) for row in found if row.lease_token is not None],
+            "lease_expired",
+            "processing lease expired",
+        )
         self.session.execute(
             update(Submission)
             .where(Submission.id.in_(ids))

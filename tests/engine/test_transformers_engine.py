@@ -220,6 +220,11 @@ def test_parse_labelled_english() -> None:
     )
 
 
+def test_parse_drops_nul_characters_which_postgres_text_refuses() -> None:
+    text = "Description: A red\x00 car.\nVisible text: ST\x00OP\nExplanation: The caption\x00 matches."
+    assert parse_description(text, "en", 0.1, {}) == ("A red car.", "STOP", "The caption matches.")
+
+
 def test_parse_labelled_chinese_with_fullwidth_colon() -> None:
     text = "描述：一辆红色汽车停在街上。\n图中文字：无\n说明：配文与图片相符。"
     assert parse_description(text, "zh", 0.1, {}) == ("一辆红色汽车停在街上。", "", "配文与图片相符。")

@@ -6,12 +6,13 @@ import struct
 import uuid
 import zlib
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from moderation.blobs import LocalBlobStore
+from moderation.blobs import BlobStoreError, LocalBlobStore
 from moderation.config import Settings
 from moderation.db import utcnow
 from moderation.engine.base import EngineHealth, EngineRequest, EngineResult, ModelInfo, ModerationEngine
@@ -260,6 +261,177 @@ def test_retried_submission_is_judged_alone(
     engine = ScriptedEngine()
     BatchProcessor(sessions, engine, store, settings).run(suspect)
     assert engine.batches == [1]
+
+
+class PoisonEngine(ScriptedEngine):
+    """Fails every batch that holds a caption with "poison" in it, as a request that crashes the model would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poisoned: list[int] = []  # sizes of the batches it failed
+
+    def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        if any("poison" in r.caption for r in requests):
+            self.poisoned.append(len(requests))
+            raise RuntimeError("device-side assert triggered")
+        return super().moderate(requests)
+
+
+def _run_queued_jobs(processor: BatchProcessor, dispatched: RecordingDispatcher) -> None:
+    """Run every queued GPU job, and the jobs those runs queue, until none is left."""
+    while dispatched.jobs:
+        job = dispatched.jobs.pop(0)
+        if job.task == TASK_PROCESS_SUBMISSION:
+            for sid in job.args:
+                processor.run(uuid.UUID(sid))
+
+
+def test_a_poison_submission_fails_alone_and_its_batch_companions_are_decided(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    poison = submit_one(sessions, tenant, store, settings, "poison pill")
+    innocents = [
+        submit_one(sessions, tenant, store, settings, f"innocent {i} conflict=0.1") for i in range(3)
+    ]
+    engine = PoisonEngine()
+    processor = BatchProcessor(sessions, engine, store, settings)
+    dispatched.jobs.clear()
+    assert sorted(processor.run(poison).requeued) == sorted([poison, *innocents])
+    # Fresh work arrives before the retries' jobs run: its batch must not take the retried ones along.
+    fresh = [submit_one(sessions, tenant, store, settings, f"fresh {i} conflict=0.1") for i in range(2)]
+    report = processor.run(fresh[0])
+    assert sorted(report.claimed) == sorted(fresh) and report.decided == report.claimed
+    _run_queued_jobs(processor, dispatched)
+    with sessions() as session:
+        statuses = {s.id: s for s in session.scalars(select(Submission))}
+    assert statuses[poison].status == SubmissionStatus.failed
+    assert statuses[poison].attempts == settings.max_attempts
+    assert "device-side assert triggered" in (statuses[poison].last_error or "")
+    assert all(statuses[sid].status == SubmissionStatus.decided for sid in [*innocents, *fresh])
+    # After the first failed batch, the poison was only ever judged alone.
+    assert engine.poisoned == [4] + [1] * (settings.max_attempts - 1)
+
+
+class FlakyStore(LocalBlobStore):
+    """The test's local store, unreachable for reads while ``down`` (as S3 is in an outage)."""
+
+    down = False
+
+    def get(self, sha256: str) -> bytes:
+        if self.down:
+            raise BlobStoreError("S3 is unreachable: connection timed out")
+        return super().get(sha256)
+
+
+def test_an_unreachable_blob_store_retries_the_submission_instead_of_failing_it(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    tmp_path: Path,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    store = FlakyStore(tmp_path / "flaky", fsync=False)
+    sid = submit_one(sessions, tenant, store, settings, "an outage conflict=0.1")
+    store.down = True
+    processor = BatchProcessor(sessions, ScriptedEngine(), store, settings)
+    report = processor.run(sid)
+    assert report.requeued == [sid] and report.failed == []
+    with sessions() as session:
+        submission = session.get(Submission, sid)
+        assert submission is not None and submission.status == SubmissionStatus.queued
+        assert "S3 is unreachable" in (submission.last_error or "")
+    store.down = False
+    assert processor.run(sid).decided == [sid]
+
+
+class RefusedVerdictEngine(ScriptedEngine):
+    """Answers once with a description Postgres refuses to store (a NUL character), then normally."""
+
+    def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        results = super().moderate(requests)
+        if len(self.batches) == 1:
+            results[0] = EngineResult(
+                description="a\x00b",
+                visible_text="",
+                explanation="scripted",
+                conflict_score=0.1,
+                confidence=0.9,
+                category_scores=results[0].category_scores,
+            )
+        return results
+
+
+def test_a_batch_whose_verdicts_cannot_be_written_is_released_with_the_error_recorded(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    first = submit_one(sessions, tenant, store, settings, "first conflict=0.1")
+    second = submit_one(sessions, tenant, store, settings, "second conflict=0.1")
+    processor = BatchProcessor(sessions, RefusedVerdictEngine(), store, settings)
+    dispatched.jobs.clear()
+    report = processor.run(first)
+    # Not left under a lease that runs out minutes later: requeued at once, each with its own job.
+    assert sorted(report.requeued) == sorted([first, second]) and report.decided == []
+    with sessions() as session:
+        for sid in (first, second):
+            submission = session.get(Submission, sid)
+            assert submission is not None and submission.status == SubmissionStatus.queued
+            assert submission.lease_token is None
+            assert "processing error: DataError" in (submission.last_error or "")
+        attempts = list(session.scalars(select(ProcessingAttempt)))
+        assert {a.outcome for a in attempts} == {"error"}
+        assert all("DataError" in (a.error or "") for a in attempts)
+        assert session.scalar(select(Verdict).limit(1)) is None
+    _run_queued_jobs(processor, dispatched)
+    with sessions() as session:
+        assert {s.status for s in session.scalars(select(Submission))} == {SubmissionStatus.decided}
+
+
+def test_taking_over_an_expired_lease_records_how_the_earlier_attempt_ended(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    sid = submit_one(sessions, tenant, store, settings, "its worker died conflict=0.1")
+    dead_token = uuid.uuid4()
+    long_ago = utcnow() - timedelta(hours=1)
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Submission)
+            .where(Submission.id == sid)
+            .values(
+                status=SubmissionStatus.processing,
+                attempts=1,
+                lease_token=dead_token,
+                lease_expires_at=long_ago,
+            )
+        )
+        session.add(
+            ProcessingAttempt(
+                submission_id=sid,
+                attempt=1,
+                lease_token=dead_token,
+                worker="gone",
+                batch_size=1,
+                started_at=long_ago,
+            )
+        )
+    assert BatchProcessor(sessions, ScriptedEngine(), store, settings).run(sid).decided == [sid]
+    with sessions() as session:
+        attempts = {a.lease_token: a for a in session.scalars(select(ProcessingAttempt))}
+    earlier = attempts.pop(dead_token)
+    assert (earlier.outcome, earlier.error) == ("lease_expired", "processing lease expired")
+    assert earlier.finished_at is not None
+    assert [a.outcome for a in attempts.values()] == ["decided"]
 
 
 def test_review_priority_puts_risky_items_first() -> None:
