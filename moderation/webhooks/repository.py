@@ -73,14 +73,37 @@ class WebhookRepository:
             .execution_options(populate_existing=True)
         )
 
-    def get_delivery(self, delivery_id: uuid.UUID) -> WebhookDelivery | None:
-        """A delivery with its endpoint."""
+    def get_delivery(self, delivery_id: uuid.UUID, *, for_update: bool = False) -> WebhookDelivery | None:
+        """A delivery with its endpoint; ``for_update`` locks its row until the transaction ends."""
         stmt = (
             select(WebhookDelivery)
             .options(selectinload(WebhookDelivery.endpoint))
             .where(WebhookDelivery.id == delivery_id)
         )
+        if for_update:
+            stmt = stmt.with_for_update(of=WebhookDelivery)
         return self.session.scalar(stmt)
+
+    def finish_attempt(
+        self,
+        attempt_id: uuid.UUID,
+        *,
+        status_code: int | None,
+        duration_ms: float,
+        error: str | None,
+        response_excerpt: str | None,
+    ) -> None:
+        """Record what an attempt (recorded when it started) got back."""
+        self.session.execute(
+            update(WebhookAttempt)
+            .where(WebhookAttempt.id == attempt_id)
+            .values(
+                status_code=status_code,
+                duration_ms=duration_ms,
+                error=error,
+                response_excerpt=response_excerpt,
+            )
+        )
 
     def overdue_deliveries(self, older_than: datetime, limit: int) -> list[uuid.UUID]:
         """Pending deliveries whose attempt is overdue: their job was lost or their worker died."""

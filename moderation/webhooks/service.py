@@ -123,6 +123,11 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
+#: The error an attempt carries from its start until its outcome is recorded; an attempt whose worker died
+#: during the request keeps it.
+UNFINISHED_ATTEMPT = "no outcome recorded: the attempt is under way, or its worker stopped during it"
+
+
 @dataclass(frozen=True)
 class DeliveryOutcome:
     """The result of one delivery attempt and, if it will be retried, after how long."""
@@ -138,14 +143,37 @@ def attempt_delivery(
     """Make one attempt at a delivery; records the attempt and schedules the retry. Holds no transaction over I/O."""
     lease = settings.webhook_timeout_seconds * 3 + 30
     with sessions() as session, session.begin():
-        delivery = WebhookRepository(session).claim_delivery(delivery_id, lease)
+        repo = WebhookRepository(session)
+        delivery = repo.claim_delivery(delivery_id, lease)
         if delivery is None:
             return DeliveryOutcome(status=None)
-        endpoint = delivery.endpoint
         attempt_no = delivery.attempt_count
+        if attempt_no > settings.webhook_max_attempts:
+            # The last allowed attempt's worker stopped before it recorded an outcome: none are left.
+            delivery.status = DeliveryStatus.failed
+            delivery.next_attempt_at = None
+            delivery.last_error = (
+                f"gave up after {settings.webhook_max_attempts} attempts; the last one's worker stopped "
+                f"before recording its outcome (last error: {delivery.last_error or 'none'})"
+            )
+            logger.warning("webhook delivery %s failed: %s", delivery_id, delivery.last_error)
+            return DeliveryOutcome(status=DeliveryStatus.failed)
+        endpoint = delivery.endpoint
         url, secret, enabled = endpoint.url, endpoint.secret, endpoint.enabled
         body = orjson.dumps(delivery.payload)
         message_id = delivery.message_id
+        # Recorded before the request goes out, so that an attempt whose worker dies during it still shows.
+        attempt = WebhookAttempt(
+            id=new_id(),
+            delivery_id=delivery_id,
+            attempt=attempt_no,
+            attempted_at=utcnow(),
+            status_code=None,
+            duration_ms=0.0,
+            error=UNFINISHED_ATTEMPT,
+        )
+        repo.add(attempt)
+        attempt_id = attempt.id
     status_code: int | None = None
     excerpt: str | None = None
     error: str | None = None
@@ -166,26 +194,26 @@ def attempt_delivery(
     metrics.WEBHOOK_ATTEMPTS.labels("success" if error is None else "failure").inc()
     with sessions() as session, session.begin():
         repo = WebhookRepository(session)
-        repo.add(
-            WebhookAttempt(
-                id=new_id(),
-                delivery_id=delivery_id,
-                attempt=attempt_no,
-                attempted_at=utcnow(),
-                status_code=status_code,
-                duration_ms=duration_ms,
-                error=error,
-                response_excerpt=excerpt,
-            )
+        repo.finish_attempt(
+            attempt_id,
+            status_code=status_code,
+            duration_ms=duration_ms,
+            error=error,
+            response_excerpt=excerpt,
         )
-        delivery = repo.get_delivery(delivery_id)
+        delivery = repo.get_delivery(delivery_id, for_update=True)
         assert delivery is not None
         if error is None:
-            delivery.status = DeliveryStatus.succeeded
-            delivery.delivered_at = utcnow()
-            delivery.next_attempt_at = None
-            delivery.last_error = None
+            # A success stands even if this attempt outlived its lease and a later one is under way.
+            if delivery.status != DeliveryStatus.succeeded:
+                delivery.status = DeliveryStatus.succeeded
+                delivery.delivered_at = utcnow()
+                delivery.next_attempt_at = None
+                delivery.last_error = None
             outcome = DeliveryOutcome(status=DeliveryStatus.succeeded, status_code=status_code)
+        elif delivery.status != DeliveryStatus.pending or delivery.attempt_count != attempt_no:
+            # Settled meanwhile, or this attempt outlived its lease and a later one owns the delivery now.
+            outcome = DeliveryOutcome(status=None, status_code=status_code)
         elif attempt_no >= settings.webhook_max_attempts or not enabled:
             delivery.status = DeliveryStatus.failed
             delivery.next_attempt_at = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 
 import pytest
 from sqlalchemy import select
@@ -20,6 +21,7 @@ from moderation.tenants.service import create_tenant
 from moderation.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEvent
 from moderation.webhooks.schemas import WebhookEndpointCreate
 from moderation.webhooks.service import (
+    UNFINISHED_ATTEMPT,
     attempt_delivery,
     backoff_seconds,
     create_endpoint,
@@ -153,3 +155,106 @@ def test_endpoint_urls_follow_the_outbound_policy(
             settings,
         )
         assert ok.secret.startswith("whsec_")
+
+
+class _WorkerDies(SafeHttpClient):
+    """The worker process is killed while the request is in flight (nothing after it runs)."""
+
+    def post(
+        self, url: str, content: bytes, headers: Mapping[str, str] | None = None, timeout: float | None = None
+    ) -> tuple[int, str]:
+        raise SystemExit("killed")
+
+
+def _make_due(sessions: sessionmaker[Session], delivery_id: object) -> None:
+    with sessions() as session, session.begin():
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None
+        row.next_attempt_at = row.created_at
+
+
+def test_an_attempt_whose_worker_dies_is_recorded_and_counts_against_the_limit(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    settings.webhook_max_attempts = 2
+    _, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
+    delivery_id = deliveries[0].id
+    with pytest.raises(SystemExit), _WorkerDies(OutboundPolicy(allow_private=True)) as dying:
+        attempt_delivery(sessions, delivery_id, dying, settings)
+    with sessions() as session:
+        (started,) = session.scalars(select(WebhookAttempt)).all()
+        assert (started.attempt, started.status_code, started.error) == (1, None, UNFINISHED_ATTEMPT)
+    receiver.statuses = [500]
+    with SafeHttpClient(OutboundPolicy(allow_private=True)) as client:
+        _make_due(sessions, delivery_id)  # as the sweeper finds it once the lease runs out
+        assert attempt_delivery(sessions, delivery_id, client, settings).status == DeliveryStatus.failed
+        assert len(receiver.requests) == 1
+        _make_due(sessions, delivery_id)
+        assert attempt_delivery(sessions, delivery_id, client, settings).status is None  # settled: no request
+    assert len(receiver.requests) == 1
+    with sessions() as session:
+        attempts = session.scalars(select(WebhookAttempt).order_by(WebhookAttempt.attempt)).all()
+        assert [(a.attempt, a.error) for a in attempts] == [(1, UNFINISHED_ATTEMPT), (2, "HTTP 500")]
+
+
+def test_when_the_last_attempt_dies_the_delivery_fails_instead_of_retrying_forever(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    settings.webhook_max_attempts = 1
+    _, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
+    delivery_id = deliveries[0].id
+    with pytest.raises(SystemExit), _WorkerDies(OutboundPolicy(allow_private=True)) as dying:
+        attempt_delivery(sessions, delivery_id, dying, settings)
+    _make_due(sessions, delivery_id)
+    with SafeHttpClient(OutboundPolicy(allow_private=True)) as client:
+        assert attempt_delivery(sessions, delivery_id, client, settings).status == DeliveryStatus.failed
+    assert receiver.requests == []
+    with sessions() as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None and row.status == DeliveryStatus.failed and row.next_attempt_at is None
+        assert "gave up after 1 attempts" in (row.last_error or "")
+
+
+def test_an_attempt_that_outlived_its_lease_does_not_undo_a_later_success(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    settings.webhook_max_attempts = 2
+    _, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
+    delivery_id = deliveries[0].id
+    policy = OutboundPolicy(allow_private=True)
+
+    class StalledThenFailed(SafeHttpClient):
+        """Stalls past its lease, during which another worker delivers; then its own request fails."""
+
+        def post(
+            self,
+            url: str,
+            content: bytes,
+            headers: Mapping[str, str] | None = None,
+            timeout: float | None = None,
+        ) -> tuple[int, str]:
+            _make_due(sessions, delivery_id)
+            with SafeHttpClient(policy) as other_worker:
+                later = attempt_delivery(sessions, delivery_id, other_worker, settings)
+            assert later.status == DeliveryStatus.succeeded
+            return 500, "too late"
+
+    with StalledThenFailed(policy) as stalled:
+        assert attempt_delivery(sessions, delivery_id, stalled, settings).status is None
+    with sessions() as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None and row.status == DeliveryStatus.succeeded and row.last_error is None
+        attempts = session.scalars(select(WebhookAttempt).order_by(WebhookAttempt.attempt)).all()
+        assert [(a.attempt, a.status_code) for a in attempts] == [(1, 500), (2, 200)]
