@@ -612,7 +612,11 @@ def sweep(sessions: sessionmaker[Session], settings: Settings, *, limit: int = 5
     now = utcnow()
     with sessions() as session, session.begin():
         repo = SubmissionRepository(session)
-        stale = repo.stale_queued(now - timedelta(seconds=settings.queue_redeliver_seconds), limit)
+        stale = repo.stale_queued(
+            now - timedelta(seconds=settings.queue_redeliver_seconds),
+            limit,
+            max_attempts=settings.max_attempts,
+        )
         repo.mark_enqueued(stale)
         for submission_id in stale:
             enqueue_after_commit(session, process_job(submission_id))
@@ -637,6 +641,12 @@ def sweep(sessions: sessionmaker[Session], settings: Settings, *, limit: int = 5
             submission.lease_expires_at = None
             if token is not None:
                 repo.finish_attempt(submission.id, token, outcome, "processing lease expired")
+        # Only a lowered MAX_ATTEMPTS leaves a queued submission out of attempts: no claim would take it.
+        for submission in repo.exhausted_queued(settings.max_attempts, limit):
+            error = f"gave up after {submission.attempts} attempts (MAX_ATTEMPTS is {settings.max_attempts})"
+            submission.status = SubmissionStatus.failed
+            submission.last_error = (submission.last_error or error)[:MAX_ERROR_CHARS]
+            report.failed.append(submission.id)
         session.flush()
         for submission_id in report.failed:
             failed = repo.get(submission_id)

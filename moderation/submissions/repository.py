@@ -379,14 +379,26 @@ class SubmissionRepository:
             .values(finished_at=utcnow(), outcome=outcome, error=error)
         )
 
-    def stale_queued(self, older_than: datetime, limit: int) -> list[uuid.UUID]:
-        """Queued submissions whose job was sent before ``older_than`` (or never), oldest first."""
+    def stale_queued(self, older_than: datetime, limit: int, *, max_attempts: int) -> list[uuid.UUID]:
+        """Queued submissions with attempts left whose job was sent before ``older_than`` (or never), oldest first."""
         stmt = (
             select(Submission.id)
             .where(
                 Submission.status == SubmissionStatus.queued,
+                Submission.attempts < max_attempts,
                 or_(Submission.enqueued_at.is_(None), Submission.enqueued_at < older_than),
             )
+            .order_by(Submission.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(self.session.scalars(stmt))
+
+    def exhausted_queued(self, max_attempts: int, limit: int) -> list[Submission]:
+        """Queued submissions with no attempts left, which no claim would ever take."""
+        stmt = (
+            select(Submission)
+            .where(Submission.status == SubmissionStatus.queued, Submission.attempts >= max_attempts)
             .order_by(Submission.created_at)
             .limit(limit)
             .with_for_update(skip_locked=True)

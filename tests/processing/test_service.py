@@ -246,6 +246,34 @@ def test_sweeper_recovers_lost_jobs_and_expired_leases(
     assert (again.requeued, again.expired, again.failed) == ([], [], [])
 
 
+def test_the_sweeper_fails_a_queued_submission_left_without_attempts(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    # Requeued after its second attempt, then MAX_ATTEMPTS was lowered to 2: no claim will ever take it.
+    sid = submit_one(sessions, tenant, store, settings, "requeued, then the limit was lowered")
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Submission)
+            .where(Submission.id == sid)
+            .values(attempts=2, last_error="engine error: boom", enqueued_at=utcnow() - timedelta(hours=1))
+        )
+    settings.max_attempts = 2
+    dispatched.jobs.clear()
+    report = sweep(sessions, settings)
+    assert report.failed == [sid] and report.requeued == []
+    assert dispatched.tasks(TASK_PROCESS_SUBMISSION) == []
+    with sessions() as session:
+        submission = session.get(Submission, sid)
+        assert submission is not None and submission.status == SubmissionStatus.failed
+        assert submission.last_error == "engine error: boom"
+        events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
+        assert events == ["submission.failed"]
+
+
 def test_retried_submission_is_judged_alone(
     sessions: sessionmaker[Session],
     tenant: Tenant,
