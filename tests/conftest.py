@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,6 +96,13 @@ class RecordingDispatcher:
     def tasks(self, name: str) -> list[str]:
         """The ids the dispatched jobs of one task name, in order (a job may name several)."""
         return [arg for j in self.jobs if j.task == name for arg in j.args]
+
+    def wait_for_tasks(self, name: str, count: int, timeout: float = 5.0) -> list[str]:
+        """``tasks(name)`` once it names ``count`` ids (jobs sent after the answer, as intake's, come later)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.tasks(name)) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return found
 
 
 @pytest.fixture
