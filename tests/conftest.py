@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import time
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
