@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moderation.review.models import ReviewItem
+from moderation.review.models import ReviewItem, ReviewState
 from moderation.submissions.models import Submission, Verdict
 
 
@@ -65,28 +65,29 @@ class VerdictOut(BaseModel):
 
 
 class ReviewOut(BaseModel):
-    """The human review of a submission, if one was needed."""
+    """The human review of a submission, as its tenant sees it: the outcome, never who or internal notes.
+
+    Reviewers' identities and notes (an escalation's "looping in legal", say) stay inside the review tool;
+    ``state`` is ``open`` until a decision exists (claimed and escalated are internal states).
+    """
 
     state: str
     decision: str | None
     final_decision: str | None
     categories: list[str]
-    note: str | None
-    reviewer: str | None
     decided_at: datetime | None
 
     @classmethod
     def from_model(cls, item: ReviewItem) -> ReviewOut:
         """Build from the ORM row."""
-        final = {"approve": "allow", "reject": "block"}.get(str(item.decision)) if item.decision else None
+        decided = item.state == ReviewState.decided
+        final = {"approve": "allow", "reject": "block"}.get(str(item.decision)) if decided else None
         return cls(
-            state=str(item.state),
-            decision=str(item.decision) if item.decision else None,
+            state="decided" if decided else "open",
+            decision=str(item.decision) if decided and item.decision else None,
             final_decision=final,
-            categories=list(item.categories or []),
-            note=item.note,
-            reviewer=item.decided_by,
-            decided_at=item.decided_at,
+            categories=list(item.categories or []) if decided else [],
+            decided_at=item.decided_at if decided else None,
         )
 
 

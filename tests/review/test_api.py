@@ -103,7 +103,10 @@ def test_programmatic_review_with_an_api_token(
     )
     body = tenant_view.json()
     assert body["status"] == "reviewed" and body["final_decision"] == "block"
-    assert body["review"]["categories"] == ["spam"] and body["review"]["note"] == "广告"
+    assert body["review"]["categories"] == ["spam"] and body["review"]["state"] == "decided"
+    # Who decided and the internal note stay inside the review tool.
+    assert "note" not in body["review"] and "reviewer" not in body["review"]
+    assert "广告" not in tenant_view.text
     assert len(dispatched.tasks(TASK_DELIVER_WEBHOOK)) == 1
     # Reviewers cannot read reports or the audit log; tenant keys are not reviewer tokens.
     assert app_client.get("/v1/review/reports/model", headers=headers).status_code == 403
@@ -230,7 +233,7 @@ def test_tenants_appeal_final_decisions(
         f"/v1/submissions/{submission_id}/appeal", headers=tenant_headers, json={"reason": "这不是广告"}
     )
     assert appealed.status_code == 202, appealed.text
-    assert appealed.json()["status"] == "in_review" and appealed.json()["review"]["state"] == "pending"
+    assert appealed.json()["status"] == "in_review" and appealed.json()["review"]["state"] == "open"
     # The reviewer who decided it is not offered the appeal.
     assert app_client.post("/v1/review/claim", headers=reviewer).status_code == 204
     lead = _token(sessions, accounts["lead"].email)
