@@ -26,6 +26,7 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
 )
 
 MAX_METADATA_BYTES = 16 * 1024
+MAX_METADATA_DEPTH = 32
 MAX_ID_CHARS = 256
 
 
@@ -152,6 +153,21 @@ def validate_identifier(value: str | None, field: str) -> str | None:
     return value
 
 
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (without recursion)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
 def parse_metadata(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     """Parse and validate client metadata: a JSON object of at most 16 KiB."""
     if raw is None or raw == "":
@@ -159,12 +175,21 @@ def parse_metadata(raw: str | dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(raw, str):
         try:
             value = json.loads(raw)
+        except RecursionError as exc:
+            raise InvalidInput(
+                f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep", code="invalid_metadata"
+            ) from exc
         except ValueError as exc:
             raise InvalidInput("metadata is not valid JSON", code="invalid_metadata") from exc
     else:
         value = raw
     if not isinstance(value, dict):
         raise InvalidInput("metadata must be a JSON object", code="invalid_metadata")
+    if _depth(value) > MAX_METADATA_DEPTH:
+        # Stored deeper, it could not be serialised back (GET, listings, webhooks would fail on it).
+        raise InvalidInput(
+            f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep", code="invalid_metadata"
+        )
     try:
         encoded = json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError as exc:  # NaN and Infinity parse in Python but are not JSON, and Postgres refuses them

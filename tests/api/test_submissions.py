@@ -167,6 +167,9 @@ def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(
         "invalid_base64",
     )
     assert _error(_post(client, tenant, make_jpeg(), metadata="[1]")) == (422, "invalid_metadata")
+    assert _error(_post(client, tenant, make_jpeg(), metadata="[" * 100_000)) == (422, "invalid_metadata")
+    deep = '{"a": ' * 300 + "1" + "}" * 300
+    assert _error(_post(client, tenant, make_jpeg(), metadata=deep)) == (422, "invalid_metadata")
     ssrf = {"caption": "x", "image_url": "http://169.254.169.254/latest/meta-data/"}
     assert _error(client.post("/v1/submissions", json=ssrf, headers=tenant.headers)) == (
         422,

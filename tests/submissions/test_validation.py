@@ -138,6 +138,21 @@ def test_identifiers_and_metadata() -> None:
         assert err.value.code == "invalid_metadata"
 
 
+def test_metadata_nested_too_deep_is_refused_not_stored() -> None:
+    deep_ok = '{"a": ' * 31 + "1" + "}" * 31
+    assert parse_metadata(deep_ok) is not None
+    too_deep = '{"a": ' * 33 + "1" + "}" * 33
+    in_arrays = '{"a": ' + "[" * 40 + "]" * 40 + "}"
+    bomb = '{"a": ' + "[" * 100_000  # Python's parser gives up on it with a RecursionError
+    nested: object = 1
+    for _ in range(40):
+        nested = [nested]
+    for bad in (too_deep, in_arrays, bomb, {"a": nested}):
+        with pytest.raises(InvalidInput) as err:
+            parse_metadata(bad)
+        assert err.value.code == "invalid_metadata" and "nested" in err.value.message
+
+
 def _encode(fmt: str, size: tuple[int, int] = (120, 90), **options: object) -> bytes:
     buf = io.BytesIO()
     Image.effect_noise(size, 40).convert("RGB").save(buf, fmt, **options)
