@@ -15,6 +15,7 @@ import socket
 import ssl
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -477,6 +478,42 @@ def _build_client(
     )
 
 
+# Content codings a response may arrive in (a server may ignore "Accept-Encoding: identity"), with zlib's
+# window bits for each.
+_DECODABLE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _bounded_body(response: httpx.Response, limit: int, origin: str) -> Iterator[bytes]:
+    """The response body, decoded, stopping once more than ``limit`` bytes came out.
+
+    httpx's own decoding inflates each network chunk whole, so a few kilobytes of nested gzip could grow
+    into gigabytes before any size check: here inflation is capped as it goes. One gzip or deflate layer
+    is decoded; stacked or unknown codings are refused.
+    """
+    codings = [c.strip().lower() for c in response.headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        yield from response.iter_raw()
+        return
+    if len(codings) > 1 or codings[0] not in _DECODABLE:
+        raise FetchFailed(f"{origin} sent an unsupported Content-Encoding: {', '.join(codings)}")
+    decoder = zlib.decompressobj(_DECODABLE[codings[0]])
+    produced = 0
+    try:
+        for chunk in response.iter_raw():
+            pending = chunk
+            while pending:
+                out = decoder.decompress(pending, limit + 1 - produced)
+                produced += len(out)
+                if out:
+                    yield out
+                if produced > limit:
+                    return
+                pending = decoder.unconsumed_tail
+    except zlib.error as exc:
+        raise FetchFailed(f"{origin} sent a {codings[0]} body that does not decode: {exc}") from exc
+
+
 def _read_capped(response: httpx.Response, max_bytes: int, origin: str) -> bytes:
     declared = response.headers.get("content-length")
     if declared is not None:
@@ -487,7 +524,7 @@ def _read_capped(response: httpx.Response, max_bytes: int, origin: str) -> bytes
         if length > max_bytes:
             raise PayloadTooLarge(f"{origin} declares {length} bytes, over the limit of {max_bytes} bytes")
     body = bytearray()
-    for chunk in response.iter_bytes():
+    for chunk in _bounded_body(response, max_bytes, origin):
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"{origin} sent more than the limit of {max_bytes} bytes")
@@ -588,14 +625,21 @@ class SafeHttpClient:
             with (
                 _deadline_after(limit),
                 self._client.stream(
-                    "POST", parsed, content=content, headers=dict(headers or {}), timeout=limit
+                    "POST",
+                    parsed,
+                    content=content,
+                    headers={**dict(headers or {}), "Accept-Encoding": "identity"},
+                    timeout=limit,
                 ) as response,
             ):
                 excerpt = bytearray()
-                for chunk in response.iter_bytes():
-                    excerpt += chunk
-                    if len(excerpt) >= self._excerpt_bytes:
-                        break
+                try:
+                    for chunk in _bounded_body(response, self._excerpt_bytes, origin):
+                        excerpt += chunk
+                        if len(excerpt) >= self._excerpt_bytes:
+                            break
+                except FetchFailed as exc:  # the status is the answer; a body that does not decode is not
+                    excerpt = bytearray(str(exc).encode())
                 text = bytes(excerpt[: self._excerpt_bytes]).decode("utf-8", errors="replace")
                 return response.status_code, text
         except httpx.TimeoutException as exc:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import os
 import socket
 import ssl
 import threading
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -549,6 +551,35 @@ def test_proxy_environment_is_ignored(server2: LocalServer, monkeypatch: pytest.
     assert fetch(server2.url("/a"), ONLY_2).data == b"direct"
 
 
+# 50 MB of zeros, gzipped to ~50 KB: what a hostile server answers to make a client inflate it in memory.
+_BOMB = gzip.compress(bytes(50_000_000), compresslevel=9)
+
+
+def test_a_compressed_response_is_inflated_only_up_to_the_limit(server2: LocalServer) -> None:
+    server2.route("/bomb.png", lambda h: send(h, 200, _BOMB, {"Content-Encoding": "gzip"}))
+    server2.route(
+        "/nested.png", lambda h: send(h, 200, gzip.compress(_BOMB), {"Content-Encoding": "gzip, gzip"})
+    )
+    server2.route(
+        "/small.png", lambda h: send(h, 200, gzip.compress(b"\x89PNG tiny"), {"Content-Encoding": "gzip"})
+    )
+    server2.route("/broken.png", lambda h: send(h, 200, b"not gzip at all", {"Content-Encoding": "gzip"}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLarge, match="more than"):
+            fetch(server2.url("/bomb.png"), ONLY_2, max_bytes=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000  # never the 50 MB the body inflates to
+    with pytest.raises(FetchFailed, match="unsupported Content-Encoding"):
+        fetch(server2.url("/nested.png"), ONLY_2, max_bytes=1_000_000)
+    with pytest.raises(FetchFailed, match="does not decode"):
+        fetch(server2.url("/broken.png"), ONLY_2, max_bytes=1_000_000)
+    assert fetch(server2.url("/small.png"), ONLY_2, max_bytes=1_000_000).data == b"\x89PNG tiny"
+    assert all(hit[2]["Accept-Encoding"] == "identity" for hit in server2.httpd.hits)
+
+
 # Webhook client -------------------------------------------------------------------------------------------
 
 
@@ -569,6 +600,22 @@ def test_post_returns_status_and_capped_excerpt_and_reuses_connections(server2: 
     assert headers["Content-Type"] == "application/json"
     # The first response was not drained, so its connection closes; the next two share one.
     assert server2.httpd.hits[1][4] == server2.httpd.hits[2][4]
+
+
+def test_a_webhook_receiver_answering_with_a_gzip_bomb_gets_only_an_excerpt_read(
+    server2: LocalServer,
+) -> None:
+    server2.route("/hook", lambda h: send(h, 200, _BOMB, {"Content-Encoding": "gzip"}))
+    tracemalloc.start()
+    try:
+        with SafeHttpClient(ONLY_2) as client:
+            status, excerpt = client.post(server2.url("/hook"), b"payload")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (status, excerpt) == (200, "\x00" * 4096)
+    assert peak < 20_000_000
+    assert server2.httpd.hits[0][2]["Accept-Encoding"] == "identity"
 
 
 def test_webhook_redirect_not_followed(server2: LocalServer) -> None:
