@@ -13,6 +13,7 @@ import redis.asyncio
 from fastapi import FastAPI
 from sqlalchemy.orm import sessionmaker
 
+from api.body_limit import BodyLimitMiddleware
 from api.deps import TenantCache
 from api.errors import install_error_handlers
 from api.routes import appeals, health, policy, review, submissions, tenant, webhooks
@@ -91,6 +92,8 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     app.state.blob_store = blob_store_from_settings(settings)
     app.state.tenant_cache = TenantCache()
     install_error_handlers(app)
+    # Intake caps its own body (sized for an image) as it reads it.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, exempt={"/v1/submissions"})
     app.include_router(health.router)
     app.include_router(submissions.router)
     app.include_router(webhooks.router)

@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         "database statements and lock waits are capped at the same time, and /readyz fails while intake's "
         "writer has been stuck on one batch for longer.",
     )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest request body of every route but intake, whose limit follows `max_image_bytes` "
+        "(413 `payload_too_large` above; refused before the body is read when Content-Length says so).",
+    )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
         default=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Accepted formats (415 otherwise)."
