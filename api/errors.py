@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moderation.errors import ModerationError, RateLimited
@@ -57,6 +58,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _data_error(_: Request, exc: DataError) -> JSONResponse:
+        # Only a request can bring a value the database refuses to store (a NUL in text, a number out of
+        # range): the client's error, not the server's.
+        cause = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+        logger.info("refused a value the database cannot store: %s", cause)
+        return error_response(422, "invalid_value", f"a value in the request cannot be stored: {cause}")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -47,6 +47,10 @@ def validate_custom_categories(items: list[dict[str, str]]) -> list[dict[str, st
             )
         if name in builtin or name in seen:
             raise InvalidInput(f"category {name!r} already exists", code="invalid_categories")
+        if "\x00" in definition:
+            raise InvalidInput(
+                f"category {name!r} has a NUL character in its definition", code="invalid_categories"
+            )
         if not 3 <= len(definition) <= 300:
             raise InvalidInput(f"category {name!r} needs a one-line definition", code="invalid_categories")
         seen.add(name)

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import Submission
@@ -107,6 +107,13 @@ class AppealIn(BaseModel):
     """A tenant's appeal of a decision."""
 
     reason: str | None = Field(default=None, max_length=2000)
+
+    @field_validator("reason")
+    @classmethod
+    def _storable(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 class QaSampleIn(BaseModel):

@@ -35,3 +35,21 @@ def test_bad_tenant_settings_are_refused(client: TestClient, tenant: ApiTenant) 
         "/v1/tenant", json={"categories": [{"name": "violence", "definition": "dup"}]}, headers=tenant.headers
     )
     assert res.status_code == 422 and res.json()["error"]["code"] == "invalid_categories"
+
+
+def test_text_the_database_cannot_store_is_refused_with_422_not_500(
+    client: TestClient, tenant: ApiTenant
+) -> None:
+    nul_category = {"categories": [{"name": "scam_ads", "definition": "ads for\x00 scams"}]}
+    res = client.patch("/v1/tenant", json=nul_category, headers=tenant.headers)
+    assert res.status_code == 422 and res.json()["error"]["code"] == "invalid_categories"
+    hook = {"url": "https://hooks.example.com/x", "events": ["submission.decided"], "description": "a\x00b"}
+    res = client.post("/v1/webhook-endpoints", json=hook, headers=tenant.headers)
+    assert res.status_code == 422 and res.json()["error"]["code"] == "validation_error"
+    # Any other field that reaches the database with a NUL: the same 422, never a 500.
+    res = client.post(
+        "/v1/submissions/00000000-0000-0000-0000-000000000000/appeal",
+        json={"reason": "x\x00"},
+        headers=tenant.headers,
+    )
+    assert res.status_code == 422 and res.json()["error"]["code"] == "validation_error"
