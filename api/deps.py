@@ -52,8 +52,11 @@ class TenantCache:
 
 
 def _key_hash(authorization: str | None) -> str:
-    token = (authorization or "").partition(" ")[2].strip()
-    return hash_api_key(token) if token else ""
+    """The cache key of a ``Bearer`` header; empty (not cacheable) for anything else."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    # Only what ``authenticate`` would accept may be answered from the cache: another scheme is a 401.
+    return hash_api_key(token) if token and scheme.lower() == "bearer" else ""
 
 
 def cached_tenant(request: Request, authorization: str | None) -> Tenant | None:

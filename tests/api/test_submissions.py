@@ -100,6 +100,13 @@ def test_auth_is_required(client: TestClient, tenant: ApiTenant) -> None:
         assert res.json()["error"]["code"] == "unauthorized"
 
 
+def test_a_cached_key_under_another_scheme_is_still_refused(client: TestClient, tenant: ApiTenant) -> None:
+    assert client.get("/v1/submissions", headers=tenant.headers).status_code == 200  # now cached
+    other_scheme = {"Authorization": f"Token {tenant.key}"}
+    assert client.get("/v1/submissions", headers=other_scheme).status_code == 401
+    assert _post(client, tenant, make_jpeg(), headers=other_scheme).status_code == 401
+
+
 def test_listing_pages_with_a_cursor_and_filters_by_status(client: TestClient, tenant: ApiTenant) -> None:
     ids = [_post(client, tenant, make_jpeg(64, 64, seed=i)).json()["id"] for i in range(5)]
     seen: list[str] = []
