@@ -92,8 +92,13 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     app.state.blob_store = blob_store_from_settings(settings)
     app.state.tenant_cache = TenantCache()
     install_error_handlers(app)
-    # Intake caps its own body (sized for an image) as it reads it.
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, exempt={"/v1/submissions"})
+    # Intake caps its own body's size (sized for an image) as it reads it; the time limit holds for all.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_request_bytes,
+        timeout=settings.request_body_timeout_seconds,
+        exempt={"/v1/submissions"},
+    )
     app.include_router(health.router)
     app.include_router(submissions.router)
     app.include_router(webhooks.router)

@@ -1,7 +1,8 @@
-"""A cap on request bodies, enforced while they are read, before any route authenticates or parses them."""
+"""Caps on request bodies, enforced while they are read, before any route authenticates or parses them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
 
 from starlette.exceptions import HTTPException
@@ -11,37 +12,52 @@ from api.errors import error_response
 
 
 class BodyLimitMiddleware:
-    """Refuse (413 ``payload_too_large``) bodies over ``limit`` bytes, except on ``exempt`` paths.
+    """Refuse bodies over ``limit`` bytes (413) or still arriving after ``timeout`` seconds (408).
 
     A declared Content-Length over the limit is refused before anything is read; a body sent without one
-    (chunked) is cut off as soon as it passes the limit. Exempt paths enforce a limit of their own (intake's
-    follows the image size limit).
+    (chunked) is cut off as soon as it passes the limit. Paths in ``exempt`` enforce a size limit of their
+    own (intake's follows the image size limit), but not a time limit: a client that trickles its body
+    in holds a connection and its buffer for at most ``timeout`` seconds on every route.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int, exempt: Collection[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int, timeout: float, exempt: Collection[str] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
         self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        message = f"request body is larger than the {self.limit}-byte limit"
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await error_response(413, "payload_too_large", message)(scope, receive, send)
-                return
+        limit = None if scope["path"] in self.exempt else self.limit
+        too_large = f"request body is larger than the {limit}-byte limit"
+        if limit is not None:
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > limit:
+                    await error_response(413, "payload_too_large", too_large)(scope, receive, send)
+                    return
+        deadline = asyncio.get_running_loop().time() + self.timeout
         received = 0
+        complete = False
 
         async def limited() -> Message:
-            nonlocal received
-            got = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what comes now (a disconnect) may take as long as it takes
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    got = await receive()
+            except TimeoutError:
+                # An HTTPException passes through FastAPI's body parsing to the JSON error handlers.
+                raise HTTPException(
+                    408, f"the request body did not arrive within {self.timeout:g} s"
+                ) from None
             if got["type"] == "http.request":
                 received += len(got.get("body", b""))
-                if received > self.limit:
-                    # An HTTPException passes through FastAPI's body parsing to the JSON error handlers.
-                    raise HTTPException(413, message)
+                complete = not got.get("more_body", False)
+                if limit is not None and received > limit:
+                    raise HTTPException(413, too_large)
             return got
 
         await self.app(scope, limited, send)

@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         description="Largest request body of every route but intake, whose limit follows `max_image_bytes` "
         "(413 `payload_too_large` above; refused before the body is read when Content-Length says so).",
     )
+    request_body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="Longest a client may take to send a request body, on every route (408 "
+        "`request_timeout` after it): a client that trickles its upload in cannot hold a connection for long.",
+    )
     max_caption_chars: int = Field(default=4000, description="Longest accepted caption, in characters.")
     allowed_image_formats: list[str] = Field(
         default=["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"], description="Accepted formats (415 otherwise)."

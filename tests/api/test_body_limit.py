@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive
 
 from api.app import create_app
+from api.body_limit import BodyLimitMiddleware
+from api.errors import install_error_handlers
 from moderation.config import Settings
 from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg
@@ -49,3 +55,71 @@ def test_bodies_over_the_limit_are_refused_before_authentication_and_parsing(
             headers=tenant.headers,
         )
         assert accepted.status_code == 202, accepted.text
+
+
+async def _call(app: ASGIApp, path: str, receive: Receive) -> tuple[int, dict[str, object]]:
+    """Drive ``app`` with one POST whose body ``receive`` delivers; its status and JSON answer."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/octet-stream")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body)
+
+
+def test_a_body_that_trickles_in_is_cut_off_with_408_on_every_route() -> None:
+    inner = FastAPI()
+    install_error_handlers(inner)
+
+    @inner.post("/echo")
+    @inner.post("/v1/submissions")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    app = BodyLimitMiddleware(inner, limit=1000, timeout=0.3, exempt={"/v1/submissions"})
+
+    def trickle(chunks: int, pause: float) -> Receive:
+        sent = 0
+
+        async def receive() -> Message:
+            nonlocal sent
+            if sent == chunks:
+                await asyncio.sleep(3600)  # the client keeps the connection open and sends nothing more
+            await asyncio.sleep(pause)
+            sent += 1
+            return {"type": "http.request", "body": b"x", "more_body": sent < chunks}
+
+        return receive
+
+    async def scenario() -> None:
+        assert await _call(app, "/echo", trickle(3, 0.01)) == (200, {"bytes": 3})
+        for path in ("/echo", "/v1/submissions"):
+            status, answer = await _call(app, path, trickle(100, 0.05))
+            assert status == 408
+            assert answer["error"] == {  # type: ignore[comparison-overlap]
+                "code": "request_timeout",
+                "message": "the request body did not arrive within 0.3 s",
+            }
+        # The exempt path keeps no size limit of the middleware's; the others do.
+        assert await _call(app, "/v1/submissions", trickle(1500, 0)) == (200, {"bytes": 1500})
+        status, answer = await _call(app, "/echo", trickle(1500, 0))
+        assert status == 413
+
+    asyncio.run(scenario())
