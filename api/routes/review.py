@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
 from api.deps import SessionDep, SettingsDep
-from api.ui.auth import PrincipalDep
+from api.ui.auth import Principal, PrincipalDep
 from moderation.audit.repository import AuditRepository
 from moderation.audit.schemas import AuditEntryOut
 from moderation.errors import InvalidInput, NotFound
@@ -50,8 +50,9 @@ def _id(raw: str) -> uuid.UUID:
         raise NotFound("review item not found", code="review_item_not_found") from exc
 
 
-def _out(session: SessionDep, item_id: uuid.UUID, viewer: str, blur: float) -> ReviewItemOut:
-    return queries.item_context(session, item_id, blur_threshold=blur).out(viewer)
+def _out(session: SessionDep, item_id: uuid.UUID, principal: Principal, blur: float) -> ReviewItemOut:
+    context = queries.item_context(session, item_id, blur_threshold=blur, viewer=principal.ref)
+    return context.out(principal.reviewer.email)
 
 
 @router.get("/me", response_model=ReviewerOut)
@@ -73,7 +74,7 @@ def claim(
         session.commit()
         return Response(status_code=204)
     session.commit()
-    return _out(session, item.id, principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, item.id, principal, settings.review_blur_threshold)
 
 
 @router.get("/items", response_model=ReviewItemPage)
@@ -94,9 +95,13 @@ def list_items(
         state=state_value, kind=kind_value, open_only=state == "open", limit=limit
     )
     rows = queries.items_with_submissions(session, items)
+    hidden = queries.hidden_decisions(session, principal.ref, [i.submission_id for i in items])
     return ReviewItemPage(
         data=[
-            ReviewItemOut.from_model(i, viewer=principal.reviewer.email, tenant=name) for i, _, name in rows
+            ReviewItemOut.from_model(
+                i, viewer=principal.reviewer.email, tenant=name, redact=i.submission_id in hidden
+            )
+            for i, _, name in rows
         ]
     )
 
@@ -106,7 +111,7 @@ def get_item(
     item_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
 ) -> ReviewItemOut:
     """One item with its submission and verdict."""
-    return _out(session, _id(item_id), principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, _id(item_id), principal, settings.review_blur_threshold)
 
 
 @router.post("/items/{item_id}/decision", response_model=ReviewItemOut)
@@ -124,7 +129,7 @@ def decide(
         note=body.note,
     )
     session.commit()
-    return _out(session, item.id, principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, item.id, principal, settings.review_blur_threshold)
 
 
 @router.post("/items/{item_id}/release", response_model=ReviewItemOut)
@@ -134,7 +139,7 @@ def release(
     """Give an item back to the queue."""
     item = service.release(session, _id(item_id), reviewer=principal.ref, lease_token=body.lease_token)
     session.commit()
-    return _out(session, item.id, principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, item.id, principal, settings.review_blur_threshold)
 
 
 @router.post("/items/{item_id}/skip", response_model=ReviewItemOut)
@@ -146,7 +151,7 @@ def skip(
         session, _id(item_id), reviewer=principal.ref, lease_token=body.lease_token, skip=True
     )
     session.commit()
-    return _out(session, item.id, principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, item.id, principal, settings.review_blur_threshold)
 
 
 @router.post("/items/{item_id}/renew", response_model=ReviewItemOut)
@@ -162,7 +167,7 @@ def renew(
         lease_seconds=settings.review_lease_seconds,
     )
     session.commit()
-    return _out(session, item.id, principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, item.id, principal, settings.review_blur_threshold)
 
 
 @router.post("/items/{item_id}/reassign", response_model=ReviewItemOut)
@@ -172,7 +177,7 @@ def reassign(
     """Hand an open item to another reviewer (leads)."""
     item = service.reassign(session, _id(item_id), actor=principal.ref, to=body.to, note=body.note)
     session.commit()
-    return _out(session, item.id, principal.reviewer.email, settings.review_blur_threshold)
+    return _out(session, item.id, principal, settings.review_blur_threshold)
 
 
 @router.get("/submissions/{submission_id}/image")

@@ -286,7 +286,9 @@ def _render_item(
 ) -> str:
     if item is None:
         return templates.get_template("_empty.html").render({"queue": queue, "principal": principal})
-    context = queries.item_context(session, item.id, blur_threshold=settings.review_blur_threshold)
+    context = queries.item_context(
+        session, item.id, blur_threshold=settings.review_blur_threshold, viewer=principal.ref
+    )
     return templates.get_template("_item.html").render(
         {"c": context, "principal": principal, "queue": queue, "interactive": True, "request": request}
     )
@@ -441,7 +443,9 @@ def item_page(
     item_id: uuid.UUID, request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """One item, read-only: what the reviewer saw, the submission's history and its audit trail."""
-    context = queries.item_context(session, item_id, blur_threshold=settings.review_blur_threshold)
+    context = queries.item_context(
+        session, item_id, blur_threshold=settings.review_blur_threshold, viewer=principal.ref
+    )
     return _page(request, "item.html", principal, c=context, interactive=False, queue="review")
 
 
@@ -515,7 +519,8 @@ def search(
     results = queries.search(session, q)
     if len(results) == 1 and results[0][1]:
         return RedirectResponse(f"/review/items/{results[0][1][-1].id}", status_code=303)
-    return _page(request, "search.html", principal, q=q, results=results)
+    hidden = queries.hidden_decisions(session, principal.ref, [sub.id for sub, _, _ in results])
+    return _page(request, "search.html", principal, q=q, results=results, hidden=hidden)
 
 
 @router.get("/reports", response_class=HTMLResponse)

@@ -18,6 +18,8 @@ from moderation.policy.categories import categories_for
 from moderation.review.models import ReviewItem, ReviewKind, ReviewState
 from moderation.review.repository import ReviewRepository
 from moderation.review.schemas import ReviewItemOut
+from moderation.reviewers.models import Role
+from moderation.reviewers.schemas import ReviewerRef
 from moderation.submissions.models import Submission
 from moderation.tenants.models import Tenant
 from moderation.tenants.repository import TenantRepository
@@ -55,16 +57,27 @@ class ItemContext:
     scores: list[ScoreBar] = field(default_factory=list)
     sensitive: list[str] = field(default_factory=list)
     origin: ReviewItem | None = None
+    #: The submission is under a blind QA second review and the viewer is not a lead: its human decisions
+    #: stay hidden, wherever they would show.
+    decisions_hidden: bool = False
+    #: Only leads read the audit trail.
+    audit_hidden: bool = False
 
     @property
     def blind(self) -> bool:
-        """A QA second review does not show the decision it checks."""
-        return self.item.kind == ReviewKind.qa and self.item.state != ReviewState.decided
+        """Earlier decisions are not shown: a QA second review's own screen, or a submission under one."""
+        return self.decisions_hidden or (
+            self.item.kind == ReviewKind.qa and self.item.state != ReviewState.decided
+        )
 
     def out(self, viewer: str | None) -> ReviewItemOut:
         """The JSON shape of the item, with its submission."""
         return ReviewItemOut.from_model(
-            self.item, viewer=viewer, submission=self.submission, tenant=self.tenant.name
+            self.item,
+            viewer=viewer,
+            submission=self.submission,
+            tenant=self.tenant.name,
+            redact=self.decisions_hidden,
         )
 
 
@@ -76,8 +89,19 @@ def _level(score: float, review_at: float, block_at: float) -> str:
     return "low"
 
 
-def item_context(session: Session, item_id: uuid.UUID, *, blur_threshold: float) -> ItemContext:
-    """Everything the review screen shows about an item; NotFound when it does not exist."""
+def hidden_decisions(
+    session: Session, viewer: ReviewerRef | None, submission_ids: list[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Submissions whose human decisions ``viewer`` may not see: under a blind QA review, unless a lead."""
+    if viewer is None or viewer.can(Role.lead):
+        return set()
+    return ReviewRepository(session).under_open_qa(submission_ids)
+
+
+def item_context(
+    session: Session, item_id: uuid.UUID, *, blur_threshold: float, viewer: ReviewerRef | None = None
+) -> ItemContext:
+    """Everything the review screen shows ``viewer`` about an item (None: everything); NotFound if missing."""
     repo = ReviewRepository(session)
     item = repo.get(item_id)
     if item is None:
@@ -86,14 +110,17 @@ def item_context(session: Session, item_id: uuid.UUID, *, blur_threshold: float)
     tenant = TenantRepository(session).get(item.tenant_id)
     assert tenant is not None
     history = [h for h in repo.for_submission(item.submission_id) if h.id != item.id]
+    lead = viewer is None or viewer.can(Role.lead)
     context = ItemContext(
         item=item,
         submission=submission,
         tenant=tenant,
         history=history,
-        audit=AuditRepository(session).search(submission_id=item.submission_id, limit=200),
+        audit=AuditRepository(session).search(submission_id=item.submission_id, limit=200) if lead else [],
         categories=categories_for(tenant),
         origin=repo.get(item.origin_id) if item.origin_id else None,
+        decisions_hidden=bool(hidden_decisions(session, viewer, [item.submission_id])),
+        audit_hidden=not lead,
     )
     if submission.verdict is not None:
         scores = sorted(submission.verdict.categories, key=lambda c: -float(c["score"]))

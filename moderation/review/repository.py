@@ -91,6 +91,17 @@ class ReviewRepository:
         )
         return list(self.session.scalars(stmt))
 
+    def under_open_qa(self, submission_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of these submissions with a QA second review still waiting for its decision."""
+        if not submission_ids:
+            return set()
+        stmt = select(ReviewItem.submission_id).where(
+            ReviewItem.submission_id.in_(submission_ids),
+            ReviewItem.kind == ReviewKind.qa,
+            ReviewItem.state != ReviewState.decided,
+        )
+        return set(self.session.scalars(stmt))
+
     def open_for_submission(self, submission_id: uuid.UUID) -> ReviewItem | None:
         """The submission's item still waiting for a decision, if any (QA items aside)."""
         stmt = select(ReviewItem).where(

@@ -47,9 +47,14 @@ class ReviewItemOut(BaseModel):
         viewer: str | None = None,
         submission: Submission | None = None,
         tenant: str | None = None,
+        redact: bool = False,
     ) -> ReviewItemOut:
-        """Build from the ORM row, revealing the lease token only to its holder."""
-        return cls(
+        """Build from the ORM row, revealing the lease token only to its holder.
+
+        ``redact`` hides the human decisions a blind QA second review must not see: this item's decision,
+        note and decider, the item it checks, and the submission's final decision.
+        """
+        out = cls(
             id=item.id,
             submission_id=item.submission_id,
             tenant_id=item.tenant_id,
@@ -73,6 +78,21 @@ class ReviewItemOut(BaseModel):
             image_url=f"/v1/review/submissions/{item.submission_id}/image",
             submission=SubmissionOut.from_model(submission) if submission is not None else None,
         )
+        if not redact:
+            return out
+        hidden = out.model_copy(
+            update={
+                "decision": None,
+                "categories": [],
+                "note": None,
+                "decided_by": None,
+                "decided_at": None,
+                "origin_id": None,
+            }
+        )
+        if hidden.submission is not None:
+            hidden.submission = hidden.submission.model_copy(update={"review": None, "final_decision": None})
+        return hidden
 
 
 class ClaimIn(BaseModel):

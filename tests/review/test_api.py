@@ -239,3 +239,67 @@ def test_tenants_appeal_final_decisions(
     lead = _token(sessions, accounts["lead"].email)
     appeal_item = app_client.post("/v1/review/claim", headers=lead).json()
     assert appeal_item["kind"] == "appeal" and appeal_item["submission_id"] == submission_id
+
+
+def test_a_blind_qa_review_hides_the_first_decision_from_all_but_leads(
+    app_client: TestClient,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    blobs: LocalBlobStore,
+    accounts: dict[str, Account],
+    dispatched: RecordingDispatcher,
+) -> None:
+    _, (submission_id,) = _seed(sessions, settings, blobs, n=1)
+    lead = _token(sessions, accounts["lead"].email)
+    reviewer = _token(sessions, accounts["reviewer"].email)
+    first = app_client.post("/v1/review/claim", headers=lead, json={}).json()
+    decision = {
+        "lease_token": first["lease_token"],
+        "decision": "reject",
+        "categories": ["spam"],
+        "note": "秘密备注",
+    }
+    assert (
+        app_client.post(f"/v1/review/items/{first['id']}/decision", headers=lead, json=decision).status_code
+        == 200
+    )
+    assert app_client.post("/v1/review/qa/sample", headers=lead, json={"count": 5}).status_code == 200
+    qa = app_client.post("/v1/review/claim", headers=reviewer, json={}).json()
+    assert qa["kind"] == "qa" and qa["submission_id"] == submission_id
+
+    def leaks(text: str) -> list[str]:
+        return [
+            secret for secret in ("lead@example.com", "秘密备注", '"block"', '"reject"') if secret in text
+        ]
+
+    # Whatever the reviewer reads, through the API or the UI, shows nothing of the first decision.
+    api_reads = [
+        app_client.get(f"/v1/review/items/{qa['id']}", headers=reviewer),
+        app_client.get(f"/v1/review/items/{first['id']}", headers=reviewer),
+        app_client.get("/v1/review/items?state=decided", headers=reviewer),
+        app_client.get("/v1/review/items", headers=reviewer),
+    ]
+    for response in api_reads:
+        assert response.status_code == 200 and leaks(response.text) == [], response.text
+    assert app_client.get(f"/v1/review/items/{qa['id']}", headers=reviewer).json()["origin_id"] is None
+    login(app_client, accounts["reviewer"])
+    for page in (
+        f"/review/items/{qa['id']}",
+        f"/review/items/{first['id']}",
+        f"/review/search?q={submission_id[:8]}",
+    ):
+        html = app_client.get(page).text
+        assert "lead@example.com" not in html and "秘密备注" not in html and "rejected" not in html, page
+        assert "Only leads see the audit trail" in html or "search" in page
+    # A lead sees all of it.
+    lead_view = app_client.get(f"/v1/review/items/{first['id']}", headers=lead).json()
+    assert (lead_view["decided_by"], lead_view["note"]) == ("lead@example.com", "秘密备注")
+    assert app_client.get(f"/v1/review/items/{qa['id']}", headers=lead).json()["origin_id"] == first["id"]
+    # Once the QA review is decided, the first decision is visible again.
+    done = {"lease_token": qa["lease_token"], "decision": "approve"}
+    assert (
+        app_client.post(f"/v1/review/items/{qa['id']}/decision", headers=reviewer, json=done).status_code
+        == 200
+    )
+    after = app_client.get(f"/v1/review/items/{first['id']}", headers=reviewer).json()
+    assert after["decision"] == "reject" and after["decided_by"] == "lead@example.com"
