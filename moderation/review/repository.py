@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, aliased, selectinload
 from sqlalchemy.sql.elements import ColumnElement
 
 from moderation.review.models import ReviewDecision, ReviewItem, ReviewKind, ReviewState
+from moderation.reviewers.models import Reviewer
 from moderation.submissions.models import Submission, Verdict
 from moderation.tenants.models import Tenant
 
@@ -91,6 +92,19 @@ class ReviewRepository:
         )
         return list(self.session.scalars(stmt))
 
+    def open_items_of(self, email: str) -> list[ReviewItem]:
+        """Open items a reviewer holds or was assigned, locked for update."""
+        stmt = (
+            select(ReviewItem)
+            .where(
+                ReviewItem.state.in_([ReviewState.pending, ReviewState.claimed, ReviewState.escalated]),
+                or_(ReviewItem.claimed_by == email, ReviewItem.assigned_to == email),
+            )
+            .order_by(ReviewItem.created_at)
+            .with_for_update()
+        )
+        return list(self.session.scalars(stmt))
+
     def under_open_qa(self, submission_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         """Those of these submissions with a QA second review still waiting for its decision."""
         if not submission_ids:
@@ -149,7 +163,9 @@ class ReviewRepository:
         if assigned:
             conditions.append(ReviewItem.assigned_to == reviewer)
         else:
-            conditions.append(ReviewItem.assigned_to.is_(None))
+            # An assignment to someone no longer active would keep the item from everyone.
+            active = select(Reviewer.email).where(Reviewer.active.is_(True))
+            conditions.append(or_(ReviewItem.assigned_to.is_(None), ReviewItem.assigned_to.not_in(active)))
         stmt = (
             select(ReviewItem)
             .where(*conditions)

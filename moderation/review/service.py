@@ -84,6 +84,14 @@ def _get(session: Session, item_id: uuid.UUID) -> ReviewItem:
     return item
 
 
+def _previous_deciders(item: ReviewItem) -> list[str]:
+    """Who made the decision an appeal or QA item checks: they may not decide it (a skip is no decision)."""
+    details = item.details or {}
+    if "previous_deciders" in details:
+        return list(details["previous_deciders"])
+    return list(item.excluded_reviewers or [])  # items made before deciders were recorded apart
+
+
 def _holding(item: ReviewItem, reviewer: str, lease_token: uuid.UUID) -> None:
     if item.state != ReviewState.claimed or item.lease_token != lease_token or item.claimed_by != reviewer:
         raise Conflict("this item is no longer claimed by you; claim it again", code="review_lease_lost")
@@ -136,6 +144,9 @@ def renew(
     ref = ReviewerRef.of(reviewer)
     item = _get(session, item_id)
     _holding(item, ref.email, lease_token)
+    if item.escalated:
+        # Whoever may no longer decide it (demoted since the claim) must not keep it from the leads.
+        ref.require(Role.lead, "hold escalated items")
     item.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
     session.flush()
     return item
@@ -194,7 +205,7 @@ def decide(
     decision = ReviewDecision(decision)
     item = _get(session, item_id)
     _holding(item, ref.email, lease_token)
-    if ref.email in (item.excluded_reviewers or []) and item.kind != ReviewKind.review:
+    if ref.email in _previous_deciders(item) and item.kind != ReviewKind.review:
         raise Conflict("a different reviewer must decide this item", code="review_needs_other_reviewer")
     if item.escalated:
         ref.require(Role.lead, "decide escalated items")
@@ -266,7 +277,7 @@ def reassign(
         raise InvalidInput(f"no active reviewer {to}", code="reviewer_not_found")
     if item.escalated and not ReviewerRef.of(target).can(Role.lead):
         raise InvalidInput("escalated items go to leads or admins", code="reviewer_not_lead")
-    if target.email in (item.excluded_reviewers or []) and item.kind != ReviewKind.review:
+    if target.email in _previous_deciders(item) and item.kind != ReviewKind.review:
         raise InvalidInput(f"{target.email} decided this before; pick someone else", code="reviewer_excluded")
     before = _snapshot(item)
     item.state = ReviewState.escalated if item.escalated else ReviewState.pending
@@ -321,7 +332,11 @@ def appeal(
             categories=[],
             excluded_reviewers=[previous.decided_by] if previous and previous.decided_by else [],
             origin_id=previous.id if previous else None,
-            details={"appeal_reason": reason, "appealed_decision": str(submission.final_decision or "")},
+            details={
+                "appeal_reason": reason,
+                "appealed_decision": str(submission.final_decision or ""),
+                "previous_deciders": [previous.decided_by] if previous and previous.decided_by else [],
+            },
         )
     )
     submission.status = SubmissionStatus.in_review
@@ -363,12 +378,40 @@ def sample_for_qa(
                 categories=[],
                 excluded_reviewers=[original.decided_by] if original.decided_by else [],
                 origin_id=original.id,
-                details={"sampled_by": ref.email},
+                details={
+                    "sampled_by": ref.email,
+                    "previous_deciders": [original.decided_by] if original.decided_by else [],
+                },
             )
         )
         _record(session, ref.email, "review.qa_sample", qa, None, {"origin_id": str(original.id)})
         created.append(qa)
     return created
+
+
+def hand_back_items_of(session: Session, reviewer: Reviewer, *, actor: str) -> list[ReviewItem]:
+    """Give back the open items a reviewer holds or was assigned that they may no longer work on.
+
+    A deactivated reviewer keeps none; one who is no longer a lead keeps no escalations. Without this an
+    item assigned to them would never be offered to anyone else.
+    """
+    ref = ReviewerRef.of(reviewer)
+    handed: list[ReviewItem] = []
+    for item in ReviewRepository(session).open_items_of(ref.email):
+        if reviewer.active and not (item.escalated and not ref.can(Role.lead)):
+            continue
+        before = _snapshot(item)
+        if item.claimed_by == ref.email:
+            item.state = ReviewState.escalated if item.escalated else ReviewState.pending
+            item.claimed_by = None
+            item.lease_token = None
+            item.lease_expires_at = None
+        if item.assigned_to == ref.email:
+            item.assigned_to = None
+        session.flush()
+        _record(session, actor, "review.hand_back", item, before, {"reviewer": ref.email})
+        handed.append(item)
+    return handed
 
 
 def release_expired_leases(

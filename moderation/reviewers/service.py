@@ -161,6 +161,10 @@ def update_reviewer(
         reviewer.failed_logins = 0
         reviewer.locked_until = None
     session.flush()
+    if role is not None or active is not None:
+        from moderation.review.service import hand_back_items_of  # review builds on reviewers
+
+        hand_back_items_of(session, reviewer, actor=actor)
     after = {"role": reviewer.role, "active": reviewer.active, "locked_until": reviewer.locked_until}
     old, new = audit.changed(audit.jsonable(before), audit.jsonable(after))
     if old or new:

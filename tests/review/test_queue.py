@@ -17,7 +17,7 @@ from moderation.review import service
 from moderation.review.models import ReviewDecision, ReviewItem, ReviewState
 from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import Forbidden, ReviewerRef
-from moderation.reviewers.service import create_reviewer
+from moderation.reviewers.service import create_reviewer, update_reviewer
 from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.tenants.models import Tenant
 from tests.conftest import RecordingDispatcher
@@ -256,3 +256,95 @@ def test_leads_reassign_items_and_the_previous_holder_loses_them(
     service.reassign(session, urgent.id, actor=LEA, to="lea@example.com")
     lead_item = service.claim_next(session, LEA, 600, escalated=True)
     assert lead_item is not None and lead_item.id == urgent.id
+
+
+def test_items_of_a_reviewer_who_leaves_or_is_demoted_go_back_to_the_queue(
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    blobs: LocalBlobStore,
+    dispatched: RecordingDispatcher,
+) -> None:
+    dan = create_reviewer(session, "dan@example.com", "reviewer", "dan's long password")
+    lea = create_reviewer(session, "lea@example.com", "lead", "lea's long password")
+    assigned = add_review_item(session, tenant, blobs, settings, conflict=0.6, seed=1)
+    escalation = add_review_item(session, tenant, blobs, settings, conflict=0.7, seed=2)
+    held = service.claim_next(session, ANN, 600)
+    assert held is not None and held.id == escalation.id and held.lease_token is not None
+    service.decide(
+        session, held.id, reviewer=ANN, lease_token=held.lease_token, decision=ReviewDecision.escalate
+    )
+    service.reassign(session, assigned.id, actor=LEA, to="dan@example.com")
+    lea_item = service.claim_next(session, LEA, 600, escalated=True)
+    assert lea_item is not None and lea_item.id == escalation.id and lea_item.lease_token is not None
+    # Nobody else is offered Dan's item while he is active.
+    assert service.claim_next(session, BOB, 600) is None
+    update_reviewer(session, dan, actor="admin@example.com", active=False)
+    offered = service.claim_next(session, BOB, 600)
+    assert offered is not None and offered.id == assigned.id and offered.assigned_to is None
+    # A lead demoted while holding an escalation can neither keep it nor renew it: it goes back to the leads.
+    update_reviewer(session, lea, actor="admin@example.com", role="reviewer")
+    back = session.get(ReviewItem, escalation.id)
+    assert back is not None and back.state == ReviewState.escalated and back.claimed_by is None
+    with pytest.raises(Conflict):
+        service.renew(
+            session,
+            escalation.id,
+            reviewer=ReviewerRef("lea@example.com", Role.reviewer),
+            lease_token=lea_item.lease_token,
+            lease_seconds=600,
+        )
+    actions = {(e.action, e.actor) for e in session.scalars(select(AuditEntry))}
+    assert ("review.hand_back", "admin@example.com") in actions
+
+
+def test_an_assignment_to_a_reviewer_deactivated_without_a_hand_back_does_not_strand_the_item(
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    blobs: LocalBlobStore,
+    dispatched: RecordingDispatcher,
+) -> None:
+    dan = create_reviewer(session, "dan@example.com", "reviewer", "dan's long password")
+    item = add_review_item(session, tenant, blobs, settings, seed=3)
+    service.reassign(session, item.id, actor=LEA, to="dan@example.com")
+    dan.active = False  # as an account disabled before hand-backs existed
+    session.flush()
+    offered = service.claim_next(session, BOB, 600)
+    assert offered is not None and offered.id == item.id
+
+
+def test_a_reviewer_who_only_skipped_an_appeal_can_still_be_assigned_it(
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    blobs: LocalBlobStore,
+    dispatched: RecordingDispatcher,
+) -> None:
+    create_reviewer(session, "bob@example.com", "reviewer", "bob's long password")
+    create_reviewer(session, "ann@example.com", "reviewer", "ann's long password")
+    add_review_item(session, tenant, blobs, settings, seed=4)
+    first = service.claim_next(session, ANN, 600)
+    assert first is not None and first.lease_token is not None
+    service.decide(
+        session,
+        first.id,
+        reviewer=ANN,
+        lease_token=first.lease_token,
+        decision=ReviewDecision.reject,
+        categories=["spam"],
+    )
+    appeal = service.appeal(session, tenant, first.submission_id, "not spam")
+    taken = service.claim_next(session, BOB, 600)
+    assert taken is not None and taken.id == appeal.id and taken.lease_token is not None
+    service.release(session, appeal.id, reviewer=BOB, lease_token=taken.lease_token, skip=True)
+    assert service.claim_next(session, BOB, 600) is None  # a skip still stops it being offered to Bob
+    service.reassign(session, appeal.id, actor=LEA, to="bob@example.com")  # but a lead may hand it to him
+    with pytest.raises(InvalidInput, match="decided this before"):
+        service.reassign(session, appeal.id, actor=LEA, to="ann@example.com")
+    again = service.claim_next(session, BOB, 600)
+    assert again is not None and again.id == appeal.id and again.lease_token is not None
+    done = service.decide(
+        session, appeal.id, reviewer=BOB, lease_token=again.lease_token, decision=ReviewDecision.approve
+    )
+    assert done.state == ReviewState.decided
