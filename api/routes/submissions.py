@@ -102,7 +102,7 @@ async def _parse_multipart(request: Request, settings: Settings) -> dict[str, An
     return {"image": image.data, "caption": caption.data, "source_url": None, **fields}
 
 
-async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
+async def _parse_json(request: Request, settings: Settings, tenant_id: uuid.UUID) -> dict[str, Any]:
     body = await _read_request_body(request, settings)
     try:
         data = SubmissionJSON.model_validate_json(body)
@@ -110,6 +110,19 @@ async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
         raise InvalidInput(f"invalid JSON submission: {exc}".splitlines()[0], code="invalid_json") from exc
     if (data.image_base64 is None) == (data.image_url is None):
         raise InvalidInput("give exactly one of image_base64 and image_url", code="image_missing")
+    key = request.headers.get("idempotency-key")
+    if data.image_url is not None and (key is not None or data.external_id is not None):
+        # A retry must get its submission back even when the image's origin no longer answers: look the
+        # key up before fetching anything.
+        def _find() -> service.IntakeResult | None:
+            with request.app.state.sessions() as session:
+                return service.find_replay(
+                    session, tenant_id, idempotency_key=key, external_id=data.external_id
+                )
+
+        replay = await run_in_threadpool(_find)
+        if replay is not None:
+            return {"replay": replay}
     if data.image_base64 is not None:
         image = service.decode_base64_image(data.image_base64, settings)
         source_url = None
@@ -131,6 +144,32 @@ async def _parse_json(request: Request, settings: Settings) -> dict[str, Any]:
         "metadata": data.metadata,
         "source_url": source_url,
     }
+
+
+async def _store(
+    request: Request, tenant_id: uuid.UUID, settings: Settings, fields: dict[str, Any]
+) -> service.IntakeResult:
+    """Check a submission's fields and hand it to the process's intake writer; its answer after the commit."""
+    prepare = functools.partial(
+        service.prepare_submission,
+        tenant_id,
+        settings=settings,
+        idempotency_key=request.headers.get("idempotency-key"),
+        **fields,
+    )
+    # Checking a typical image costs less than a thread hand-off; a large one would stall the loop.
+    prepared = await _off_loop_if_large(len(fields["image"]), prepare)
+    # The writer answers after the commit that stored the submission (shared with whatever arrived
+    # alongside it), so a 202 is never given for something a crash could lose.
+    try:
+        async with asyncio.timeout(settings.intake_timeout_seconds):
+            return await asyncio.wrap_future(request.app.state.intake_writer.submit(prepared))
+    except TimeoutError:
+        raise ServiceUnavailable(
+            f"the submission could not be stored within {settings.intake_timeout_seconds:g} s; it may "
+            "still be: retry with the same Idempotency-Key",
+            code="intake_timeout",
+        ) from None
 
 
 @router.post("", status_code=202, response_model=SubmissionAccepted)
@@ -166,31 +205,13 @@ async def create_submission(request: Request) -> JSONResponse:
         if content_type == "multipart/form-data":
             fields = await _parse_multipart(request, settings)
         elif content_type == "application/json":
-            fields = await _parse_json(request, settings)
+            fields = await _parse_json(request, settings, tenant.id)
         else:
             raise UnsupportedMediaType(
                 "send multipart/form-data or application/json", code="unsupported_content_type"
             )
-        prepare = functools.partial(
-            service.prepare_submission,
-            tenant.id,
-            settings=settings,
-            idempotency_key=request.headers.get("idempotency-key"),
-            **fields,
-        )
-        # Checking a typical image costs less than a thread hand-off; a large one would stall the loop.
-        prepared = await _off_loop_if_large(len(fields["image"]), prepare)
-        # The writer answers after the commit that stored the submission (shared with whatever arrived
-        # alongside it), so a 202 is never given for something a crash could lose.
-        try:
-            async with asyncio.timeout(settings.intake_timeout_seconds):
-                result = await asyncio.wrap_future(state.intake_writer.submit(prepared))
-        except TimeoutError:
-            raise ServiceUnavailable(
-                f"the submission could not be stored within {settings.intake_timeout_seconds:g} s; it may "
-                "still be: retry with the same Idempotency-Key",
-                code="intake_timeout",
-            ) from None
+        replayed: service.IntakeResult | None = fields.pop("replay", None)
+        result = replayed if replayed is not None else await _store(request, tenant.id, settings, fields)
         created = result.created
         body = SubmissionAccepted(id=result.id, status=str(result.status), created_at=result.created_at)
         outcome = "accepted" if created else "replayed"

@@ -195,6 +195,18 @@ def store_prepared(session: Session, prepared: PreparedSubmission, blob_store: B
     return outcome
 
 
+def find_replay(
+    session: Session, tenant_id: uuid.UUID, *, idempotency_key: str | None, external_id: str | None
+) -> IntakeResult | None:
+    """The replay answer for a repeat of a stored submission (same key or external id), if it is one."""
+    key = validate_identifier(idempotency_key, "idempotency_key")
+    external = validate_identifier(external_id, "external_id")
+    if key is None and external is None:
+        return None
+    existing = SubmissionRepository(session).find_existing(tenant_id, idempotency_key=key, external_id=external)
+    return IntakeResult.replay(existing) if existing is not None else None
+
+
 def replay_of_conflict(repo: SubmissionRepository, prepared: PreparedSubmission) -> IntakeResult:
     """The replay answer for a submission whose insert lost to an existing row with the same key."""
     existing = repo.find_existing(

@@ -233,6 +233,17 @@ def test_image_url_is_fetched_when_private_targets_are_allowed(
     )
     assert _error(missing) == (422, "fetch_failed")
 
+    # A retry of a stored submission is answered from its key, even when the image's origin is gone.
+    keyed = {"caption": "fetched once", "image_url": image_server, "external_id": "url-1"}
+    headers = {**tenant.headers, "Idempotency-Key": "url-key-1"}
+    first = client.post("/v1/submissions", json=keyed, headers=headers)
+    assert first.status_code == 202, first.text
+    gone = {**keyed, "image_url": image_server + "-missing"}
+    for retry_headers, body in ((headers, gone), (tenant.headers, gone)):  # by key, then by external_id
+        retry = client.post("/v1/submissions", json=body, headers=retry_headers)
+        assert retry.status_code == 202, retry.text
+        assert retry.json()["id"] == first.json()["id"] and retry.headers["idempotent-replayed"] == "true"
+
 
 def test_readyz_and_metrics(client: TestClient, tenant: ApiTenant) -> None:
     _post(client, tenant, make_jpeg())
