@@ -203,7 +203,9 @@ def find_replay(
     external = validate_identifier(external_id, "external_id")
     if key is None and external is None:
         return None
-    existing = SubmissionRepository(session).find_existing(tenant_id, idempotency_key=key, external_id=external)
+    existing = SubmissionRepository(session).find_existing(
+        tenant_id, idempotency_key=key, external_id=external
+    )
     return IntakeResult.replay(existing) if existing is not None else None
 
 
