@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import anyio.to_thread
 import redis
 import redis.asyncio
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     app.state.intake_sessions = intake_sessionmaker(settings)
     app.state.blob_store = blob_store_from_settings(settings)
     app.state.tenant_cache = TenantCache()
+    app.state.fetch_limiter = anyio.CapacityLimiter(settings.fetch_concurrency)
     install_error_handlers(app)
     # Intake caps its own body's size (sized for an image) as it reads it; the time limit holds for all.
     app.add_middleware(

@@ -138,6 +138,12 @@ class Settings(BaseSettings):
     )
     fetch_timeout_seconds: float = Field(default=10.0, description="Overall deadline of an image_url fetch.")
     fetch_max_redirects: int = Field(default=5, description="Redirects an image_url fetch may follow.")
+    fetch_concurrency: int = Field(
+        default=16,
+        ge=1,
+        description="image_url fetches one API process runs at once; more wait. They run on threads of their "
+        "own, so slow origins never hold up other requests.",
+    )
 
     # Model and engine
     model: str = Field(

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -128,7 +129,7 @@ async def _parse_json(request: Request, settings: Settings, tenant_id: uuid.UUID
         source_url = None
     else:
         assert data.image_url is not None
-        fetched = await run_in_threadpool(
+        fetch = functools.partial(
             fetch_bytes,
             data.image_url,
             OutboundPolicy.from_settings(settings),
@@ -136,6 +137,9 @@ async def _parse_json(request: Request, settings: Settings, tenant_id: uuid.UUID
             timeout_seconds=settings.fetch_timeout_seconds,
             max_redirects=settings.fetch_max_redirects,
         )
+        # Fetches wait on slow origins for seconds: they take tokens of their own, never the shared pool's
+        # that every other request's work (authentication, reads) needs.
+        fetched = await anyio.to_thread.run_sync(fetch, limiter=request.app.state.fetch_limiter)
         image, source_url = fetched.data, data.image_url
     return {
         "image": image,

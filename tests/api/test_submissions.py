@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+from unittest import mock
 
+import anyio.to_thread
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
@@ -13,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.config import Settings
 from moderation.jobs import TASK_PROCESS_SUBMISSION
+from moderation.net.safe_http import fetch_bytes
 from moderation.submissions.models import Submission
 from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg, make_png
@@ -243,6 +246,30 @@ def test_image_url_is_fetched_when_private_targets_are_allowed(
         retry = client.post("/v1/submissions", json=body, headers=retry_headers)
         assert retry.status_code == 202, retry.text
         assert retry.json()["id"] == first.json()["id"] and retry.headers["idempotent-replayed"] == "true"
+
+
+def test_image_url_fetches_take_tokens_of_their_own_not_the_shared_thread_pool(
+    client: TestClient,
+    tenant: ApiTenant,
+    settings: Settings,
+    image_server,  # type: ignore[no-untyped-def]
+) -> None:
+    settings.allow_private_network = True
+    limiter = client.app.state.fetch_limiter  # type: ignore[attr-defined]
+    assert limiter.total_tokens == settings.fetch_concurrency
+    seen: list[tuple[int, int]] = []
+    shared = anyio.to_thread.current_default_thread_limiter
+
+    def watch(url: str, *args: object, **kwargs: object) -> object:
+        seen.append((limiter.borrowed_tokens, client.portal.call(lambda: shared().borrowed_tokens)))  # type: ignore[union-attr]
+        return fetch_bytes(url, *args, **kwargs)  # type: ignore[arg-type]
+
+    with mock.patch("api.routes.submissions.fetch_bytes", watch):
+        res = client.post(
+            "/v1/submissions", json={"caption": "c", "image_url": image_server}, headers=tenant.headers
+        )
+    assert res.status_code == 202, res.text
+    assert seen == [(1, 0)]  # the fetch holds one of its own tokens and none of the shared pool's
 
 
 def test_readyz_and_metrics(client: TestClient, tenant: ApiTenant) -> None:
