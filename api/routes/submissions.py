@@ -30,6 +30,7 @@ from moderation.errors import (
 from moderation.net.safe_http import OutboundPolicy, fetch_bytes
 from moderation.submissions import service
 from moderation.submissions.schemas import SubmissionAccepted, SubmissionOut, SubmissionPage
+from moderation.submissions.validation import cheap_to_check
 from moderation.tenants.models import Tenant
 
 router = APIRouter(prefix="/v1/submissions", tags=["submissions"])
@@ -161,8 +162,12 @@ async def _store(
         idempotency_key=request.headers.get("idempotency-key"),
         **fields,
     )
-    # Checking a typical image costs less than a thread hand-off; a large one would stall the loop.
-    prepared = await _off_loop_if_large(len(fields["image"]), prepare)
+    # Checking a typical image costs less than a thread hand-off.
+    image: bytes = fields["image"]
+    if len(image) <= _CHECK_ON_LOOP_BYTES and cheap_to_check(image):
+        prepared = prepare()
+    else:  # a large image, or a small one crafted to be slow to walk, would stall the loop
+        prepared = await run_in_threadpool(prepare)
     # The writer answers after the commit that stored the submission (shared with whatever arrived
     # alongside it), so a 202 is never given for something a crash could lose.
     try:

@@ -23,7 +23,9 @@ from moderation.submissions.structure import (
     check_webp,
 )
 from moderation.submissions.validation import (
+    CHEAP_PNG_CHUNKS,
     ImageInfo,
+    cheap_to_check,
     decode_caption,
     parse_metadata,
     sniff_format,
@@ -338,3 +340,14 @@ def test_a_jpeg_is_sized_from_its_frame_header_and_the_pixel_limit_comes_first()
     with pytest.raises(InvalidInput) as err:
         validate_image(jpeg[: len(jpeg) // 2], SETTINGS)
     assert err.value.code == "image_undecodable"
+
+
+def test_images_slow_to_walk_are_told_apart_so_they_are_checked_off_the_event_loop() -> None:
+    png = make_png()
+    ihdr_end = 8 + 25
+    many_chunks = png[:ihdr_end] + _png_chunk(b"abCd", b"") * (CHEAP_PNG_CHUNKS + 1) + png[ihdr_end:]
+    assert cheap_to_check(make_jpeg()) and cheap_to_check(png) and cheap_to_check(b"not an image")
+    assert not cheap_to_check(many_chunks)
+    assert validate_image(many_chunks, SETTINGS).format == "PNG"  # still a valid image: checked, not refused
+    small_gif, large_gif = _encode("GIF", (32, 32)), _encode("GIF", (600, 600))
+    assert cheap_to_check(small_gif) and len(large_gif) > 64 * 1024 and not cheap_to_check(large_gif)
