@@ -174,6 +174,8 @@ def blocked_reason(address: IPAddress | str, policy: OutboundPolicy) -> str | No
         return "loopback address"
     if ip.is_link_local:
         return "link-local address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
+        return "site-local address"  # fec0::/10: deprecated, yet routed inside some networks
     if ip.is_multicast:
         return "multicast address"
     if isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT:

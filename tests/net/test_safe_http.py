@@ -175,6 +175,7 @@ def fetch(url: str, policy: OutboundPolicy = DEFAULT, **kwargs: Any) -> Any:
         "http://[::ffff:169.254.169.254]/",
         "http://[fe80::1]/",
         "http://[fc00::1]/",
+        "http://[fec0::1]/",
         "http://[fd00:ec2::254]/",
         "http://[2002:7f00:1::]/",
         "http://[64:ff9b::a00:1]/",
