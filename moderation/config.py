@@ -232,6 +232,12 @@ class Settings(BaseSettings):
 
     # Review
     review_lease_seconds: int = Field(default=600, description="How long a reviewer holds a claimed item.")
+    review_max_hold_seconds: int = Field(
+        default=3600,
+        ge=60,
+        description="Longest a claim is renewed (a review screen renews its lease while open): after it the "
+        "lease runs out and the item returns to the queue unless the reviewer claims it again.",
+    )
 
     # Policy: blocklists, known images, verdict cache
     blocklist_max_terms: int = Field(default=1000, description="Most blocklist terms a tenant may have.")

@@ -165,6 +165,7 @@ def renew(
         reviewer=principal.ref,
         lease_token=body.lease_token,
         lease_seconds=settings.review_lease_seconds,
+        max_hold_seconds=settings.review_max_hold_seconds,
     )
     session.commit()
     return _out(session, item.id, principal, settings.review_blur_threshold)

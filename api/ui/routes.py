@@ -431,6 +431,7 @@ def work_renew(
         reviewer=principal.ref,
         lease_token=body.lease_token,
         lease_seconds=settings.review_lease_seconds,
+        max_hold_seconds=settings.review_max_hold_seconds,
     )
     session.commit()
     return JSONResponse(

@@ -64,6 +64,8 @@ class ReviewItem(TimestampMixin, Base):
     priority: Mapped[int] = mapped_column(Integer, default=100)
     reason: Mapped[str] = mapped_column(Text, default="")
     claimed_by: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    # When the current holder claimed the item: renewals stop after REVIEW_MAX_HOLD_SECONDS.
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_token: Mapped[uuid.UUID | None] = mapped_column(nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     decision: Mapped[ReviewDecision | None] = mapped_column(

@@ -226,6 +226,7 @@ class ReviewRepository:
                         else_=ReviewState.pending.value,
                     ),
                     claimed_by=None,
+                    claimed_at=None,
                     lease_token=None,
                     lease_expires_at=None,
                 )

@@ -113,6 +113,7 @@ def claim_next(
     held = repo.held_by(ref.email, now, escalated=escalated)
     if held is not None:
         held.lease_expires_at = now + timedelta(seconds=lease_seconds)
+        held.claimed_at = now  # claiming is deliberate: a new hold starts
         session.flush()
         return held
     item = repo.next_claimable(now, escalated=escalated, reviewer=ref.email, assigned=True)
@@ -124,6 +125,7 @@ def claim_next(
     took_over = item.state == ReviewState.claimed
     item.state = ReviewState.claimed
     item.claimed_by = ref.email
+    item.claimed_at = now
     item.assigned_to = None
     item.lease_token = uuid.uuid4()
     item.lease_expires_at = now + timedelta(seconds=lease_seconds)
@@ -139,15 +141,27 @@ def renew(
     reviewer: ReviewerLike,
     lease_token: uuid.UUID,
     lease_seconds: int,
+    max_hold_seconds: float | None = None,
 ) -> ReviewItem:
-    """Extend the lease of an item the reviewer still holds (a review screen left open keeps its item)."""
+    """Extend the lease of an item the reviewer still holds (a review screen left open keeps its item).
+
+    Renewals stop ``max_hold_seconds`` after the claim: a screen left open and idle must not keep an item
+    from everyone else forever (claiming it again, a deliberate act, starts a new hold).
+    """
     ref = ReviewerRef.of(reviewer)
     item = _get(session, item_id)
     _holding(item, ref.email, lease_token)
+    now = utcnow()
+    held_for = now - item.claimed_at if item.claimed_at is not None else timedelta(0)
+    if max_hold_seconds is not None and held_for > timedelta(seconds=max_hold_seconds):
+        raise Conflict(
+            f"you have held this item for over {max_hold_seconds / 60:g} minutes; claim it again to go on",
+            code="review_hold_expired",
+        )
     if item.escalated:
         # Whoever may no longer decide it (demoted since the claim) must not keep it from the leads.
         ref.require(Role.lead, "hold escalated items")
-    item.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+    item.lease_expires_at = now + timedelta(seconds=lease_seconds)
     session.flush()
     return item
 
@@ -167,6 +181,7 @@ def release(
     before = _snapshot(item)
     item.state = ReviewState.escalated if item.escalated else ReviewState.pending
     item.claimed_by = None
+    item.claimed_at = None
     item.lease_token = None
     item.lease_expires_at = None
     if skip and ref.email not in (item.excluded_reviewers or []):
@@ -221,6 +236,7 @@ def decide(
     before = _snapshot(item)
     now = utcnow()
     item.claimed_by = None
+    item.claimed_at = None
     item.lease_token = None
     item.lease_expires_at = None
     if decision == ReviewDecision.escalate:
@@ -282,6 +298,7 @@ def reassign(
     before = _snapshot(item)
     item.state = ReviewState.escalated if item.escalated else ReviewState.pending
     item.claimed_by = None
+    item.claimed_at = None
     item.lease_token = None
     item.lease_expires_at = None
     item.assigned_to = target.email
@@ -404,6 +421,7 @@ def hand_back_items_of(session: Session, reviewer: Reviewer, *, actor: str) -> l
         if item.claimed_by == ref.email:
             item.state = ReviewState.escalated if item.escalated else ReviewState.pending
             item.claimed_by = None
+            item.claimed_at = None
             item.lease_token = None
             item.lease_expires_at = None
         if item.assigned_to == ref.email:

@@ -348,3 +348,42 @@ def test_a_reviewer_who_only_skipped_an_appeal_can_still_be_assigned_it(
         session, appeal.id, reviewer=BOB, lease_token=again.lease_token, decision=ReviewDecision.approve
     )
     assert done.state == ReviewState.decided
+
+
+def test_an_idle_screen_cannot_renew_its_lease_forever(
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    blobs: LocalBlobStore,
+    dispatched: RecordingDispatcher,
+) -> None:
+    add_review_item(session, tenant, blobs, settings, seed=5)
+    held = service.claim_next(session, ANN, 600)
+    assert held is not None and held.lease_token is not None and held.claimed_at is not None
+    renewed = service.renew(
+        session, held.id, reviewer=ANN, lease_token=held.lease_token, lease_seconds=600, max_hold_seconds=3600
+    )
+    assert renewed.lease_expires_at is not None
+    held.claimed_at = utcnow() - timedelta(hours=2)  # the screen has renewed it every two minutes since
+    session.flush()
+    with pytest.raises(Conflict) as refused:
+        service.renew(
+            session,
+            held.id,
+            reviewer=ANN,
+            lease_token=held.lease_token,
+            lease_seconds=600,
+            max_hold_seconds=3600,
+        )
+    assert refused.value.code == "review_hold_expired"
+    # Claiming again is deliberate: the reviewer is back at the screen, and a new hold starts.
+    again = service.claim_next(session, ANN, 600)
+    assert again is not None and again.id == held.id and again.lease_token is not None
+    service.renew(
+        session,
+        held.id,
+        reviewer=ANN,
+        lease_token=again.lease_token,
+        lease_seconds=600,
+        max_hold_seconds=3600,
+    )
