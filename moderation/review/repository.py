@@ -186,12 +186,20 @@ class ReviewRepository:
         open_only: bool = False,
         limit: int = 100,
     ) -> list[ReviewItem]:
-        """Review items: open ones by priority and age, decided ones newest decision first."""
+        """Review items: open ones first, by priority and age; decided ones after, newest decision first."""
         stmt = select(ReviewItem).limit(limit)
         if state == ReviewState.decided or decided_by is not None:
             stmt = stmt.order_by(ReviewItem.decided_at.desc().nulls_last(), ReviewItem.id.desc())
         else:
-            stmt = stmt.order_by(ReviewItem.priority, ReviewItem.created_at)
+            # Unfiltered, a decided appeal (a high priority) would otherwise come before the live queue.
+            decided = ReviewItem.state == ReviewState.decided
+            stmt = stmt.order_by(
+                decided,
+                case((decided, None), else_=ReviewItem.priority),
+                case((decided, None), else_=ReviewItem.created_at),
+                ReviewItem.decided_at.desc().nulls_last(),
+                ReviewItem.id.desc(),
+            )
         if state is not None:
             stmt = stmt.where(ReviewItem.state == state)
         if open_only:

@@ -15,6 +15,7 @@ from moderation.db import utcnow
 from moderation.errors import Conflict, InvalidInput
 from moderation.review import service
 from moderation.review.models import ReviewDecision, ReviewItem, ReviewState
+from moderation.review.repository import ReviewRepository
 from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import Forbidden, ReviewerRef
 from moderation.reviewers.service import create_reviewer, update_reviewer
@@ -387,3 +388,33 @@ def test_an_idle_screen_cannot_renew_its_lease_forever(
         lease_seconds=600,
         max_hold_seconds=3600,
     )
+
+
+def test_an_unfiltered_listing_shows_the_live_queue_before_decided_items(
+    session: Session,
+    settings: Settings,
+    tenant: Tenant,
+    blobs: LocalBlobStore,
+    dispatched: RecordingDispatcher,
+) -> None:
+    create_reviewer(session, "bob@example.com", "reviewer", "bob's long password")
+    first = add_review_item(session, tenant, blobs, settings, conflict=0.9, seed=6)
+    waiting = add_review_item(session, tenant, blobs, settings, conflict=0.4, seed=7)
+    held = service.claim_next(session, ANN, 600)
+    assert held is not None and held.id == first.id and held.lease_token is not None
+    service.decide(
+        session,
+        held.id,
+        reviewer=ANN,
+        lease_token=held.lease_token,
+        decision=ReviewDecision.reject,
+        categories=["spam"],
+    )
+    appeal = service.appeal(session, tenant, first.submission_id, "not spam")
+    taken = service.claim_next(session, BOB, 600)
+    assert taken is not None and taken.id == appeal.id and taken.lease_token is not None
+    service.decide(
+        session, appeal.id, reviewer=BOB, lease_token=taken.lease_token, decision=ReviewDecision.approve
+    )
+    listed = ReviewRepository(session).list_items()
+    assert [i.id for i in listed] == [waiting.id, appeal.id, first.id]  # open first; then newest decision
