@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import types
 import uuid
 from typing import Any
 
+import celery.signals
 import pytest
 from celery.exceptions import WorkerShutdown
 
@@ -21,6 +23,33 @@ def test_an_unhealthy_engine_shuts_the_worker_down(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(tasks, getter, lambda: None)
     with pytest.raises(WorkerShutdown):
         tasks.process_submission.run(str(uuid.uuid4()))
+
+
+class _Consumer:
+    """What Celery's worker_ready signal passes: the consumer, with the queues it reads."""
+
+    def __init__(self, queue: str) -> None:
+        self.task_consumer = types.SimpleNamespace(queues=[types.SimpleNamespace(name=queue)])
+
+
+def test_a_gpu_worker_whose_model_cannot_load_stops_instead_of_failing_every_job(
+    monkeypatch: pytest.MonkeyPatch, settings: Any, tmp_path: Any
+) -> None:
+    broken = settings.model_copy(
+        update={"model": str(tmp_path / "no-such-model"), "engine_backend": "transformers"}
+    )
+    monkeypatch.setattr(tasks, "get_settings", lambda: broken)
+    monkeypatch.setattr(tasks, "_engine", None)
+    consumer = _Consumer("gpu")
+    # At start-up: Celery's signal dispatch swallows an Exception, but not WorkerShutdown.
+    with pytest.raises(WorkerShutdown, match="could not be loaded"):
+        celery.signals.worker_ready.send(sender=consumer)
+    # And in a job, should the first load have been skipped.
+    with pytest.raises(WorkerShutdown, match="could not be loaded"):
+        tasks.process_submission.run(str(uuid.uuid4()))
+    # A worker of the other queues does not load the model at all.
+    other = _Consumer("webhooks")
+    celery.signals.worker_ready.send(sender=other)
 
 
 def test_a_job_naming_several_submissions_judges_them_in_one_batch(

@@ -75,13 +75,27 @@ def _configure(**_: Any) -> None:
     jobs.set_dispatcher(CeleryDispatcher(celery_app))
 
 
+def _engine_or_shutdown() -> ModerationEngine:
+    """This process's engine; a worker whose engine cannot be loaded stops, so that its supervisor restarts it.
+
+    Kept running, it would take every GPU job and fail it before leasing anything: submissions would wait,
+    re-sent by the sweeper, with no attempt or error recorded anywhere.
+    """
+    try:
+        return get_engine()
+    except Exception as exc:
+        logger.critical("the moderation engine could not be loaded (%s); stopping this GPU worker", exc)
+        raise WorkerShutdown(f"moderation engine could not be loaded: {exc}") from exc
+
+
 @signals.worker_ready.connect
 def _preload_engine(sender: Any = None, **_: Any) -> None:
     queues = (
         {q.name for q in getattr(getattr(sender, "task_consumer", None), "queues", [])} if sender else set()
     )
     if jobs.QUEUE_GPU in queues:
-        get_engine()
+        # WorkerShutdown is no Exception: Celery's signal dispatch lets it through, and the worker stops.
+        _engine_or_shutdown()
 
 
 @celery_app.task(
@@ -94,7 +108,7 @@ def _preload_engine(sender: Any = None, **_: Any) -> None:
 )
 def process_submission(*submission_ids: str) -> dict[str, int]:
     """Judge the submissions (and whatever else is queued, as one batch per run)."""
-    processor = BatchProcessor(get_sessionmaker(), get_engine(), get_blob_store(), get_settings())
+    processor = BatchProcessor(get_sessionmaker(), _engine_or_shutdown(), get_blob_store(), get_settings())
     totals = {"claimed": 0, "decided": 0, "failed": 0}
     try:
         # The first run usually takes the others along as companions; their runs then return at once.
