@@ -117,6 +117,7 @@ def make_engine(
     """
     connect_args: dict[str, object] = {
         "application_name": f"moderation-{os.getpid()}",
+        "connect_timeout": 10,  # a database host that does not answer fails a connect, not hangs it
         "keepalives": 1,
         "keepalives_idle": 30,
         "keepalives_interval": 10,

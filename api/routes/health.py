@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import kombu
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -18,6 +19,11 @@ from moderation.jobs import QUEUE_GPU, QUEUE_MAINTENANCE, QUEUE_WEBHOOKS
 from moderation.submissions.repository import SubmissionRepository
 
 router = APIRouter(tags=["operations"])
+
+
+def _broker(url: str) -> kombu.Connection:
+    """A short-lived connection to a broker other than the service's Redis, failing fast when it is down."""
+    return kombu.Connection(url, connect_timeout=2, transport_options={"socket_timeout": 2})
 
 
 @router.get("/healthz")
@@ -46,7 +52,12 @@ async def readyz(request: Request) -> JSONResponse:
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
         try:
-            state.redis.ping()
+            settings = state.settings
+            if settings.broker_url is None:
+                state.redis.ping()  # Redis is the broker
+            else:
+                with _broker(settings.broker_url) as connection:
+                    connection.ensure_connection(max_retries=1)
             checks["broker"] = "ok"
         except Exception as exc:
             checks["broker"] = f"error: {type(exc).__name__}"
@@ -61,6 +72,16 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503
     )
+
+
+def _declared_depth(connection: kombu.Connection, queue: str) -> int:
+    """Messages waiting in a broker queue (0 while no worker has declared it yet)."""
+    try:
+        # A fresh channel per queue: asking about a queue that does not exist closes the channel.
+        with connection.channel() as channel:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+    except connection.channel_errors:
+        return 0
 
 
 class QueueDepthCollector(Collector):
@@ -87,9 +108,15 @@ class QueueDepthCollector(Collector):
                     by_decision.add_metric([decision], count)
         except Exception:  # noqa: S110 - a scrape must not fail because the database is down
             pass
+        queues = (QUEUE_GPU, QUEUE_WEBHOOKS, QUEUE_MAINTENANCE)
         try:
-            for queue in (QUEUE_GPU, QUEUE_WEBHOOKS, QUEUE_MAINTENANCE):
-                broker.add_metric([queue], int(self.state.redis.llen(queue)))
+            if self.state.settings.broker_url is None:
+                for queue in queues:
+                    broker.add_metric([queue], int(self.state.redis.llen(queue)))
+            else:
+                with _broker(self.state.settings.broker_url) as connection:
+                    for queue in queues:
+                        broker.add_metric([queue], _declared_depth(connection, queue))
         except Exception:  # noqa: S110
             pass
         yield from (by_status, by_decision, broker)

@@ -13,6 +13,7 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.app import create_app
 from moderation.config import Settings
 from moderation.jobs import TASK_PROCESS_SUBMISSION
 from moderation.net.safe_http import fetch_bytes
@@ -285,6 +286,27 @@ def test_readyz_and_metrics(client: TestClient, tenant: ApiTenant) -> None:
     assert "moderation_broker_queue_depth" in text
     assert "moderation_intake_batch_size_count" in text
     assert json.dumps  # keep import used
+
+
+def test_readiness_and_queue_depth_read_the_configured_broker_not_redis(
+    settings: Settings, sessions: sessionmaker[Session], dispatched: RecordingDispatcher, redis_client: object
+) -> None:
+    # RabbitMQ runs beside Postgres and Redis on development and CI machines.
+    for broker_url, ready in (
+        ("amqp://guest:guest@127.0.0.1:5672//", True),
+        ("amqp://guest:guest@127.0.0.1:9//", False),
+    ):
+        app = create_app(settings.model_copy(update={"broker_url": broker_url}), dispatcher=dispatched)
+        app.state.sessions = app.state.intake_sessions = sessions
+        with TestClient(app) as client:
+            answer = client.get("/readyz")
+            broker = answer.json()["checks"]["broker"]
+            assert (answer.status_code, broker == "ok") == ((200, True) if ready else (503, False)), (
+                answer.text
+            )
+            if ready:
+                text = client.get("/metrics").text
+                assert 'moderation_broker_queue_depth{queue="gpu"}' in text
 
 
 def test_a_process_whose_intake_writer_stopped_is_not_ready_and_refuses_submissions(
