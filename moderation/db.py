@@ -133,6 +133,8 @@ def make_engine(
         pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args=connect_args,
+        # Errors must not carry statement parameters into logs: captions, metadata, key hashes.
+        hide_parameters=True,
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
 

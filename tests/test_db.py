@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from moderation.db import RandomBytes, make_engine, new_id
 
@@ -65,3 +65,14 @@ def test_a_forked_child_does_not_repeat_its_parents_random_bytes() -> None:
     os.waitpid(pid, 0)
     assert len(child) == 10
     assert child != source.take(10)
+
+
+def test_database_errors_do_not_carry_statement_parameters_into_logs(database_url: str) -> None:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        with pytest.raises(DBAPIError) as raised, engine.connect() as conn:
+            conn.execute(text("SELECT CAST(:caption AS text), 1 / 0"), {"caption": "a private caption 私人"})
+    finally:
+        engine.dispose()
+    assert "division by zero" in str(raised.value)
+    assert "私人" not in str(raised.value) and "private caption" not in str(raised.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -28,6 +29,10 @@ import httpcore
 import httpx
 
 from moderation.errors import BlockedDestination, FetchFailed, PayloadTooLarge
+
+# httpx logs every request's full URL at INFO: webhook URLs carry their receivers' tokens in paths and
+# queries, and image URLs their signatures. Warnings and errors still show.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
     from moderation.config import Settings

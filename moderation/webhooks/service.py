@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
@@ -128,6 +129,12 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
 UNFINISHED_ATTEMPT = "no outcome recorded: the attempt is under way, or its worker stopped during it"
 
 
+def _origin_of(url: str) -> str:
+    """The scheme, host and port of a URL: what logs may show of a webhook endpoint."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
+
+
 @dataclass(frozen=True)
 class DeliveryOutcome:
     """The result of one delivery attempt and, if it will be retried, after how long."""
@@ -229,7 +236,7 @@ def attempt_delivery(
         "webhook delivery %s attempt %d to %s: %s",
         delivery_id,
         attempt_no,
-        url,
+        _origin_of(url),  # the path and query of a receiver's URL often carry its token
         error or f"HTTP {status_code}",
     )
     return outcome

@@ -258,3 +258,20 @@ def test_an_attempt_that_outlived_its_lease_does_not_undo_a_later_success(
         assert row is not None and row.status == DeliveryStatus.succeeded and row.last_error is None
         attempts = session.scalars(select(WebhookAttempt).order_by(WebhookAttempt.attempt)).all()
         assert [(a.attempt, a.status_code) for a in attempts] == [(1, 500), (2, 200)]
+
+
+def test_logs_show_a_webhook_endpoint_by_its_origin_only(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # type: ignore[no-untyped-def]
+    secret_url = receiver.url.rstrip("/") + "/hooks/tok_abc123?key=s3cr3t"
+    _, deliveries = _setup(sessions, settings, secret_url, tmp_path)
+    with caplog.at_level("INFO"), SafeHttpClient(OutboundPolicy(allow_private=True)) as client:
+        attempt_delivery(sessions, deliveries[0].id, client, settings)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "webhook delivery" in logged and "http://127.0.0.1" in logged
+    assert "tok_abc123" not in logged and "s3cr3t" not in logged
