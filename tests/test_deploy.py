@@ -34,6 +34,25 @@ def test_compose_has_every_role_and_valid_commands() -> None:
             assert volume.split(":")[0] in declared
 
 
+def test_compose_roles_are_restartable_and_stop_gracefully() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    # The image's health check probes the API's port: the other roles serve no HTTP.
+    for name in ("worker-gpu", "worker-cpu", "beat"):
+        assert services[name]["healthcheck"] == {"disable": True}, name
+    # A GPU worker never falls back to loading the model on the CPU.
+    assert services["worker-gpu"]["environment"]["MODERATION_DEVICE"] == "cuda"
+    # Longer than Docker's 10 s: intake answers its waiting requests, a GPU batch finishes.
+    for name in ("api", "worker-gpu", "worker-cpu"):
+        assert int(services[name]["stop_grace_period"].rstrip("s")) >= 40, name
+
+
+def test_dockerfile_installs_torch_and_dependencies_before_copying_the_code() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    torch = next(i for i, line in enumerate(lines) if "pip install torch" in line)
+    code = next(i for i, line in enumerate(lines) if line.startswith("COPY moderation"))
+    assert torch < code
+
+
 def test_dockerfile_copies_paths_that_exist() -> None:
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY "):
