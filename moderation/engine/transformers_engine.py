@@ -628,7 +628,10 @@ class TransformersEngine(ModerationEngine):
             block_mask,
             keep[:, :steps],
             start_slot=next_slot,
-            start_positions=next_positions + steps,
+            # Each row's answers follow its own last kept token, wherever the batch's longest row ended:
+            # otherwise a submission's scores would depend on how long its companions wrote. Block slot 0
+            # (the last generated token) is masked out for a row that stopped, so it may share a position.
+            start_positions=next_positions + first_eos - 1,
             prompt_len=prompt_len,
         )
         picked = hidden[torch.tensor(rows, device=self._device), torch.tensor(cols, device=self._device)]

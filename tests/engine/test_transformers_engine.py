@@ -170,6 +170,38 @@ def test_scores_independent_of_batch_and_padding(engine: Any) -> None:
     _assert_scores_close(other_alone, batched[2])
 
 
+def test_a_submission_that_stops_early_scores_the_same_beside_one_that_writes_on(engine: Any) -> None:
+    # Row 0 (the probe) is pushed to stop as soon as it may; its companion writes until the token budget.
+    probe = _request((96, 96), "A cat on a sofa.", 11)
+    talker = _request((128, 96), "A busy street market with many stalls and people.", 12)
+    eos = engine._eos_ids[0]
+
+    def stop_row_0(batch: int) -> Any:
+        def hook(_module: Any, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+            if logits.shape[0] != batch:  # the answers' scoring pass: left alone
+                return logits
+            logits = logits.clone()
+            logits[0, ..., eos] += 1e4
+            if batch > 1:
+                logits[1:, ..., eos] -= 1e4
+            return logits
+
+        return engine._model.lm_head.register_forward_hook(hook)
+
+    handle = stop_row_0(1)
+    try:
+        [alone] = engine.moderate([probe])
+    finally:
+        handle.remove()
+    handle = stop_row_0(2)
+    try:
+        beside, companion = engine.moderate([probe, talker])
+    finally:
+        handle.remove()
+    assert alone.generated_tokens == beside.generated_tokens < companion.generated_tokens
+    _assert_scores_close(alone, beside)
+
+
 def test_english_and_chinese_captions(engine: Any) -> None:
     en, zh = engine.moderate(
         [_request((160, 160), "A bowl of noodles.", 11), _request((160, 160), "一碗面条。", 11)]
