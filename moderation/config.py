@@ -151,7 +151,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MODERATION_MODEL", "MODERATION_MODEL_PATH"),
         description="Hugging Face id or local folder of the Qwen3-VL model (`make run` uses the fixture if unset).",
     )
-    model_revision: str | None = Field(default=None, description="Model revision (commit) to load.")
+    model_revision: str | None = Field(
+        default=None,
+        description="Model revision (commit) to load, and the one verdicts name. Unset for a local folder: a "
+        "digest of its files (so weights replaced in place are a new revision for the verdict cache).",
+    )
     engine_backend: Literal["transformers", "openai"] = Field(
         default="transformers",
         description="Inference backend: `transformers` (in-process) or `openai` (an OpenAI-compatible server).",

@@ -47,6 +47,9 @@ class ModelInfo:
     revision: str
     prompt_version: str
     is_fixture: bool = False
+    #: The engine settings that change its answers (quantization, image size, token budget): part of the
+    #: verdict cache's key, so that a verdict is reused only from an identically configured engine.
+    settings: str = ""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ or 1), and falls to 0 for a coin-flip score or for a model that does not answer 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -244,20 +245,29 @@ class TransformersEngine(ModerationEngine):
             time.perf_counter() - started,
         )
 
+        answers_depend_on = (
+            f"dtype={dtype};quantization={settings.quantization};pixels={settings.image_min_pixels}-"
+            f"{settings.image_max_pixels};max_new_tokens={settings.max_new_tokens}"
+        )
         if fixture:
             info = ModelInfo(
                 name=f"fixture:{Path(source).name}",
                 revision=_fixture_revision(Path(source)),
                 prompt_version=prompts.PROMPT_VERSION,
                 is_fixture=True,
+                settings=answers_depend_on,
             )
         else:
             commit = getattr(model.config, "_commit_hash", None)
+            # A local folder has no commit: its files identify it, so weights replaced in place are a new
+            # revision (and the verdict cache does not hand out the old model's verdicts).
+            fallback = _folder_revision(Path(source)) if local else "unknown"
             info = ModelInfo(
                 name=settings.model,
-                revision=settings.model_revision or commit or "unknown",
+                revision=settings.model_revision or commit or fallback,
                 prompt_version=prompts.PROMPT_VERSION,
                 is_fixture=False,
+                settings=answers_depend_on,
             )
         return cls(
             model,
@@ -669,6 +679,21 @@ def _token_at(offsets: Sequence[tuple[int, int]], span: tuple[int, int]) -> int:
                 raise RuntimeError(f"answer word at {span} is not a single token (token covers {a}..{b})")
             return index
     raise RuntimeError(f"no token covers answer span {span}")
+
+
+def _folder_revision(path: Path) -> str:
+    """A revision for a model in a local folder: a digest of its configuration and of its weight files' sizes
+    and modification times (hashing gigabytes of weights at every start would take minutes)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        stat = file.stat()
+        digest.update(f"{relative}\0{stat.st_size}\0".encode())
+        if file.suffix == ".json":
+            digest.update(file.read_bytes())
+        else:
+            digest.update(str(stat.st_mtime_ns).encode())
+    return f"local-{digest.hexdigest()[:16]}"
 
 
 def _fixture_revision(path: Path) -> str:

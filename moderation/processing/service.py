@@ -133,6 +133,7 @@ def verdict_cache_key(
             model.name,
             model.revision,
             model.prompt_version,
+            model.settings,
         ],
         ensure_ascii=False,
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from moderation.engine.transformers_engine import (
     parse_description,
     request_language,
 )
+from moderation.processing.service import verdict_cache_key
 
 from .conftest import TEST_MAX_NEW_TOKENS, engine_settings
 
@@ -104,7 +107,24 @@ def test_plain_folder_is_not_named_fixture(
     assert loaded.info.name == str(plain)
     assert loaded.info.revision == "abc123"
     assert not any(FIXTURE_WARNING in r.getMessage() for r in caplog.records)
-    assert TransformersEngine.load(engine_settings(plain)).info.revision == "unknown"
+    # Without a revision, the folder's files name one: weights replaced in place are a new revision.
+    first = TransformersEngine.load(engine_settings(plain)).info
+    assert first.revision.startswith("local-")
+    assert TransformersEngine.load(engine_settings(plain)).info.revision == first.revision
+    weights = next(plain.glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))
+    assert TransformersEngine.load(engine_settings(plain)).info.revision != first.revision
+
+
+def test_the_verdict_cache_key_follows_the_engine_settings_that_change_answers(
+    fixture_model_dir: Path,
+) -> None:
+    base = TransformersEngine.load(engine_settings(fixture_model_dir)).info
+    longer = TransformersEngine.load(engine_settings(fixture_model_dir, max_new_tokens=64)).info
+    assert "max_new_tokens" in base.settings and base.settings != longer.settings
+    tenant = uuid.uuid4()
+    keys = {verdict_cache_key(tenant, "0" * 64, "caption", 1, info) for info in (base, longer)}
+    assert len(keys) == 2
 
 
 def test_request_language() -> None:
