@@ -120,6 +120,10 @@ def review_priority(conflict_score: float, category_scores: dict[str, float]) ->
     return round(100 - 50 * risk)
 
 
+#: Images are decoded to at most this many times the engine's pixel budget (the engine scales them further).
+DECODE_BUDGET_FACTOR = 16
+
+
 def verdict_cache_key(
     tenant_id: uuid.UUID, image_sha256: str, caption: str, policy_version: int, model: ModelInfo
 ) -> str:
@@ -460,6 +464,12 @@ class BatchProcessor:
         # Intake only checks the file's structure, so this is the first full decode of the image.
         try:
             image = Image.open(io.BytesIO(data))
+            # A batch holds its images until it ends: a 200 KB PNG can decode to 200 MB. Far above the
+            # engine's pixel budget, decode smaller (JPEG decodes at a reduced scale) and keep only that.
+            budget = DECODE_BUDGET_FACTOR * self.settings.image_max_pixels
+            if image.width * image.height > budget:
+                scale = (budget / (image.width * image.height)) ** 0.5
+                image.thumbnail((max(1, int(image.width * scale)), max(1, int(image.height * scale))))
             image.load()
         except Exception as exc:
             raise _UnusableImage(f"{IMAGE_UNDECODABLE}: image could not be decoded: {exc}") from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import uuid
 import zlib
@@ -9,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,7 +19,13 @@ from moderation.config import Settings
 from moderation.db import utcnow
 from moderation.engine.base import EngineHealth, EngineRequest, EngineResult, ModelInfo, ModerationEngine
 from moderation.jobs import TASK_DELIVER_WEBHOOK, TASK_PROCESS_SUBMISSION
-from moderation.processing.service import BatchProcessor, EngineUnhealthy, review_priority, sweep
+from moderation.processing.service import (
+    DECODE_BUDGET_FACTOR,
+    BatchProcessor,
+    EngineUnhealthy,
+    review_priority,
+    sweep,
+)
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import ProcessingAttempt, Submission, SubmissionStatus, Verdict
 from moderation.submissions.repository import SubmissionRepository
@@ -460,6 +468,29 @@ def test_taking_over_an_expired_lease_records_how_the_earlier_attempt_ended(
     assert (earlier.outcome, earlier.error) == ("lease_expired", "processing lease expired")
     assert earlier.finished_at is not None
     assert [a.outcome for a in attempts.values()] == ["decided"]
+
+
+def test_a_huge_image_is_held_scaled_down_while_its_batch_runs(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    flat = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(flat, "PNG")  # ~70 KB on disk, 72 MB decoded
+    sid = submit_one(sessions, tenant, store, settings, "a red wall conflict=0.1", image=flat.getvalue())
+    seen: list[tuple[int, int]] = []
+
+    class Recording(ScriptedEngine):
+        def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+            seen.extend(r.image.size for r in requests)
+            return super().moderate(requests)
+
+    assert BatchProcessor(sessions, Recording(), store, settings).run(sid).decided == [sid]
+    ((width, height),) = seen
+    assert width * height <= DECODE_BUDGET_FACTOR * settings.image_max_pixels
+    assert abs(width / height - 1.5) < 0.01  # the aspect ratio is kept
 
 
 def test_review_priority_puts_risky_items_first() -> None:
