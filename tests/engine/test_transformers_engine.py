@@ -254,6 +254,26 @@ def test_health_and_warmup(engine: Any) -> None:
     engine.warmup()
 
 
+def test_warm_up_runs_the_largest_batch_whole_and_health_the_batched_path(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judged: list[tuple[int, tuple[str, ...]]] = []
+    judge = engine._judge
+
+    def recording(requests: Any, images: Any, languages: Any) -> Any:
+        judged.append((len(requests), tuple(languages)))
+        return judge(requests, images, languages)
+
+    monkeypatch.setattr(engine, "_judge", recording)
+    monkeypatch.setattr(engine, "_warmup_batch_size", 4)
+    engine.warmup()
+    assert judged[0] == (4, ("en",) * 4)  # the largest size, in one piece
+    assert any("zh" in languages for _, languages in judged[1:])  # and the Chinese prompt too
+    judged.clear()
+    assert engine.health().ok
+    assert [size for size, _ in judged] == [2]
+
+
 def test_confidence_definition() -> None:
     assert binary_entropy(0.5) == pytest.approx(math.log(2))
     assert binary_entropy(0.0) == binary_entropy(1.0) == 0.0
