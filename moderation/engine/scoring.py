@@ -77,6 +77,7 @@ def _label_regex() -> tuple[re.Pattern[str], dict[str, str]]:
 
 
 _LABEL_RE, _LABEL_FIELDS = _label_regex()
+_ANSWER_BLOCK_RE = re.compile(rf"(?im)^[ \t>*#_-]*{re.escape(prompts.CONFLICT_KEY)}[ \t*_]*[:：]")
 
 
 def parse_description(
@@ -84,6 +85,11 @@ def parse_description(
 ) -> tuple[str, str, str]:
     """Split generated text into (description, visible text, explanation); never fails."""
     raw = _SPECIAL_TEXT_RE.sub(" ", text or "")
+    # Text the model wrote in the shape of the scored answers ("conflict: no", then a line per category) is
+    # not part of its explanation: it would read as a verdict that may contradict the scored one.
+    answers = _ANSWER_BLOCK_RE.search(raw)
+    if answers is not None:
+        raw = raw[: answers.start()]
     fields: dict[str, str] = {}
     matches = list(_LABEL_RE.finditer(raw))
     if matches:

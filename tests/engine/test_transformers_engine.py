@@ -297,6 +297,16 @@ def test_parse_drops_nul_characters_which_postgres_text_refuses() -> None:
     assert parse_description(text, "en", 0.1, {}) == ("A red car.", "STOP", "The caption matches.")
 
 
+def test_parse_stops_where_the_model_starts_writing_answers_of_its_own() -> None:
+    text = (
+        "Description: A red car.\nVisible text: none\nExplanation: The caption matches the image.\n\n"
+        "conflict: no\nsexual: no\nviolence: no"
+    )
+    assert parse_description(text, "en", 0.9, {}) == ("A red car.", "", "The caption matches the image.")
+    chinese = "描述：一辆红色汽车。\n说明：配文与图片相符。\nconflict：否"
+    assert parse_description(chinese, "zh", 0.1, {})[2] == "配文与图片相符。"
+
+
 def test_parse_labelled_chinese_with_fullwidth_colon() -> None:
     text = "描述：一辆红色汽车停在街上。\n图中文字：无\n说明：配文与图片相符。"
     assert parse_description(text, "zh", 0.1, {}) == ("一辆红色汽车停在街上。", "", "配文与图片相符。")
