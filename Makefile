@@ -25,12 +25,12 @@ $(FIXTURE): | $(STAMP)
 	$(BIN)/moderation fixture-model build .data/fixture-model
 
 # Without MODERATION_DATABASE_URL / MODERATION_REDIS_URL (or DATABASE_URL / REDIS_URL), start embedded servers.
+# A URL that is set is used as it is; only the missing server is started. A server that fails to start stops
+# the run, with its error shown.
 run: install fixture-model
 	@set -e; \
-	if [ -z "$${MODERATION_DATABASE_URL:-$$DATABASE_URL}" ] || [ -z "$${MODERATION_REDIS_URL:-$$REDIS_URL}" ]; then \
-	  echo "starting embedded Postgres and Redis under .data/"; \
-	  eval "$$($(BIN)/python scripts/dev_services.py up 2>/dev/null)"; \
-	fi; \
+	exports="$$($(BIN)/python scripts/dev_services.py up --missing)"; \
+	eval "$$exports"; \
 	export MODERATION_DATABASE_URL="$${MODERATION_DATABASE_URL:-$$DATABASE_URL}"; \
 	export MODERATION_REDIS_URL="$${MODERATION_REDIS_URL:-$$REDIS_URL}"; \
 	$(BIN)/python scripts/devrun.py

@@ -89,16 +89,30 @@ def stop() -> None:
         pg_ctl(["-w", "stop", "-m", "fast"], pgdata=pgdata, user=user, timeout=30)
 
 
+def configured(*names: str) -> bool:
+    """Whether any of these environment variables names a server already."""
+    return any(os.environ.get(name) for name in names)
+
+
 def main() -> int:
-    """Command line: ``up`` prints shell exports of the URLs; ``down`` stops the servers."""
+    """Command line: ``up`` prints shell exports of the URLs; ``down`` stops the servers.
+
+    With ``--missing``, ``up`` starts only the servers no URL in the environment names, and exports only
+    theirs: a database or Redis given by URL is used as it is.
+    """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--missing", action="store_true", help="only servers the environment names no URL for")
     args = parser.parse_args()
     if args.action == "down":
         stop()
         return 0
-    print(f"export MODERATION_DATABASE_URL='{start_postgres()}'")
-    print(f"export MODERATION_REDIS_URL='{start_redis()}'")
+    if not (args.missing and configured("MODERATION_DATABASE_URL", "DATABASE_URL")):
+        print("starting embedded Postgres under .data/", file=sys.stderr)
+        print(f"export MODERATION_DATABASE_URL='{start_postgres()}'")
+    if not (args.missing and configured("MODERATION_REDIS_URL", "REDIS_URL")):
+        print("starting embedded Redis under .data/", file=sys.stderr)
+        print(f"export MODERATION_REDIS_URL='{start_redis()}'")
     return 0
 
 
