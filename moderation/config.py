@@ -127,6 +127,13 @@ class Settings(BaseSettings):
         default=100, description="Requests a tenant may send at once above its rate."
     )
 
+    log_level: str = Field(
+        default="INFO",
+        description="Level of the API's, the intake writer's and the CLI's logs (`DEBUG`, `INFO`, `WARNING`, "
+        "…); read from the environment before anything else starts. Celery roles take `-l` on their "
+        "command line.",
+    )
+
     # Outbound HTTP (image_url fetches and webhooks)
     allow_private_network: bool = Field(
         default=False,
