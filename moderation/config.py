@@ -129,7 +129,7 @@ class Settings(BaseSettings):
 
     log_level: str = Field(
         default="INFO",
-        description="Level of the API's, the intake writer's and the CLI's logs (`DEBUG`, `INFO`, `WARNING`, "
+        description="Level of the API's and the CLI's logs (`DEBUG`, `INFO`, `WARNING`, "
         "…); read from the environment before anything else starts. Celery roles take `-l` on their "
         "command line.",
     )
