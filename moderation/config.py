@@ -127,6 +127,12 @@ class Settings(BaseSettings):
         default=100, description="Requests a tenant may send at once above its rate."
     )
 
+    worker_metrics_port: int | None = Field(
+        default=9100,
+        description="Port on which each Celery worker serves its Prometheus metrics (verdicts, inference time, "
+        "failures, webhook attempts, sweeper recoveries); unset: none. Under PROMETHEUS_MULTIPROC_DIR the "
+        "API's /metrics shows them too.",
+    )
     log_level: str = Field(
         default="INFO",
         description="Level of the API's and the CLI's logs (`DEBUG`, `INFO`, `WARNING`, "

@@ -102,7 +102,9 @@ def main() -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("action", choices=["up", "down"])
-    parser.add_argument("--missing", action="store_true", help="only servers the environment names no URL for")
+    parser.add_argument(
+        "--missing", action="store_true", help="only servers the environment names no URL for"
+    )
     args = parser.parse_args()
     if args.action == "down":
         stop()

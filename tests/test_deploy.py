@@ -46,6 +46,13 @@ def test_compose_roles_are_restartable_and_stop_gracefully() -> None:
         assert int(services[name]["stop_grace_period"].rstrip("s")) >= 40, name
 
 
+def test_the_api_adds_up_its_processes_metrics_in_a_folder_emptied_at_start() -> None:
+    api = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]
+    folder = api["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    script = api["command"][-1]
+    assert script.index(f"rm -rf {folder}") < script.index("exec uvicorn") and "--workers" in script
+
+
 def test_dockerfile_installs_torch_and_dependencies_before_copying_the_code() -> None:
     lines = (ROOT / "Dockerfile").read_text().splitlines()
     torch = next(i for i, line in enumerate(lines) if "pip install torch" in line)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import types
+import urllib.request
 import uuid
 from typing import Any
 
@@ -77,3 +79,23 @@ def test_a_job_naming_several_submissions_judges_them_in_one_batch(
     totals = tasks.process_submission.run(*(str(i) for i in ids))
     # The first run takes the other two along; theirs then find them judged and lease nothing.
     assert totals == {"claimed": 3, "decided": 3, "failed": 0} and engine.batches == [3]
+
+
+def test_a_worker_serves_its_metrics_unless_the_api_collects_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    server = tasks.serve_metrics(port)
+    assert server is not None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            body = answer.read().decode()
+        assert "moderation_verdicts_total" in body and "moderation_webhook_attempts_total" in body
+        assert tasks.serve_metrics(port) is None  # the port is taken: logged, and the worker runs on
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp")
+    assert tasks.serve_metrics(port) is None
+    assert tasks.serve_metrics(None) is None

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 from celery import signals
 from celery.exceptions import WorkerShutdown
+from prometheus_client import start_http_server
 from sqlalchemy.exc import OperationalError
 
 from moderation import jobs
@@ -73,6 +76,20 @@ def _after_fork(**_: Any) -> None:
 @signals.worker_init.connect
 def _configure(**_: Any) -> None:
     jobs.set_dispatcher(CeleryDispatcher(celery_app))
+    serve_metrics(get_settings().worker_metrics_port)
+
+
+def serve_metrics(port: int | None) -> WSGIServer | None:
+    """Serve this worker's Prometheus metrics on ``port`` (a worker has no HTTP server of its own)."""
+    if port is None or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None  # multi-process mode: the API's /metrics reads every process's files
+    try:
+        server, _ = start_http_server(port)
+    except OSError as exc:  # a second worker on the same host and port: its metrics stay unserved, it runs
+        logger.error("could not serve metrics on port %d: %s", port, exc)
+        return None
+    logger.info("serving worker metrics on port %d", port)
+    return server
 
 
 def _engine_or_shutdown() -> ModerationEngine:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any, cast
 
 import kombu
 from fastapi import APIRouter, Request, Response
@@ -84,6 +87,28 @@ def _declared_depth(connection: kombu.Connection, queue: str) -> int:
         return 0
 
 
+#: Seconds the table counts are reused: counting every row of two growing tables at each scrape of each API
+#: process would slow scrapes down as the tables grow.
+TABLE_COUNTS_MAX_AGE = 30.0
+_counts_lock = threading.Lock()
+
+
+def _table_counts(state: Any) -> tuple[dict[str, int], dict[str, int]] | None:
+    """Submissions by status and verdicts by decision, counted at most every TABLE_COUNTS_MAX_AGE seconds."""
+    with _counts_lock:
+        cached: tuple[float, Any] | None = getattr(state, "table_counts", None)
+        if cached is not None and time.monotonic() - cached[0] < TABLE_COUNTS_MAX_AGE:
+            return cast(tuple[dict[str, int], dict[str, int]] | None, cached[1])
+        try:
+            with state.sessions() as session:
+                repo = SubmissionRepository(session)
+                value = (repo.count_by_status(), repo.count_verdicts_by_decision())
+        except Exception:  # a scrape must not fail because the database is down
+            value = None
+        state.table_counts = (time.monotonic(), value)
+        return value
+
+
 class QueueDepthCollector(Collector):
     """Reads queue depth at scrape time: submissions by status in Postgres, messages per broker queue."""
 
@@ -99,15 +124,12 @@ class QueueDepthCollector(Collector):
         broker = GaugeMetricFamily(
             "moderation_broker_queue_depth", "Messages waiting per queue", labels=["queue"]
         )
-        try:
-            with self.state.sessions() as session:
-                repo = SubmissionRepository(session)
-                for status, count in repo.count_by_status().items():
-                    by_status.add_metric([status], count)
-                for decision, count in repo.count_verdicts_by_decision().items():
-                    by_decision.add_metric([decision], count)
-        except Exception:  # noqa: S110 - a scrape must not fail because the database is down
-            pass
+        counts = _table_counts(self.state)
+        if counts is not None:
+            for status, count in counts[0].items():
+                by_status.add_metric([status], count)
+            for decision, count in counts[1].items():
+                by_decision.add_metric([decision], count)
         queues = (QUEUE_GPU, QUEUE_WEBHOOKS, QUEUE_MAINTENANCE)
         try:
             if self.state.settings.broker_url is None:

@@ -8,6 +8,7 @@ import json
 from unittest import mock
 
 import anyio.to_thread
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
@@ -350,3 +351,21 @@ def test_a_stuck_store_answers_503_in_time_and_the_process_reports_not_ready(
     with sessions() as session:
         keyed = select(Submission).where(Submission.idempotency_key == "slow-1")
         assert len(session.scalars(keyed).all()) == 1
+
+
+def test_scrapes_count_the_tables_at_most_every_half_minute(
+    client: TestClient, tenant: ApiTenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moderation.submissions.repository import SubmissionRepository
+
+    calls: list[int] = []
+    count = SubmissionRepository.count_by_status
+
+    def counting(self: SubmissionRepository) -> dict[str, int]:
+        calls.append(1)
+        return count(self)
+
+    monkeypatch.setattr(SubmissionRepository, "count_by_status", counting)
+    for _ in range(3):
+        assert "moderation_submissions" in client.get("/metrics").text
+    assert len(calls) == 1
