@@ -184,6 +184,12 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(
         default=96, description="Cap on generated tokens (description and explanation)."
     )
+    max_caption_tokens: int = Field(
+        default=2048,
+        ge=16,
+        description="Longest caption the model reads, in tokens (longer ones are cut; the blocklist still reads "
+        "them whole): a batch is padded to its longest prompt.",
+    )
     image_max_pixels: int = Field(
         default=512 * 512, description="Pixel budget per image (512×512 = 256 visual tokens)."
     )

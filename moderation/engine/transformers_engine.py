@@ -146,6 +146,7 @@ class TransformersEngine(ModerationEngine):
         min_new_tokens: int = 0,
         use_cuda_graphs: bool = True,
         compile_decode: bool = False,
+        max_caption_tokens: int = 2048,
     ) -> None:
         self._model = model
         self._processor = processor
@@ -158,6 +159,7 @@ class TransformersEngine(ModerationEngine):
         self._min_new_tokens = min(min_new_tokens, max_new_tokens)
         self._max_pixels = image_max_pixels
         self._min_pixels = image_min_pixels
+        self._max_caption_tokens = max_caption_tokens
         self._warmup_batch_size = max(1, warmup_batch_size)
         self._lock = threading.Lock()
         #: Largest batch known to fit on the device (None until one has run out of memory).
@@ -247,7 +249,8 @@ class TransformersEngine(ModerationEngine):
 
         answers_depend_on = (
             f"dtype={dtype};quantization={settings.quantization};pixels={settings.image_min_pixels}-"
-            f"{settings.image_max_pixels};max_new_tokens={settings.max_new_tokens}"
+            f"{settings.image_max_pixels};max_new_tokens={settings.max_new_tokens};"
+            f"caption_tokens={settings.max_caption_tokens}"
         )
         if fixture:
             info = ModelInfo(
@@ -275,6 +278,7 @@ class TransformersEngine(ModerationEngine):
             info=info,
             device=device,
             max_new_tokens=settings.max_new_tokens,
+            max_caption_tokens=settings.max_caption_tokens,
             image_max_pixels=settings.image_max_pixels,
             image_min_pixels=settings.image_min_pixels,
             # On a GPU the warm-up batch is the largest batch, so its graphs and compiles exist before work.
@@ -379,6 +383,17 @@ class TransformersEngine(ModerationEngine):
         )
 
     # -- internals ---------------------------------------------------------------------------------
+
+    def _capped(self, caption: str) -> str:
+        """The caption, cut to ``max_caption_tokens`` tokens: one long caption pads its whole batch to its length.
+
+        4,000 characters can be 12,000 tokens (rare CJK characters take three each); the tenant's blocklist
+        still reads the whole caption.
+        """
+        ids = self._tokenizer(caption, add_special_tokens=False)["input_ids"]
+        if len(ids) <= self._max_caption_tokens:
+            return caption
+        return str(self._tokenizer.decode(ids[: self._max_caption_tokens], skip_special_tokens=True)) + " …"
 
     def _prepare(self, request: EngineRequest) -> Image.Image:
         return prepare_image(request.image, self._max_pixels, self._min_pixels, factor=self._factor)
@@ -571,7 +586,10 @@ class TransformersEngine(ModerationEngine):
         ]
         if len(set(systems)) > 1:
             return self._judge_groups(requests, images, languages, systems)
-        users = [prompts.judge_user(r.caption, lang) for r, lang in zip(requests, languages, strict=True)]
+        users = [
+            prompts.judge_user(self._capped(r.caption), lang)
+            for r, lang in zip(requests, languages, strict=True)
+        ]
         texts = self._chat_texts(images, systems, users)
         cut = texts[0].index(_USER_HEADER) + len(_USER_HEADER)
         prefix_ids = tuple(

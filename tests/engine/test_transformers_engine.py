@@ -222,6 +222,25 @@ def test_a_submission_that_stops_early_scores_the_same_beside_one_that_writes_on
     _assert_scores_close(alone, beside)
 
 
+def test_a_caption_is_read_up_to_its_token_cap(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    rare = "𠀀" * 4000  # four thousand characters, three tokens each
+    monkeypatch.setattr(engine, "_max_caption_tokens", 64)
+    capped = engine._capped(rare)
+    assert len(engine._tokenizer(capped, add_special_tokens=False)["input_ids"]) <= 64 + 2
+    assert capped.endswith(" …") and engine._capped("A short caption.") == "A short caption."
+    prompts_seen: list[str] = []
+    chat = engine._chat_texts
+
+    def recording(images: Any, systems: Any, users: Any) -> Any:
+        prompts_seen.extend(users)
+        return chat(images, systems, users)
+
+    monkeypatch.setattr(engine, "_chat_texts", recording)
+    [result] = engine.moderate([_request((64, 64), rare, 13)])
+    assert 0.0 <= result.conflict_score <= 1.0
+    assert all(len(p) < 400 for p in prompts_seen)  # the prompt holds the cut caption, not 4,000 characters
+
+
 def test_english_and_chinese_captions(engine: Any) -> None:
     en, zh = engine.moderate(
         [_request((160, 160), "A bowl of noodles.", 11), _request((160, 160), "一碗面条。", 11)]
