@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, *, dispatcher: jobs.JobDispatch
     app.state.tenant_cache = TenantCache()
     app.state.fetch_limiter = anyio.CapacityLimiter(settings.fetch_concurrency)
     install_error_handlers(app)
-    # Intake caps its own body's size (sized for an image) as it reads it; the time limit holds for all.
+    # Intake caps its own body (sized for an image, and in time) as it reads it.
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_request_bytes,

@@ -8,13 +8,14 @@ part's headers and a blank line before its bytes, and ``--boundary--`` at the en
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass
 
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
-from moderation.errors import InvalidInput, PayloadTooLarge
+from moderation.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 
 _CRLF = b"\r\n"
 _BLANK_LINE = b"\r\n\r\n"
@@ -45,15 +46,22 @@ class FormPart:
         return self.filename is not None
 
 
-async def read_body(request: Request, limit: int, *, too_large: str) -> bytes:
-    """The request body, read up to ``limit`` bytes; PayloadTooLarge beyond (also without Content-Length)."""
+async def read_body(request: Request, limit: int, *, too_large: str, timeout: float) -> bytes:
+    """The request body, read up to ``limit`` bytes within ``timeout`` seconds.
+
+    PayloadTooLarge beyond the limit (also without Content-Length), RequestTimeout when it takes longer.
+    """
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(too_large)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):  # one deadline for the whole body, however many chunks
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(too_large)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
     return b"".join(chunks)
 
 

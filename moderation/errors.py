@@ -53,6 +53,13 @@ class PayloadTooLarge(ModerationError):
     status_code = 413
 
 
+class RequestTimeout(ModerationError):
+    """The client did not send its request body in time."""
+
+    code = "request_timeout"
+    status_code = 408
+
+
 class UnsupportedMediaType(ModerationError):
     """The upload is not an image format the service accepts."""
 

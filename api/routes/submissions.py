@@ -63,7 +63,12 @@ def _request_too_large(settings: Settings) -> str:
 
 async def _read_request_body(request: Request, settings: Settings) -> bytes:
     """The request body, refused (413) past the intake limit while it is read."""
-    return await read_body(request, _request_limit(settings), too_large=_request_too_large(settings))
+    return await read_body(
+        request,
+        _request_limit(settings),
+        too_large=_request_too_large(settings),
+        timeout=settings.request_body_timeout_seconds,
+    )
 
 
 async def _off_loop_if_large(size: int, work: Callable[[], T]) -> T:

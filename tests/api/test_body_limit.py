@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Iterator
 
+import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -14,7 +15,9 @@ from starlette.types import ASGIApp, Message, Receive
 from api.app import create_app
 from api.body_limit import BodyLimitMiddleware
 from api.errors import install_error_handlers
+from api.multipart import read_body
 from moderation.config import Settings
+from moderation.errors import RequestTimeout
 from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg
 
@@ -84,7 +87,7 @@ async def _call(app: ASGIApp, path: str, receive: Receive) -> tuple[int, dict[st
     return status, json.loads(body)
 
 
-def test_a_body_that_trickles_in_is_cut_off_with_408_on_every_route() -> None:
+def test_a_body_that_trickles_in_is_cut_off_with_408() -> None:
     inner = FastAPI()
     install_error_handlers(inner)
 
@@ -110,16 +113,33 @@ def test_a_body_that_trickles_in_is_cut_off_with_408_on_every_route() -> None:
 
     async def scenario() -> None:
         assert await _call(app, "/echo", trickle(3, 0.01)) == (200, {"bytes": 3})
-        for path in ("/echo", "/v1/submissions"):
-            status, answer = await _call(app, path, trickle(100, 0.05))
-            assert status == 408
-            assert answer["error"] == {  # type: ignore[comparison-overlap]
-                "code": "request_timeout",
-                "message": "the request body did not arrive within 0.3 s",
-            }
-        # The exempt path keeps no size limit of the middleware's; the others do.
+        status, answer = await _call(app, "/echo", trickle(100, 0.05))
+        assert status == 408
+        assert answer["error"] == {  # type: ignore[comparison-overlap]
+            "code": "request_timeout",
+            "message": "the request body did not arrive within 0.3 s",
+        }
+        # The exempt path (intake) enforces its own limits; the others get the middleware's.
         assert await _call(app, "/v1/submissions", trickle(1500, 0)) == (200, {"bytes": 1500})
         status, answer = await _call(app, "/echo", trickle(1500, 0))
         assert status == 413
+
+    asyncio.run(scenario())
+
+
+def test_intake_reads_its_body_within_one_deadline() -> None:
+    async def scenario() -> None:
+        sent = 0
+
+        async def trickle() -> Message:
+            nonlocal sent
+            await asyncio.sleep(0.05)
+            sent += 1
+            return {"type": "http.request", "body": b"x", "more_body": True}
+
+        request = Request({"type": "http", "method": "POST", "headers": []}, trickle)
+        with pytest.raises(RequestTimeout, match=r"within 0\.3 s"):
+            await read_body(request, 1_000_000, too_large="too large", timeout=0.3)
+        assert 3 <= sent <= 8
 
     asyncio.run(scenario())
