@@ -26,9 +26,10 @@ _JPEG_SOS = 0xDA
 _JPEG_EOI = 0xD9
 _JPEG_TEM = 0x01
 _JPEG_FILL = re.compile(rb"\xff*")
-#: More markers than any real JPEG has (progressive files have tens): a crafted flood of them is refused
-#: before walking it costs the event loop real time.
-MAX_JPEG_MARKERS = 10_000
+#: More markers than any real JPEG has (progressive files have tens; an ICC profile split into APP2 segments
+#: or extended XMP adds dozens): a crafted flood of them is refused within half a millisecond of walking,
+#: where 10,000 took the event loop over 5 ms.
+MAX_JPEG_MARKERS = 1_000
 
 
 def _u16be(data: bytes, pos: int) -> int:
