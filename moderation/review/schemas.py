@@ -6,11 +6,12 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import Submission
 from moderation.submissions.schemas import SubmissionOut
+from moderation.text import StorableText
 
 
 class ReviewItemOut(BaseModel):
@@ -126,14 +127,7 @@ class ReassignIn(BaseModel):
 class AppealIn(BaseModel):
     """A tenant's appeal of a decision."""
 
-    reason: str | None = Field(default=None, max_length=2000)
-
-    @field_validator("reason")
-    @classmethod
-    def _storable(cls, value: str | None) -> str | None:
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
+    reason: StorableText | None = Field(default=None, max_length=2000)
 
 
 class QaSampleIn(BaseModel):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
+from moderation.text import StorableText
 from moderation.webhooks.models import WebhookEndpoint
 
 
@@ -15,14 +16,7 @@ class WebhookEndpointCreate(BaseModel):
 
     url: str = Field(max_length=2048)
     events: list[str] = Field(min_length=1)
-    description: str | None = Field(default=None, max_length=500)
-
-    @field_validator("description")
-    @classmethod
-    def _storable(cls, value: str | None) -> str | None:
-        if value is not None and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
-        return value
+    description: StorableText | None = Field(default=None, max_length=500)
 
 
 class WebhookEndpointOut(BaseModel):

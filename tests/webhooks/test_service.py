@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -166,6 +167,12 @@ class _WorkerDies(SafeHttpClient):
         raise SystemExit("killed")
 
 
+def _die_during_an_attempt(sessions: sessionmaker[Session], delivery_id: Any, settings: Settings) -> None:
+    """An attempt whose worker is killed while its request is in flight."""
+    with pytest.raises(SystemExit), _WorkerDies(OutboundPolicy(allow_private=True)) as dying:
+        attempt_delivery(sessions, delivery_id, dying, settings)
+
+
 def _make_due(sessions: sessionmaker[Session], delivery_id: object) -> None:
     with sessions() as session, session.begin():
         row = session.get(WebhookDelivery, delivery_id)
@@ -183,8 +190,7 @@ def test_an_attempt_whose_worker_dies_is_recorded_and_counts_against_the_limit(
     settings.webhook_max_attempts = 2
     _, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
     delivery_id = deliveries[0].id
-    with pytest.raises(SystemExit), _WorkerDies(OutboundPolicy(allow_private=True)) as dying:
-        attempt_delivery(sessions, delivery_id, dying, settings)
+    _die_during_an_attempt(sessions, delivery_id, settings)
     with sessions() as session:
         (started,) = session.scalars(select(WebhookAttempt)).all()
         assert (started.attempt, started.status_code, started.error) == (1, None, UNFINISHED_ATTEMPT)
@@ -211,8 +217,7 @@ def test_when_the_last_attempt_dies_the_delivery_fails_instead_of_retrying_forev
     settings.webhook_max_attempts = 1
     _, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
     delivery_id = deliveries[0].id
-    with pytest.raises(SystemExit), _WorkerDies(OutboundPolicy(allow_private=True)) as dying:
-        attempt_delivery(sessions, delivery_id, dying, settings)
+    _die_during_an_attempt(sessions, delivery_id, settings)
     _make_due(sessions, delivery_id)
     with SafeHttpClient(OutboundPolicy(allow_private=True)) as client:
         assert attempt_delivery(sessions, delivery_id, client, settings).status == DeliveryStatus.failed
