@@ -127,12 +127,16 @@ def get_reviewer(session: Session, email: str) -> Reviewer:
 
 
 def set_password(session: Session, reviewer: Reviewer, password: str, *, actor: str) -> None:
-    """Replace a reviewer's password, unlock the account and end their sessions."""
+    """Replace a reviewer's password, unlock the account, end their sessions and revoke their API tokens.
+
+    A reset is what follows a leaked password: whatever was opened with the old one must stop working too.
+    """
     _check_password(password)
     reviewer.password_hash = hash_password(password)
     reviewer.failed_logins = 0
     reviewer.locked_until = None
     ReviewerRepository(session).delete_sessions_of(reviewer.id)
+    ReviewerRepository(session).revoke_tokens_of(reviewer.id, utcnow())
     audit.record(session, actor, "reviewer.password", audit.subject("reviewer", reviewer.email))
 
 

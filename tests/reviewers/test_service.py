@@ -105,3 +105,14 @@ def test_accounts_are_validated(session: Session) -> None:
         service.create_reviewer(session, "fi@example.com", "owner", PASSWORD)
     with pytest.raises(InvalidInput):
         service.create_reviewer(session, "not an email", "admin", PASSWORD)
+
+
+def test_a_password_reset_ends_sessions_and_revokes_api_tokens(session: Session, settings: Settings) -> None:
+    reviewer = service.create_reviewer(session, "kim@example.com", "reviewer", "kim's first password")
+    opened = service.login(session, "kim@example.com", "kim's first password", settings)
+    token = service.issue_token(session, reviewer, label="script", actor="cli")
+    service.set_password(session, reviewer, "kim's second password", actor="cli")
+    with pytest.raises(Unauthorized):
+        service.reviewer_for_session(session, opened.token)
+    with pytest.raises(Unauthorized):
+        service.reviewer_for_token(session, token)
