@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moderation.engine.base import (
+    BatchPartlyFailed,
     CategorySpec,
     EngineHealth,
     EngineRequest,
@@ -31,6 +32,7 @@ def load_engine(settings: Settings) -> ModerationEngine:
 
 
 __all__ = [
+    "BatchPartlyFailed",
     "CategorySpec",
     "EngineHealth",
     "EngineRequest",

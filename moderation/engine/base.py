@@ -39,6 +39,15 @@ class EngineResult:
     generated_tokens: int = 0
 
 
+class BatchPartlyFailed(Exception):
+    """Some requests of a batch could not be judged; ``results`` keeps the others' (None where one failed)."""
+
+    def __init__(self, results: list[EngineResult | None], reason: str) -> None:
+        super().__init__(reason)
+        self.results = results
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Identity of the loaded model, written into every verdict."""

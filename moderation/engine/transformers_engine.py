@@ -42,6 +42,7 @@ from PIL import Image
 
 from moderation.engine import prompts
 from moderation.engine.base import (
+    BatchPartlyFailed,
     EngineHealth,
     EngineRequest,
     EngineResult,
@@ -310,8 +311,13 @@ class TransformersEngine(ModerationEngine):
         languages = [request_language(r) for r in requests]
         with self._lock, torch.inference_mode():
             scored, texts, token_counts = self._judge_fitting(requests, images, languages)
-        results: list[EngineResult] = []
+        if all(s is None for s in scored):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory judging each submission alone")
+        results: list[EngineResult | None] = []
         for s, text, count, language in zip(scored, texts, token_counts, languages, strict=True):
+            if s is None:
+                results.append(None)
+                continue
             description, visible, explanation = parse_description(
                 text, language, s.conflict_score, s.category_scores
             )
@@ -326,7 +332,9 @@ class TransformersEngine(ModerationEngine):
                     generated_tokens=count,
                 )
             )
-        return results
+        if any(r is None for r in results):
+            raise BatchPartlyFailed(results, "GPU out of memory judging this submission alone")
+        return [r for r in results if r is not None]
 
     def health(self) -> EngineHealth:
         """Run a small batched inference (2 synthetic images: the batched path) and report the outcome."""
@@ -400,7 +408,7 @@ class TransformersEngine(ModerationEngine):
 
     def _judge_fitting(
         self, requests: Sequence[EngineRequest], images: Sequence[Image.Image], languages: Sequence[str]
-    ) -> tuple[list[_Scored], list[str], list[int]]:
+    ) -> tuple[list[_Scored | None], list[str], list[int]]:
         """``_judge`` in chunks no larger than the device has room for, halving the chunk on out-of-memory.
 
         A batch larger than any that has fit before and that runs out of GPU memory sets a lasting cap
@@ -408,10 +416,11 @@ class TransformersEngine(ModerationEngine):
         out at a size that has fit before is taken as transient (fragmentation): that call halves, the
         cap stays.
         """
-        scored: list[_Scored] = []
+        scored: list[_Scored | None] = []
         texts: list[str] = []
         counts: list[int] = []
         limit = self._fitting_batch or len(requests)
+        cap_before = self._fitting_batch
         start = 0
         while start < len(requests):
             size = min(limit, len(requests) - start)
@@ -420,7 +429,20 @@ class TransformersEngine(ModerationEngine):
                 part = self._judge(requests[start:end], images[start:end], languages[start:end])
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
-                    raise
+                    # This one submission does not fit however small its batch: it fails alone, the others'
+                    # results stand, and the halving it caused says nothing about the batch size.
+                    logger.warning(
+                        "GPU out of memory judging one submission alone: it fails, the batch goes on"
+                    )
+                    scored.append(None)
+                    texts.append("")
+                    counts.append(0)
+                    self._fitting_batch = cap_before
+                    start = end
+                    limit = self._fitting_batch or len(requests)
+                    if self._device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 out_of_memory = True
             else:
                 out_of_memory = False

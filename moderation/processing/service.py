@@ -20,7 +20,13 @@ from moderation import metrics
 from moderation.blobs import BlobStore
 from moderation.config import Settings
 from moderation.db import new_id, utcnow
-from moderation.engine.base import EngineRequest, EngineResult, ModelInfo, ModerationEngine
+from moderation.engine.base import (
+    BatchPartlyFailed,
+    EngineRequest,
+    EngineResult,
+    ModelInfo,
+    ModerationEngine,
+)
 from moderation.errors import NotFound
 from moderation.jobs import Job, enqueue_after_commit
 from moderation.policy.blocklist import Blocklist
@@ -314,6 +320,14 @@ class BatchProcessor:
         started = time.perf_counter()
         try:
             results = self.engine.moderate([p.request for p in ready])
+        except BatchPartlyFailed as partial:
+            # The submissions the engine could not judge are retried (alone); the others' verdicts stand.
+            failed = [p for p, r in zip(ready, partial.results, strict=True) if r is None]
+            logger.warning("engine failed %d of a batch of %d: %s", len(failed), len(ready), partial.reason)
+            metrics.PROCESSING_FAILURES.labels("engine_error").inc(len(failed))
+            self._retry_or_fail([p.item for p in failed], f"engine error: {partial.reason}", report)
+            judged = [(p, r) for p, r in zip(ready, partial.results, strict=True) if r is not None]
+            ready, results = [p for p, _ in judged], [r for _, r in judged]
         except Exception as exc:
             logger.exception("engine failed on a batch of %d", len(ready))
             metrics.PROCESSING_FAILURES.labels("engine_error").inc(len(ready))

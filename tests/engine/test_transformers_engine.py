@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from moderation.engine import load_engine
-from moderation.engine.base import CategorySpec, EngineRequest, EngineResult
+from moderation.engine.base import BatchPartlyFailed, CategorySpec, EngineRequest, EngineResult
 from moderation.engine.fixture import FIXTURE_MARKER
 from moderation.engine.prompts import (
     CAPTION_CLOSE,
@@ -400,6 +400,32 @@ def test_out_of_memory_at_a_size_that_fit_before_does_not_lower_the_cap(
     monkeypatch.setattr(engine, "_fitting_batch", None)
     monkeypatch.setattr(engine, "_largest_fitted", 8)
     assert len(engine.moderate(requests)) == 4
+    assert engine._fitting_batch is None
+
+
+def test_a_submission_that_never_fits_fails_alone_and_the_rest_of_its_batch_is_kept(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judge = engine._judge
+
+    def no_room_for_the_huge_one(reqs: Any, images: Any, languages: Any) -> Any:
+        if any(r.caption == "huge" for r in reqs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return judge(reqs, images, languages)
+
+    monkeypatch.setattr(engine, "_judge", no_room_for_the_huge_one)
+    monkeypatch.setattr(engine, "_fitting_batch", None)
+    monkeypatch.setattr(engine, "_largest_fitted", 0)
+    requests = [
+        _request((64, 64), "small one", 1),
+        _request((64, 64), "huge", 2),
+        _request((64, 64), "small two", 3),
+    ]
+    with pytest.raises(BatchPartlyFailed) as partial:
+        engine.moderate(requests)
+    first, missing, last = partial.value.results
+    assert missing is None and first is not None and last is not None
+    # One submission's size says nothing about how large a batch fits: no lasting cap.
     assert engine._fitting_batch is None
 
 

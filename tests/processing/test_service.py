@@ -17,7 +17,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from moderation.blobs import BlobStoreError, LocalBlobStore
 from moderation.config import Settings
 from moderation.db import utcnow
-from moderation.engine.base import EngineHealth, EngineRequest, EngineResult, ModelInfo, ModerationEngine
+from moderation.engine.base import (
+    BatchPartlyFailed,
+    EngineHealth,
+    EngineRequest,
+    EngineResult,
+    ModelInfo,
+    ModerationEngine,
+)
 from moderation.jobs import TASK_DELIVER_WEBHOOK, TASK_PROCESS_SUBMISSION
 from moderation.processing.service import (
     DECODE_BUDGET_FACTOR,
@@ -350,6 +357,36 @@ def test_a_poison_submission_fails_alone_and_its_batch_companions_are_decided(
     assert all(statuses[sid].status == SubmissionStatus.decided for sid in [*innocents, *fresh])
     # After the first failed batch, the poison was only ever judged alone.
     assert engine.poisoned == [4] + [1] * (settings.max_attempts - 1)
+
+
+class OneNeverFits(ScriptedEngine):
+    """Judges every submission but the one whose caption says "huge", which it reports as failed."""
+
+    def moderate(self, requests: list[EngineRequest]) -> list[EngineResult]:
+        results = super().moderate(requests)
+        if not any("huge" in r.caption for r in requests):
+            return results
+        kept: list[EngineResult | None] = [
+            None if "huge" in r.caption else result for r, result in zip(requests, results, strict=True)
+        ]
+        raise BatchPartlyFailed(kept, "GPU out of memory judging this submission alone")
+
+
+def test_a_submission_the_engine_cannot_judge_fails_alone_and_its_companions_are_decided(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    small = submit_one(sessions, tenant, store, settings, "small conflict=0.1")
+    huge = submit_one(sessions, tenant, store, settings, "huge conflict=0.1")
+    report = BatchProcessor(sessions, OneNeverFits(), store, settings).run(small)
+    assert report.decided == [small] and report.requeued == [huge]
+    with sessions() as session:
+        requeued = session.get(Submission, huge)
+        assert requeued is not None and requeued.status == SubmissionStatus.queued
+        assert "out of memory" in (requeued.last_error or "")
 
 
 class FlakyStore(LocalBlobStore):
