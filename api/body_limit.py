@@ -10,6 +10,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 
+# Methods whose requests carry no body: nothing to cap or time (and a long streamed answer may wait on
+# receive() for the client's disconnect well past any deadline).
+_BODILESS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 
 class BodyLimitMiddleware:
     """Refuse bodies over ``limit`` bytes (413) or still arriving after ``timeout`` seconds (408).
@@ -30,7 +34,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["path"] in self.exempt:
+        if scope["path"] in self.exempt or scope["method"] in _BODILESS:
             await self.app(scope, receive, send)
             return
         limit = self.limit
