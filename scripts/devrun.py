@@ -21,20 +21,52 @@ def banner(text: str) -> None:
     print(f"\n{line}\n{text}\n{line}\n", flush=True)
 
 
+def _key_works(key: str) -> bool:
+    """Whether ``key`` authenticates against the database this run uses."""
+    from sqlalchemy.orm import Session
+
+    from moderation.db import make_engine
+    from moderation.errors import Unauthorized
+    from moderation.tenants.service import authenticate
+
+    engine = make_engine(os.environ["MODERATION_DATABASE_URL"], pool_size=1)
+    try:
+        with Session(engine) as session:
+            authenticate(session, f"Bearer {key}")
+        return True
+    except Unauthorized:
+        return False
+    finally:
+        engine.dispose()
+
+
 def ensure_dev_tenant() -> str:
-    """Create the ``dev`` tenant once and return its API key (kept in .data/dev-tenant.json, mode 0600)."""
+    """The ``dev`` tenant's API key for this run's database (kept in .data/dev-tenant.json, mode 0600).
+
+    A key kept from a run on another database (a URL given this time, a wiped .data/) is checked first: a
+    new ``dev`` tenant, or a new key for an existing one, replaces it.
+    """
     record = DATA / "dev-tenant.json"
     if record.exists():
-        return str(json.loads(record.read_text())["api_key"])
-    out = subprocess.run(  # noqa: S603
-        [str(BIN / "moderation"), "tenants", "create", "dev", "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
+        key = str(json.loads(record.read_text())["api_key"])
+        if _key_works(key):
+            return key
+    created = subprocess.run(  # noqa: S603
+        [str(BIN / "moderation"), "tenants", "create", "dev", "--json"], capture_output=True, text=True
     )
-    record.write_text(out.stdout)
+    if created.returncode == 0:
+        key = str(json.loads(created.stdout)["api_key"])
+    else:  # the tenant exists in this database, its key is not ours: issue another
+        issued = subprocess.run(  # noqa: S603
+            [str(BIN / "moderation"), "tenants", "issue-key", "dev", "--label", "make run"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        key = issued.stdout.strip()
+    record.write_text(json.dumps({"api_key": key}))
     record.chmod(0o600)
-    return str(json.loads(out.stdout)["api_key"])
+    return key
 
 
 def main() -> int:
