@@ -326,16 +326,18 @@ class SegmentBlobStore(BlobStore):
             return [error] * len(blobs)
         if segment is not None:
             waits.append(_Location(segment.name, 0, 0, segment, sequence))
+        failed: BlobStoreError | None = None
         for location in waits:
             assert location.writer is not None
             try:
                 self._sync(location.writer, location.sequence)
             except OSError as exc:
-                error = BlobStoreError(f"could not sync blobs: {exc.strerror or exc}")
-                return [error] * len(blobs)
-        if segment is not None and segment.size >= self.segment_max_bytes:
+                failed = BlobStoreError(f"could not sync blobs: {exc.strerror or exc}")
+                break
+        # The appender that filled a segment seals it, even when a sync this put waited for failed.
+        if segment is not None and segment.size >= self.segment_max_bytes and not segment.broken:
             self._retire(segment)
-        return results
+        return [failed] * len(blobs) if failed is not None else results
 
     def _known_copy(self, digest: bytes) -> _Location | None:
         """A copy this process wrote to a segment that is still sound and whose record is still live."""
@@ -456,8 +458,13 @@ class SegmentBlobStore(BlobStore):
                     os.fdatasync(segment.fd)
             except OSError:
                 # After a failed sync the kernel may have dropped the pages while a later sync succeeds:
-                # nothing written to this file since its last good sync can be trusted.
+                # nothing written to this file since its last good sync can be trusted. The segment takes
+                # no more appends; closing it releases its lock, so a later writer seals what it holds,
+                # and this process reads it back like another's (every read checks its digest).
                 self._forget(segment)
+                if not segment.closed:
+                    segment.closed = True
+                    os.close(segment.fd)
                 raise
             segment.synced = target
 
@@ -621,8 +628,8 @@ class SegmentBlobStore(BlobStore):
         unreadable = [name for name in sealed if name not in self._sealed and not self._adopt_index(name)]
         active = self._active
         for name in [*unsealed, *unreadable]:
-            if active is not None and active.name == name:
-                continue
+            if active is not None and active.name == name and not active.broken:
+                continue  # this process's own appends are known without reading them back
             self._scan(name)
 
     def _scan(self, name: str) -> None:
@@ -690,6 +697,11 @@ class SegmentBlobStore(BlobStore):
                 data = self._read(location, digest)
                 if data is not None:
                     return data
+                with self._index_lock:
+                    # A copy deleted since it was learnt of: forget it, so that the rescan can learn of a
+                    # newer copy stored after the delete (a scan keeps the first location it knows).
+                    if self._unsealed.get(digest) is location:
+                        del self._unsealed[digest]
         return None
 
     def get(self, sha256: str) -> bytes:

@@ -611,3 +611,41 @@ def test_a_failure_in_a_later_step_of_a_large_direct_append_fails_the_batch(
     assert reader.get(kept) == blob(0) and reader.get(after) == blob(2)
     with pytest.raises(NotFound):
         reader.get(hashlib.sha256(blob(1, 20_000)).hexdigest())
+
+
+def test_after_a_failed_sync_the_process_reads_its_durable_blobs_and_leaks_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SegmentBlobStore(tmp_path)
+    durable = store.put(blob(1))  # synced and answered before the failure
+    real = os.fdatasync
+    failing = [True]
+
+    def flaky(fd: int) -> None:
+        if failing and failing.pop():
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(segments_module.os, "fdatasync", flaky)
+    broken = store._active
+    assert broken is not None
+    with pytest.raises(BlobStoreError):
+        store.put(blob(2))
+    assert broken.closed  # its descriptor and lock are released: a later writer can seal it
+    with pytest.raises(OSError):
+        os.fstat(broken.fd)
+    # This process reads the durable blob back from the segment it gave up (as another process would).
+    assert store.get(durable) == blob(1)
+    store.close()
+
+
+def test_a_reader_finds_a_blob_stored_again_after_it_was_deleted(tmp_path: Path) -> None:
+    data = blob(7)
+    key = hashlib.sha256(data).hexdigest()
+    writer, reader = SegmentBlobStore(tmp_path), SegmentBlobStore(tmp_path)
+    writer.put(data)
+    assert reader.get(key) == data  # the reader now knows where the copy lies
+    SegmentBlobStore(tmp_path).delete(key)
+    other = SegmentBlobStore(tmp_path)
+    other.put(data)  # stored again, in another process's segment
+    assert reader.get(key) == data
