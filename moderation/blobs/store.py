@@ -37,6 +37,13 @@ class BlobStoreError(ModerationError):
     status_code = 503
 
 
+def _checked(data: bytes, sha256: str) -> bytes:
+    """``data`` if its SHA-256 is ``sha256``; BlobStoreError otherwise (a blob is never handed out altered)."""
+    if hashlib.sha256(data).hexdigest() != normalize_sha256(sha256):
+        raise BlobStoreError(f"blob {normalize_sha256(sha256)} is corrupt: its bytes do not match its digest")
+    return data
+
+
 def normalize_sha256(sha256: str) -> str:
     """Lower-case form of a SHA-256 hex digest; InvalidInput for anything else (no paths, no traversal)."""
     if isinstance(sha256, str):
@@ -254,14 +261,14 @@ class LocalBlobStore(BlobStore):
         """The blob's bytes; NotFound when absent."""
         path = self.path_for(sha256)
         try:
-            return path.read_bytes()
+            return _checked(path.read_bytes(), sha256)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise BlobStoreError(f"could not read blob {path.name}: {exc.strerror or exc}") from exc
         legacy = self.legacy_path_for(sha256)
         try:
-            return legacy.read_bytes()
+            return _checked(legacy.read_bytes(), sha256)
         except FileNotFoundError:
             raise NotFound(f"blob {path.name} not found") from None
         except OSError as exc:
@@ -285,6 +292,9 @@ class LocalBlobStore(BlobStore):
                 probe.flush()
         except OSError as exc:
             raise BlobStoreError(f"blob directory {self.root} is not usable: {exc}") from exc
+
+
+_ACCESS_DENIED = frozenset({"403", "AccessDenied", "Forbidden"})
 
 
 def _error_code(exc: ClientError) -> str:
@@ -330,12 +340,15 @@ class S3BlobStore(BlobStore):
         """The object key of the blob with this digest."""
         return f"{self.prefix}{normalize_sha256(sha256)}"
 
-    def _head(self, key: str) -> bool:
+    def _head(self, key: str) -> bool | None:
+        """Whether the object exists; None when S3 will not say (a 403: no s3:ListBucket permission)."""
         try:
             self._client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
             if _error_code(exc) in _MISSING_OBJECT:
                 return False
+            if _error_code(exc) in _ACCESS_DENIED:
+                return None
             raise BlobStoreError(f"S3 head_object failed: {_error_code(exc)}") from exc
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
@@ -345,6 +358,8 @@ class S3BlobStore(BlobStore):
         """Upload ``data`` unless an object with its digest already exists."""
         sha256 = hashlib.sha256(data).hexdigest()
         key = self.key_for(sha256)
+        # Without s3:ListBucket, S3 answers a missing key with 403, not 404 (_head gives None): the key is
+        # the content's digest, so uploading it again is harmless, and the upload says whether S3 is usable.
         if self._head(key):
             return sha256
         try:
@@ -374,7 +389,7 @@ class S3BlobStore(BlobStore):
             response = self._client.get_object(Bucket=self.bucket, Key=key)
             body = response["Body"]
             try:
-                return bytes(body.read())
+                data = bytes(body.read())
             finally:
                 body.close()
         except ClientError as exc:
@@ -383,10 +398,18 @@ class S3BlobStore(BlobStore):
             raise BlobStoreError(f"S3 get_object failed: {_error_code(exc)}") from exc
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+        return _checked(data, sha256)
 
     def exists(self, sha256: str) -> bool:
         """Whether the object exists."""
-        return self._head(self.key_for(sha256))
+        found = self._head(self.key_for(sha256))
+        if found is not None:
+            return found
+        try:  # S3 will not answer a HEAD: a GET says it
+            self.get(sha256)
+        except NotFound:
+            return False
+        return True
 
     def delete(self, sha256: str) -> None:
         """Delete the object; S3 treats a missing key as success."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 
 import moderation.blobs.store as store_module
 from moderation.blobs import (
@@ -306,7 +307,8 @@ def test_s3_put_skips_upload_when_object_exists(s3_store: S3BlobStore, moto_endp
     # Overwrite behind the store's back: a second put must not upload again.
     raw_client(moto_endpoint).put_object(Bucket=s3_store.bucket, Key=f"images/{key}", Body=b"marker")
     assert s3_store.put(b"original") == key
-    assert s3_store.get(key) == b"marker"
+    stored = raw_client(moto_endpoint).get_object(Bucket=s3_store.bucket, Key=f"images/{key}")
+    assert stored["Body"].read() == b"marker"
 
 
 def test_s3_rejects_non_digest_keys(s3_store: S3BlobStore) -> None:
@@ -437,3 +439,29 @@ def test_local_put_many_fails_a_blob_whose_sync_fails_and_leaves_no_temp_file(
     assert isinstance(results[1], BlobStoreError) and "Input/output error" in str(results[1])
     assert not store.exists(bad_key)
     assert all_files(store.root) == [store.path_for(results[0])]
+
+
+def test_s3_without_list_permission_still_stores_new_images(s3_store: S3BlobStore) -> None:
+    # Without s3:ListBucket, S3 answers a HEAD of a missing key with 403, not 404.
+    def forbidden(**_: Any) -> Any:
+        raise ClientError({"Error": {"Code": "403", "Message": "Forbidden"}}, "HeadObject")
+
+    s3_store._client.head_object = forbidden  # type: ignore[method-assign]
+    data = os.urandom(1024)
+    key = s3_store.put(data)
+    assert s3_store.get(key) == data and s3_store.exists(key)
+    assert not s3_store.exists(hashlib.sha256(b"never stored").hexdigest())
+
+
+def test_a_blob_whose_bytes_no_longer_match_its_digest_is_never_handed_out(
+    s3_store: S3BlobStore, moto_endpoint: str, tmp_path: Path
+) -> None:
+    key = s3_store.put(b"the original bytes")
+    raw_client(moto_endpoint).put_object(Bucket=s3_store.bucket, Key=s3_store.key_for(key), Body=b"altered")
+    with pytest.raises(BlobStoreError, match="corrupt"):
+        s3_store.get(key)
+    local = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    local_key = local.put(b"the original bytes")
+    local.path_for(local_key).write_bytes(b"altered")
+    with pytest.raises(BlobStoreError, match="corrupt"):
+        local.get(local_key)
