@@ -19,11 +19,14 @@ logger = logging.getLogger(__name__)
 # when now >= tat + i * interval - burst * interval; the first ``allowed`` pass and move the theoretical
 # arrival time on. Returns {allowed, retry_after_ms for the first refused one}.
 _GCRA = """
+redis.replicate_commands()  -- TIME before a write (a no-op on Redis 7, needed on older servers)
 local key = KEYS[1]
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-local count = tonumber(ARGV[4])
+local count = tonumber(ARGV[3])
+-- Redis's own clock: API hosts whose clocks disagree would otherwise push each other's limits around.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local tat = tonumber(redis.call('GET', key) or now)
 if tat < now then tat = now end
 -- The epsilon keeps float rounding (b * T / T landing just under b) from refusing a request that fits.
@@ -225,9 +228,8 @@ class RateLimiter:
 
     async def _count(self, key: str, per_minute: int, burst: int, count: int) -> list[RateDecision]:
         interval_ms = 60_000.0 / per_minute
-        now_ms = time.time() * 1000
         allowed, retry_ms = await self._script(
-            keys=[f"ratelimit:{key}"], args=[interval_ms, max(0, burst - 1), now_ms, count]
+            keys=[f"ratelimit:{key}"], args=[interval_ms, max(0, burst - 1), count]
         )
         allowed = int(allowed)
         refused = RateDecision(False, float(retry_ms) / 1000)

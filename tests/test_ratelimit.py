@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import pytest
 import redis
@@ -67,7 +68,7 @@ def counting_limiter(
     script = limiter._script
 
     async def counting(*, keys: list[str], args: list[float]) -> object:
-        counts.append(int(args[3]))
+        counts.append(int(args[2]))  # the count asked for
         return await script(keys=keys, args=args)
 
     limiter._script = counting  # type: ignore[assignment]
@@ -227,3 +228,22 @@ def test_a_check_cancelled_while_queued_takes_no_pass_granted_ahead(redis_client
     allowed, counts, left = asyncio.run(run())
     # One round trip for all; the three still waiting spent three of the five passes, the cancelled none.
     assert all(allowed) and counts == [6] and left == 2
+
+
+def test_the_limit_runs_on_redis_time_not_on_each_hosts_clock(redis_client: redis.Redis) -> None:
+    # Two API hosts whose clocks disagree by 30 s share a tenant's limit of 10 a second (burst 1): the one
+    # behind is not refused for 30 s because the one ahead moved the limit's clock on.
+    real_time = time.time
+
+    async def run() -> tuple[bool, bool]:
+        client = redis.asyncio.Redis.from_url(TEST_REDIS_URL)
+        try:
+            with mock.patch("time.time", lambda: real_time() + 30):
+                ahead = await RateLimiter(client).check("skewed", 600, 1)
+            await asyncio.sleep(0.15)  # more than one interval later, by any clock
+            behind = await RateLimiter(client).check("skewed", 600, 1)
+            return ahead.allowed, behind.allowed
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) == (True, True)
