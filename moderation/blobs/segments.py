@@ -55,6 +55,7 @@ from moderation.blobs.store import (
     BlobStoreError,
     LocalBlobStore,
     fsync_directory,
+    make_dirs,
     normalize_sha256,
 )
 from moderation.errors import NotFound
@@ -402,12 +403,15 @@ class SegmentBlobStore(BlobStore):
         The file is created and locked under a temporary name, then renamed: a segment is never visible
         unlocked, so a writer sealing orphans cannot take a new one for a dead writer's.
         """
-        self.directory.mkdir(parents=True, exist_ok=True)
         if not self._orphans_sealed:
+            # This process's first segment: the folders, maybe just created, made durable; orphans sealed.
+            make_dirs(self.directory, fsync=self.fsync)
             try:
                 self._seal_orphans()
             finally:
                 self._orphans_sealed = True
+        else:
+            self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
         temporary = self.directory / f".{name}{_SEGMENT_SUFFIX}{_TEMP_SUFFIX}"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

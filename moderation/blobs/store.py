@@ -106,6 +106,24 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(directory: Path, *, fsync: bool) -> None:
+    """Create ``directory`` and its missing parents; with ``fsync``, make their entries durable.
+
+    A new directory's entry lives in its parent: parents are synced so that the path survives a crash. The
+    parent of a folder that already existed is synced too, since another writer may have created it and
+    not synced it yet (callers do this once per folder and process).
+    """
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    if fsync:
+        for created in missing or [directory]:
+            fsync_directory(created.parent)
+
+
 def _fail(results: list[str | BlobStoreError], key: str, error: BlobStoreError) -> None:
     """Mark every entry of a batch that stands for ``key`` as failed with ``error``."""
     for index, value in enumerate(results):
@@ -140,18 +158,7 @@ class LocalBlobStore(BlobStore):
     def _make_dirs(self, directory: Path) -> None:
         if directory in self._ready_dirs:
             return
-        missing: list[Path] = []
-        current = directory
-        while not current.is_dir():
-            missing.append(current)
-            current = current.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.fsync:
-            # A new directory's entry lives in its parent; sync parents so the path survives a crash. The
-            # parent of a folder that already existed is synced too (once per process), since another
-            # writer may have created it and not yet synced it.
-            for created in missing or [directory]:
-                fsync_directory(created.parent)
+        make_dirs(directory, fsync=self.fsync)
         self._ready_dirs.add(directory)
 
     def _stored_at(self, key: str, size: int) -> Path | None:

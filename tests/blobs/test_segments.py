@@ -649,3 +649,21 @@ def test_a_reader_finds_a_blob_stored_again_after_it_was_deleted(tmp_path: Path)
     other = SegmentBlobStore(tmp_path)
     other.put(data)  # stored again, in another process's segment
     assert reader.get(key) == data
+
+
+def test_the_first_segment_makes_the_new_folders_entries_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real = segments_module.fsync_directory
+
+    def recording(path: Path) -> None:
+        synced.append(Path(path))
+        real(path)
+
+    monkeypatch.setattr(segments_module, "fsync_directory", recording)
+    monkeypatch.setattr("moderation.blobs.store.fsync_directory", recording)
+    root = tmp_path / "new" / "blobs"
+    SegmentBlobStore(root).put(blob(1))
+    # blobs/ is created in new/, new/ in tmp_path, segments/ in blobs/: each parent is synced.
+    assert {tmp_path, tmp_path / "new", root} <= set(synced)
