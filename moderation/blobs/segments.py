@@ -75,6 +75,8 @@ _FILTER_PROBES = 7  # ~0.8% false positives at 10 bits per entry
 _SEGMENT_SUFFIX = ".seg"
 _INDEX_SUFFIX = ".idx"
 _TEMP_SUFFIX = ".tmp"
+#: Age after which a temporary file nobody holds is taken for one a dead writer left.
+_ORPHAN_TEMP_AGE_SECONDS = 600
 # writev takes at most IOV_MAX (1024 on Linux) buffers per call.
 _MAX_BUFFERS = 1024
 _ZEROS = bytes(1024 * 1024)
@@ -564,6 +566,11 @@ class SegmentBlobStore(BlobStore):
         except OSError:
             return
         try:
+            # A live writer's temporary file is not always locked (an index being written never is, a new
+            # segment not until just after it is created), and it lives for milliseconds: only an old one
+            # is a dead writer's.
+            if time.time() - os.fstat(fd).st_mtime < _ORPHAN_TEMP_AGE_SECONDS:
+                return
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path.unlink(missing_ok=True)
         except OSError:

@@ -444,9 +444,15 @@ def test_segments_appear_only_locked_and_dead_writers_temporary_files_are_remove
     directory.mkdir()
     stale = directory / ".00000000000000000001-1-deadbeef.seg.tmp"
     stale.write_bytes(b"")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    # A live writer's index being written: not locked, but fresh.
+    in_progress = directory / ".00000000000000000002-2-cafebabe.idx.0123abcd.tmp"
+    in_progress.write_bytes(b"")
     live = SegmentBlobStore(tmp_path)
     live.put(blob(1))  # its segment is created under a temporary name, locked, then renamed
-    assert not stale.exists()
+    assert not stale.exists() and in_progress.exists()
+    in_progress.unlink()
     assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
     assert SegmentBlobStore(tmp_path).put(blob(2))
     assert files(live, ".idx") == [] and len(files(live, ".seg")) == 2  # the live writer's was left alone
