@@ -47,9 +47,12 @@ migrate: install
 test: install fixture-model chromium
 	$(BIN)/pytest
 
-# The UI tests drive Debian's Chromium through Playwright (never `playwright install`).
+# The UI tests drive Debian's Chromium through Playwright (never `playwright install`); MODERATION_CHROMIUM
+# names another Chromium (on a machine without apt, say). Not root: apt-get runs through sudo.
 chromium:
-	command -v chromium || (apt-get update && apt-get install -y chromium)
+	@if [ -n "$$MODERATION_CHROMIUM" ] || command -v chromium >/dev/null; then exit 0; fi; \
+	sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	$$sudo apt-get update && $$sudo apt-get install -y chromium
 
 lint: install
 	$(BIN)/ruff check .
