@@ -38,9 +38,10 @@ router = APIRouter(prefix="/v1/review", tags=["review"])
 
 
 class ReviewItemPage(BaseModel):
-    """A list of review items."""
+    """A page of review items; ``next_cursor`` fetches the next page (None on the last)."""
 
     data: list[ReviewItemOut]
+    next_cursor: str | None = None
 
 
 def _id(raw: str) -> uuid.UUID:
@@ -84,16 +85,27 @@ def list_items(
     state: str | None = None,
     kind: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: str | None = None,
 ) -> ReviewItemPage:
-    """Review items by state (``pending``, ``claimed``, ``escalated``, ``decided``, or ``open``) and kind."""
+    """Review items by state (``pending``, ``claimed``, ``escalated``, ``decided``, or ``open``) and kind.
+
+    Open items first (by priority and age), then decided ones (newest first), a page at a time.
+    """
     try:
         state_value = None if state in (None, "", "open") else ReviewState(state)
         kind_value = ReviewKind(kind) if kind else None
     except ValueError as exc:
         raise InvalidInput(f"unknown state or kind: {exc}", code="invalid_filter") from exc
-    items = ReviewRepository(session).list_items(
-        state=state_value, kind=kind_value, open_only=state == "open", limit=limit
+    page = ReviewRepository(session).list_page(
+        state=state_value,
+        kind=kind_value,
+        open_only=state == "open",
+        limit=limit + 1,
+        after=queries.decode_position(cursor) if cursor else None,
     )
+    more = len(page) > limit
+    page = page[:limit]
+    items = [item for item, _ in page]
     rows = queries.items_with_submissions(session, items)
     hidden = queries.hidden_decisions(session, principal.ref, [i.submission_id for i in items])
     return ReviewItemPage(
@@ -102,7 +114,8 @@ def list_items(
                 i, viewer=principal.reviewer.email, tenant=name, redact=i.submission_id in hidden
             )
             for i, _, name in rows
-        ]
+        ],
+        next_cursor=queries.encode_position(page[-1][1]) if more and page else None,
     )
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import json
 import uuid
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from PIL import Image
 from sqlalchemy.orm import Session
@@ -13,10 +17,10 @@ from moderation.audit.models import AuditEntry
 from moderation.audit.repository import AuditRepository
 from moderation.blobs import BlobStore
 from moderation.engine.base import CategorySpec
-from moderation.errors import NotFound
+from moderation.errors import InvalidInput, NotFound
 from moderation.policy.categories import categories_for
 from moderation.review.models import ReviewItem, ReviewKind, ReviewState
-from moderation.review.repository import ReviewRepository
+from moderation.review.repository import ListPosition, ReviewRepository
 from moderation.review.schemas import ReviewItemOut
 from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import ReviewerRef
@@ -173,3 +177,21 @@ def items_with_submissions(
     subs = repo.submissions([i.submission_id for i in items])
     names = repo.tenant_names([i.tenant_id for i in items])
     return [(i, subs.get(i.submission_id), names.get(i.tenant_id, "?")) for i in items]
+
+
+def encode_position(position: ListPosition) -> str:
+    """An opaque cursor for the review listing page that starts after ``position``."""
+    raw = json.dumps([position.decided, position.rank, position.moment, str(position.id)])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_position(cursor: str) -> ListPosition:
+    """The position a cursor stands for; InvalidInput when it is not one this service made."""
+    try:
+        decided, rank, moment, item_id = json.loads(
+            base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        )
+        Decimal(moment)  # an exact decimal, or not a cursor of ours
+        return ListPosition(int(decided), int(rank), str(moment), uuid.UUID(item_id))
+    except (ValueError, TypeError, ArithmeticError, binascii.Error) as exc:
+        raise InvalidInput("invalid cursor", code="invalid_cursor") from exc

@@ -8,7 +8,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, and_, case, cast, func, or_, select, text, update
+from sqlalchemy import (
+    Numeric,
+    String,
+    Uuid,
+    and_,
+    case,
+    cast,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session, aliased, selectinload
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -44,6 +58,16 @@ class QaPair:
     second_reviewer: str
     second_decision: ReviewDecision
     second_categories: list[str]
+
+
+@dataclass(frozen=True)
+class ListPosition:
+    """Where an item stands in a review listing (its keyset): the next page starts after it."""
+
+    decided: int
+    rank: int
+    moment: str  # an exact decimal: seconds since the epoch, negated for decided items
+    id: uuid.UUID
 
 
 class ReviewRepository:
@@ -185,20 +209,61 @@ class ReviewRepository:
         decided_by: str | None = None,
         open_only: bool = False,
         limit: int = 100,
+        after: ListPosition | None = None,
     ) -> list[ReviewItem]:
         """Review items: open ones first, by priority and age; decided ones after, newest decision first."""
-        stmt = select(ReviewItem).limit(limit)
-        if state == ReviewState.decided or decided_by is not None:
-            stmt = stmt.order_by(ReviewItem.decided_at.desc().nulls_last(), ReviewItem.id.desc())
-        else:
-            # Unfiltered, a decided appeal (a high priority) would otherwise come before the live queue.
-            decided = ReviewItem.state == ReviewState.decided
-            stmt = stmt.order_by(
-                decided,
-                case((decided, None), else_=ReviewItem.priority),
-                case((decided, None), else_=ReviewItem.created_at),
-                ReviewItem.decided_at.desc().nulls_last(),
-                ReviewItem.id.desc(),
+        return [
+            item
+            for item, _ in self.list_page(
+                state=state,
+                tenant_id=tenant_id,
+                kind=kind,
+                claimed_by=claimed_by,
+                decided_by=decided_by,
+                open_only=open_only,
+                limit=limit,
+                after=after,
+            )
+        ]
+
+    def list_page(
+        self,
+        *,
+        state: ReviewState | None = None,
+        tenant_id: uuid.UUID | None = None,
+        kind: ReviewKind | None = None,
+        claimed_by: str | None = None,
+        decided_by: str | None = None,
+        open_only: bool = False,
+        limit: int = 100,
+        after: ListPosition | None = None,
+    ) -> list[tuple[ReviewItem, ListPosition]]:
+        """``list_items`` with each item's position in the listing, so a next page can start after the last.
+
+        One order for every filter (a keyset): open items by priority and age, then decided ones, newest
+        decision first; ties broken by id.
+        """
+        decided = ReviewItem.state == ReviewState.decided
+        is_decided = case((decided, 1), else_=0)
+        rank = case((decided, 0), else_=ReviewItem.priority)
+        moment = case(
+            (decided, -func.extract("epoch", ReviewItem.decided_at)),
+            else_=func.extract("epoch", ReviewItem.created_at),
+        )
+        stmt = (
+            select(ReviewItem, is_decided, rank, moment)
+            .order_by(is_decided, rank, moment, ReviewItem.id)
+            .limit(limit)
+        )
+        if after is not None:
+            stmt = stmt.where(
+                tuple_(is_decided, rank, moment, ReviewItem.id)
+                > tuple_(
+                    literal(after.decided),
+                    literal(after.rank),
+                    cast(literal(after.moment), Numeric),
+                    literal(after.id, type_=Uuid()),
+                )
             )
         if state is not None:
             stmt = stmt.where(ReviewItem.state == state)
@@ -212,7 +277,10 @@ class ReviewRepository:
             stmt = stmt.where(ReviewItem.claimed_by == claimed_by)
         if decided_by is not None:
             stmt = stmt.where(ReviewItem.decided_by == decided_by)
-        return list(self.session.scalars(stmt))
+        return [
+            (item, ListPosition(int(flag), int(item_rank), str(item_moment), item.id))
+            for item, flag, item_rank, item_moment in self.session.execute(stmt)
+        ]
 
     def release_expired(self, now: datetime) -> list[tuple[uuid.UUID, uuid.UUID, uuid.UUID, str | None]]:
         """Return items whose reviewer lease expired to their queue (escalated ones to the leads').

@@ -303,3 +303,36 @@ def test_a_blind_qa_review_hides_the_first_decision_from_all_but_leads(
     )
     after = app_client.get(f"/v1/review/items/{first['id']}", headers=reviewer).json()
     assert after["decision"] == "reject" and after["decided_by"] == "lead@example.com"
+
+
+def test_review_items_come_a_page_at_a_time_open_ones_first(
+    app_client: TestClient,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    blobs: LocalBlobStore,
+    accounts: dict[str, Account],
+    dispatched: RecordingDispatcher,
+) -> None:
+    _seed(sessions, settings, blobs, n=5)
+    lead = _token(sessions, accounts["lead"].email)
+    first = app_client.post("/v1/review/claim", headers=lead, json={}).json()
+    decision = {"lease_token": first["lease_token"], "decision": "reject", "categories": ["spam"]}
+    assert (
+        app_client.post(f"/v1/review/items/{first['id']}/decision", headers=lead, json=decision).status_code
+        == 200
+    )
+    everything = app_client.get("/v1/review/items?limit=500", headers=lead).json()
+    assert everything["next_cursor"] is None and len(everything["data"]) == 5
+    assert [i["state"] for i in everything["data"]] == ["pending"] * 4 + ["decided"]
+    paged: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = app_client.get("/v1/review/items", params=params, headers=lead).json()
+        paged += [i["id"] for i in page["data"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert paged == [i["id"] for i in everything["data"]]  # every item once, in the same order
+    bad = app_client.get("/v1/review/items", params={"cursor": "not-a-cursor"}, headers=lead)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_cursor"
