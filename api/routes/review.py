@@ -253,9 +253,10 @@ def audit_log(
     action: str | None = None,
     subject: str | None = None,
     submission_id: uuid.UUID | None = None,
+    older_than: uuid.UUID | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEntryOut]:
-    """The audit log, newest first (leads)."""
+    """The audit log, newest first (leads); ``older_than`` (an entry's id) gives the entries after it."""
     principal.ref.require(Role.lead, "read the audit log")
     subject_type, _, subject_id = (subject or "").partition(":")
     entries = AuditRepository(session).search(
@@ -264,6 +265,7 @@ def audit_log(
         subject_type=subject_type or None,
         subject_id=subject_id or None,
         submission_id=submission_id,
+        older_than=older_than,
         limit=limit,
     )
     return [AuditEntryOut.from_model(e) for e in entries]

@@ -479,6 +479,9 @@ def history(
     return _page(request, "history.html", principal, rows=rows, who=who)
 
 
+AUDIT_PAGE = 300
+
+
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(
     request: Request,
@@ -487,8 +490,9 @@ def audit_page(
     actor: str | None = None,
     action: str | None = None,
     subject: str | None = None,
+    older_than: uuid.UUID | None = None,
 ) -> Response:
-    """The audit log (leads)."""
+    """The audit log (leads), 300 entries a page."""
     principal.ref.require(Role.lead, "read the audit log")
     subject_type, _, subject_id = (subject or "").partition(":")
     entries = AuditRepository(session).search(
@@ -496,13 +500,17 @@ def audit_page(
         action=action or None,
         subject_type=subject_type or None,
         subject_id=subject_id or None,
-        limit=300,
+        older_than=older_than,
+        limit=AUDIT_PAGE + 1,
     )
+    more = len(entries) > AUDIT_PAGE
+    entries = entries[:AUDIT_PAGE]
     return _page(
         request,
         "audit.html",
         principal,
         entries=entries,
+        older=entries[-1].id if more and entries else None,
         actor=actor or "",
         action=action or "",
         subject=subject or "",

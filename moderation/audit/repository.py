@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEntry
@@ -32,9 +32,10 @@ class AuditRepository:
         subject_id: str | None = None,
         submission_id: uuid.UUID | None = None,
         before: datetime | None = None,
+        older_than: uuid.UUID | None = None,
         limit: int = 100,
     ) -> list[AuditEntry]:
-        """Entries matching every given filter, newest first."""
+        """Entries matching every given filter, newest first; ``older_than`` starts after that entry."""
         stmt = select(AuditEntry).order_by(AuditEntry.at.desc(), AuditEntry.id.desc()).limit(limit)
         if actor:
             stmt = stmt.where(AuditEntry.actor == actor)
@@ -48,4 +49,7 @@ class AuditRepository:
             stmt = stmt.where(AuditEntry.submission_id == submission_id)
         if before:
             stmt = stmt.where(AuditEntry.at < before)
+        if older_than is not None:
+            at = select(AuditEntry.at).where(AuditEntry.id == older_than).scalar_subquery()
+            stmt = stmt.where(tuple_(AuditEntry.at, AuditEntry.id) < tuple_(at, older_than))
         return list(self.session.scalars(stmt))

@@ -63,3 +63,18 @@ def test_the_database_refuses_to_change_or_remove_entries(session: Session, stat
     with pytest.raises(DBAPIError, match="append-only"), session.begin_nested():
         session.execute(statement())
     assert session.scalar(select(AuditEntry.actor).where(AuditEntry.id == entry.id)) == "ann@example.com"
+
+
+def test_the_log_reads_a_page_at_a_time_even_when_entries_share_a_moment(session: Session) -> None:
+    # Entries of one transaction share their timestamp: pages must neither skip nor repeat any.
+    made = [
+        audit.record(session, "ann@example.com", f"test.step{i}", audit.subject("x", str(i)))
+        for i in range(5)
+    ]
+    repo = AuditRepository(session)
+    seen: list[uuid.UUID] = []
+    older_than = None
+    while page := repo.search(action="test.step", older_than=older_than, limit=2):
+        seen += [e.id for e in page]
+        older_than = page[-1].id
+    assert sorted(seen) == sorted(e.id for e in made) and len(seen) == len(set(seen))
