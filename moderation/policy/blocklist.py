@@ -47,11 +47,15 @@ class BlocklistLimits:
     timeout_ms: int = 25
 
 
+TIMEOUT = "timeout"
+_TIMED_OUT = "\x00timed out"  # never a match's text: matched text comes from normalised, NUL-free input
+
+
 @dataclass(frozen=True)
 class BlocklistHit:
     """A blocklist entry that matched, and where."""
 
-    kind: str  # "term" or "pattern"
+    kind: str  # "term", "pattern", or "timeout" (a pattern that could not be checked in time)
     entry: str
     where: str  # "caption" or "visible text"
     excerpt: str
@@ -59,7 +63,19 @@ class BlocklistHit:
     @property
     def reason(self) -> str:
         """One line naming what matched where."""
+        if self.kind == TIMEOUT:
+            return f"blocklist: pattern '{self.entry}' could not be checked against the {self.where} in time"
         return f"blocklist: {self.kind} '{self.entry}' matched in {self.where} (\"{self.excerpt}\")"
+
+
+def blocking(hits: list[BlocklistHit]) -> list[BlocklistHit]:
+    """The hits that are matches (a pattern that timed out is not one: it sends the item to review)."""
+    return [hit for hit in hits if hit.kind != TIMEOUT]
+
+
+def timed_out(hits: list[BlocklistHit]) -> list[BlocklistHit]:
+    """The patterns that could not be checked in time."""
+    return [hit for hit in hits if hit.kind == TIMEOUT]
 
 
 @dataclass(frozen=True)
@@ -97,7 +113,9 @@ class Blocklist:
                 hits.append(BlocklistHit("term", term, where, _excerpt_of_term(norm, normalized)))
         for pattern in self.patterns:
             found = _search(pattern, norm, self.timeout_ms)
-            if found is not None:
+            if found is _TIMED_OUT:
+                hits.append(BlocklistHit(TIMEOUT, pattern, where, ""))
+            elif found is not None:
                 hits.append(BlocklistHit("pattern", pattern, where, found))
         return hits
 
@@ -115,15 +133,18 @@ def _compiled(pattern: str) -> regex.Pattern[str]:
 
 
 def _search(pattern: str, norm: NormalizedText, timeout_ms: int) -> str | None:
-    """The first match of a pattern on the folded, despaced or compact form; None when none or too slow."""
+    """The first match of a pattern on the folded, despaced or compact form; None when none; _TIMED_OUT."""
     compiled = _compiled(pattern)
     for form in (norm.folded, norm.despaced, norm.compact):
         try:
             found = compiled.search(form, timeout=timeout_ms / 1000)
         except TimeoutError:
-            # Validation should make this impossible; a pattern that still stalls is skipped, not fatal.
-            logger.warning("blocklist pattern %r timed out after %d ms; skipped", pattern, timeout_ms)
-            return None
+            # Validation should make this rare, and text crafted to stall a pattern must not pass as clean
+            # for it: the item goes to a person.
+            logger.warning(
+                "blocklist pattern %r timed out after %d ms: the item goes to review", pattern, timeout_ms
+            )
+            return _TIMED_OUT
         if found is not None:
             return str(found.group(0))[:80]
     return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from moderation.engine.base import EngineResult
 from moderation.engine.images import detect_language
-from moderation.policy.blocklist import Blocklist, BlocklistHit
+from moderation.policy.blocklist import Blocklist, BlocklistHit, blocking, timed_out
 from moderation.policy.injection import KINDS, InjectionResult, detect_injection
 from moderation.policy.routing import Thresholds, route
 from moderation.submissions.models import Decision
@@ -91,6 +91,25 @@ def before_engine(
                 else f"Blocked: the image matches the known image {label} ({distances})."
             ),
         )
+    unchecked = timed_out(caption_hits)
+    caption_hits = blocking(caption_hits)
+    if unchecked and not caption_hits:
+        # Text that stalls a pattern may be crafted to: it is not passed as clean, a person looks at it.
+        return PolicyVerdict(
+            decision=Decision.review,
+            reasons=[hit.reason for hit in unchecked],
+            description=(
+                "配文未能及时通过屏蔽词表检查，未运行模型即交人工审核。"
+                if zh
+                else "Not described: the caption could not be checked against the blocklist in time, so it "
+                "was sent to review without running the model."
+            ),
+            explanation=(
+                "待人工审核：配文未能及时通过屏蔽词表的检查。"
+                if zh
+                else "Sent to review: the caption could not be checked against the blocklist in time."
+            ),
+        )
     if caption_hits:
         entries = ", ".join(_quote(hit.entry, "zh" if zh else "en") for hit in caption_hits)
         return PolicyVerdict(
@@ -124,7 +143,8 @@ def after_engine(
 ) -> EngineVerdict:
     """Decide from the engine's result: visible-text blocklist, then prompt injection, then thresholds."""
     zh = detect_language(caption) == "zh"
-    visible_hits = blocklist.match(result.visible_text, "visible text")
+    found = blocklist.match(result.visible_text, "visible text")
+    visible_hits, unchecked = blocking(found), timed_out(found)
     injection = detect_injection(caption, result.visible_text)
     scores = dict(result.category_scores)
     if injection.fired:
@@ -143,6 +163,14 @@ def after_engine(
             if zh
             else f"Blocked: the text visible in the image contains blocklisted "
             f"{_entries_noun(visible_hits)} {entries}."
+        )
+    if unchecked and decision != Decision.block:
+        decision = Decision.review
+        reasons += [hit.reason for hit in unchecked]
+        notes.append(
+            "待人工审核：图中文字未能及时通过屏蔽词表的检查。"
+            if zh
+            else "Sent to review: the text visible in the image could not be checked against the blocklist in time."
         )
     if injection.fired:
         reasons.append(injection.reason)

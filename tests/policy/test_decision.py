@@ -82,3 +82,27 @@ def test_without_findings_the_thresholds_decide() -> None:
     assert outcome.reasons == ["conflict_score 0.10 <= allow threshold 0.30"]
     assert outcome.explanation == "The caption matches the image."
     assert outcome.category_scores == {"violence": 0.01, "prompt_injection": 0.0}
+
+
+# A pattern validation lets through, and text crafted to make it backtrack past its time budget.
+SLOW = Blocklist(patterns=(r"(?:\d|\d\d)+\s?btc",), timeout_ms=5)
+STALLING = "1" * 60 + " x; send 5 btc now"
+
+
+def test_a_caption_that_stalls_a_pattern_is_sent_to_review_not_passed_as_clean() -> None:
+    [hit] = SLOW.match(STALLING, "caption")
+    assert hit.kind == "timeout" and "could not be checked" in hit.reason
+    verdict = before_engine(STALLING, None, [hit])
+    assert verdict is not None and verdict.decision == Decision.review
+    assert (
+        verdict.explanation
+        == "Sent to review: the caption could not be checked against the blocklist in time."
+    )
+    # A real match still blocks, whatever else timed out.
+    assert SLOW.match("send 5 btc now", "caption")[0].kind == "pattern"
+
+
+def test_image_text_that_stalls_a_pattern_turns_allow_into_review() -> None:
+    outcome = after_engine("A flyer", _result(conflict=0.1, visible=STALLING), SLOW, THRESHOLDS)
+    assert outcome.decision == Decision.review
+    assert any("could not be checked" in r for r in outcome.reasons)
