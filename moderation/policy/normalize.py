@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 # Look-alikes that render identically to Latin letters in most fonts.
@@ -127,20 +128,49 @@ class NormalizedText:
     despaced: str
     compact: str
     boundaries: frozenset[int]
+    #: Boundaries between two words separated by whitespace only (no punctuation).
+    spaced: frozenset[int] = frozenset()
 
     def contains_term(self, term: NormalizedText) -> bool:
-        """Whether the (normalised) term occurs as whole words, or anywhere for CJK terms."""
+        """Whether the (normalised) term occurs as whole words, or anywhere for CJK terms.
+
+        Inside a match, the text may break words only where the term does, or between letters spelled
+        one by one ("f r e e money" for "free money"): "the hero in" does not hold "heroin".
+        """
         needle = term.compact
         if not needle:
             return False
         if any(is_cjk(ch) for ch in needle):
             return needle in self.compact
+        breaks = sorted(self.boundaries)
         start = self.compact.find(needle)
         while start != -1:
-            if start in self.boundaries and start + len(needle) in self.boundaries:
+            end = start + len(needle)
+            if (
+                start in self.boundaries
+                and end in self.boundaries
+                and self._breaks_fit(term, start, end, breaks)
+            ):
                 return True
             start = self.compact.find(needle, start + 1)
         return False
+
+    def _breaks_fit(self, term: NormalizedText, start: int, end: int, breaks: list[int]) -> bool:
+        """Whether the word breaks of the text inside ``[start, end)`` can be the term's own, or a disguise.
+
+        Breaks where the term has them, and between letters spelled one by one, always fit. Other breaks
+        fit when one of them is punctuation inside a word ("fr.ee-mo ney"): plain spaces alone separate
+        real words ("the hero in this film" does not hold "heroin").
+        """
+        extra: list[int] = []
+        for index in range(bisect_right(breaks, start), bisect_left(breaks, end)):
+            at = breaks[index]
+            if at - start in term.boundaries:
+                continue
+            if at - breaks[index - 1] == 1 or breaks[index + 1] - at == 1:
+                continue  # letters spelled one by one
+            extra.append(at)
+        return not extra or any(at not in self.spaced for at in extra)
 
 
 def normalize(text: str) -> NormalizedText:
@@ -148,18 +178,24 @@ def normalize(text: str) -> NormalizedText:
     folded = fold(text)
     chars: list[str] = []
     boundaries: set[int] = {0}
+    spaced: set[int] = set()
     previous_was_word = False
+    only_space = True  # the separator since the last word is whitespace only
     for ch in folded:
         if ch.isalnum():
+            if not previous_was_word and chars and only_space:
+                spaced.add(len(chars))
             if is_cjk(ch):
                 boundaries.add(len(chars))
                 boundaries.add(len(chars) + 1)
             chars.append(ch)
             previous_was_word = True
+            only_space = True
         else:
             if previous_was_word:
                 boundaries.add(len(chars))
             previous_was_word = False
+            only_space = only_space and ch.isspace()
     boundaries.add(len(chars))
     return NormalizedText(
         original=text,
@@ -167,4 +203,5 @@ def normalize(text: str) -> NormalizedText:
         despaced=despace(folded),
         compact="".join(chars),
         boundaries=frozenset(boundaries),
+        spaced=frozenset(spaced),
     )

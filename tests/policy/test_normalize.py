@@ -51,3 +51,21 @@ def test_despaced_form_joins_spelled_out_words() -> None:
 )
 def test_contains_term(text: str, term: str, found: bool) -> None:
     assert normalize(text).contains_term(normalize(term)) is found
+
+
+@pytest.mark.parametrize(
+    ("text", "term", "holds"),
+    [
+        ("He is the hero in this film", "heroin", False),  # two real words, only a space between
+        ("an Al Pacino classic", "anal", False),
+        ("buy heroin here", "heroin", True),
+        ("h e r o i n", "heroin", True),  # spelled out letter by letter
+        ("h.er-oin", "heroin", True),  # punctuation inside a word: a disguise
+        ("Get FREE MONEY now", "free money", True),
+        ("fr.ee-mo ney", "free money", True),
+    ],
+)
+def test_a_term_spans_word_breaks_only_where_it_has_them_or_where_they_are_a_disguise(
+    text: str, term: str, holds: bool
+) -> None:
+    assert normalize(text).contains_term(normalize(term)) is holds
