@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from moderation.submissions.models import Decision
@@ -30,6 +31,19 @@ def route(
     conflict_score: float, confidence: float, category_scores: dict[str, float], thresholds: Thresholds
 ) -> Routing:
     """Decide allow / block / review from the conflict score, confidence and category scores."""
+    unusable = [
+        name
+        for name, value in (
+            ("conflict_score", conflict_score),
+            ("confidence", confidence),
+            *category_scores.items(),
+        )
+        if not math.isfinite(value)
+    ]
+    if unusable:  # every comparison with NaN is false: it would read as "nothing to worry about"
+        return Routing(
+            Decision.review, [f"scores that are not numbers ({', '.join(unusable)}): sent to review"]
+        )
     reasons: list[str] = []
     blocking = sorted(
         (name for name, score in category_scores.items() if score >= thresholds.category_block_threshold)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from moderation.errors import InvalidInput
@@ -56,3 +58,14 @@ def test_custom_categories_are_validated() -> None:
     ):
         with pytest.raises(InvalidInput):
             validate_custom_categories(bad)
+
+
+def test_scores_that_are_not_numbers_go_to_review() -> None:
+    thresholds = Thresholds(block_threshold=0.8, allow_threshold=0.3, min_confidence=0.6)
+    for conflict, confidence, categories in (
+        (0.1, math.nan, {}),
+        (0.1, 0.9, {"sexual": math.nan}),
+        (math.inf, 0.9, {}),
+    ):
+        routing = route(conflict, confidence, categories, thresholds)
+        assert routing.decision == Decision.review and "not numbers" in routing.reasons[0]
