@@ -94,13 +94,18 @@ def is_cjk(char: str) -> bool:
     return bool(_CJK_RE.match(char))
 
 
+# Hangul fillers: blank, and classed as letters, so the categories below keep them; used to split words.
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
+
+
 def _drop_invisible(text: str) -> str:
     # Cf: zero-width space/joiners, bidi controls, soft hyphen, BOM; Mn after NFKC: decoration such as
     # strike-through (U+0336) stacked on letters to dodge filters; Cc except line breaks and tabs.
     return "".join(
         ch
         for ch in text
-        if ch in "\n\t" or unicodedata.category(ch) not in ("Cf", "Mn", "Me", "Cc", "Cs", "Co")
+        if ch in "\n\t"
+        or (ch not in _FILLERS and unicodedata.category(ch) not in ("Cf", "Mn", "Me", "Cc", "Cs", "Co"))
     )
 
 

@@ -69,3 +69,8 @@ def test_a_term_spans_word_breaks_only_where_it_has_them_or_where_they_are_a_dis
     text: str, term: str, holds: bool
 ) -> None:
     assert normalize(text).contains_term(normalize(term)) is holds
+
+
+def test_hangul_fillers_do_not_split_words() -> None:
+    for filler in ("\u3164", "\u115f", "\u1160", "\uffa0"):
+        assert normalize(f"fr{filler}ee money").contains_term(normalize("free money")), hex(ord(filler))
