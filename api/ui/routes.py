@@ -257,7 +257,7 @@ def logout(
 def dashboard(request: Request, principal: PrincipalDep, session: SessionDep) -> Response:
     """The queue at a glance: counts, categories, the oldest item, and the open items in order."""
     overview = reports.overview(session)
-    items = ReviewRepository(session).list_items(open_only=True, limit=50)
+    items = [item for item, _ in ReviewRepository(session).list_page(open_only=True, limit=50)]
     rows = queries.items_with_submissions(session, items)
     return _page(
         request, "dashboard.html", principal, overview=overview, rows=rows, top_category=_top_category
@@ -474,7 +474,8 @@ def history(
 ) -> Response:
     """Recent decisions: your own, or everyone's (leads)."""
     who = (reviewer or None) if principal.ref.can(Role.lead) and not mine else principal.reviewer.email
-    items = ReviewRepository(session).list_items(state=ReviewState.decided, decided_by=who, limit=200)
+    page = ReviewRepository(session).list_page(state=ReviewState.decided, decided_by=who, limit=200)
+    items = [item for item, _ in page]
     rows = queries.items_with_submissions(session, items)
     return _page(request, "history.html", principal, rows=rows, who=who)
 

@@ -199,33 +199,6 @@ class ReviewRepository:
         )
         return self.session.scalar(stmt)
 
-    def list_items(
-        self,
-        *,
-        state: ReviewState | None = None,
-        tenant_id: uuid.UUID | None = None,
-        kind: ReviewKind | None = None,
-        claimed_by: str | None = None,
-        decided_by: str | None = None,
-        open_only: bool = False,
-        limit: int = 100,
-        after: ListPosition | None = None,
-    ) -> list[ReviewItem]:
-        """Review items: open ones first, by priority and age; decided ones after, newest decision first."""
-        return [
-            item
-            for item, _ in self.list_page(
-                state=state,
-                tenant_id=tenant_id,
-                kind=kind,
-                claimed_by=claimed_by,
-                decided_by=decided_by,
-                open_only=open_only,
-                limit=limit,
-                after=after,
-            )
-        ]
-
     def list_page(
         self,
         *,
@@ -238,10 +211,10 @@ class ReviewRepository:
         limit: int = 100,
         after: ListPosition | None = None,
     ) -> list[tuple[ReviewItem, ListPosition]]:
-        """``list_items`` with each item's position in the listing, so a next page can start after the last.
+        """Review items, each with its position in the listing so a next page can start after the last.
 
-        One order for every filter (a keyset): open items by priority and age, then decided ones, newest
-        decision first; ties broken by id.
+        One order for every filter (a keyset): open items first, by priority and age; then decided ones,
+        newest decision first; ties broken by id.
         """
         decided = ReviewItem.state == ReviewState.decided
         is_decided = case((decided, 1), else_=0)

@@ -416,5 +416,5 @@ def test_an_unfiltered_listing_shows_the_live_queue_before_decided_items(
     service.decide(
         session, appeal.id, reviewer=BOB, lease_token=taken.lease_token, decision=ReviewDecision.approve
     )
-    listed = ReviewRepository(session).list_items()
+    listed = [item for item, _ in ReviewRepository(session).list_page()]
     assert [i.id for i in listed] == [waiting.id, appeal.id, first.id]  # open first; then newest decision
