@@ -31,10 +31,7 @@ class BodyLimitMiddleware:
         self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if scope["path"] in self.exempt or scope["method"] in _BODILESS:
+        if scope["type"] != "http" or scope["path"] in self.exempt or scope["method"] in _BODILESS:
             await self.app(scope, receive, send)
             return
         limit = self.limit
