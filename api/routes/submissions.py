@@ -71,9 +71,9 @@ async def _read_request_body(request: Request, settings: Settings) -> bytes:
     )
 
 
-async def _off_loop_if_large(size: int, work: Callable[[], T]) -> T:
-    """Run ``work`` on the event loop when its input is small, else on a thread (it would stall the loop)."""
-    if size <= _CHECK_ON_LOOP_BYTES:
+async def _on_loop_if(cheap: bool, work: Callable[[], T]) -> T:
+    """Run ``work`` on the event loop when it is ``cheap``, else on a thread (it would stall the loop)."""
+    if cheap:
         return work()
     return await run_in_threadpool(work)
 
@@ -86,7 +86,7 @@ def _content_length(request: Request) -> int | None:
 async def _parse_multipart(request: Request, settings: Settings) -> dict[str, Any]:
     boundary = boundary_of(request.headers["content-type"])
     body = await _read_request_body(request, settings)
-    form = await _off_loop_if_large(len(body), functools.partial(parse_form, body, boundary))
+    form = await _on_loop_if(len(body) <= _CHECK_ON_LOOP_BYTES, functools.partial(parse_form, body, boundary))
     image = form.get("image")
     if image is None or not image.is_file:
         raise InvalidInput("multipart field 'image' (a file) is required", code="image_missing")
@@ -167,12 +167,10 @@ async def _store(
         idempotency_key=request.headers.get("idempotency-key"),
         **fields,
     )
-    # Checking a typical image costs less than a thread hand-off.
+    # Checking a typical image costs less than a thread hand-off; a large one, or a small one crafted to be
+    # slow to walk, would stall the loop.
     image: bytes = fields["image"]
-    if len(image) <= _CHECK_ON_LOOP_BYTES and cheap_to_check(image):
-        prepared = prepare()
-    else:  # a large image, or a small one crafted to be slow to walk, would stall the loop
-        prepared = await run_in_threadpool(prepare)
+    prepared = await _on_loop_if(len(image) <= _CHECK_ON_LOOP_BYTES and cheap_to_check(image), prepare)
     # The writer answers after the commit that stored the submission (shared with whatever arrived
     # alongside it), so a 202 is never given for something a crash could lose.
     try:
