@@ -121,7 +121,7 @@ class ReviewRepository:
         stmt = (
             select(ReviewItem)
             .where(
-                ReviewItem.state.in_([ReviewState.pending, ReviewState.claimed, ReviewState.escalated]),
+                ReviewItem.state.in_(OPEN_STATES),
                 or_(ReviewItem.claimed_by == email, ReviewItem.assigned_to == email),
             )
             .order_by(ReviewItem.created_at)

@@ -92,6 +92,20 @@ def _previous_deciders(item: ReviewItem) -> list[str]:
     return list(item.excluded_reviewers or [])  # items made before deciders were recorded apart
 
 
+def _clear_claim(item: ReviewItem) -> None:
+    """Forget who holds the item and their lease."""
+    item.claimed_by = None
+    item.claimed_at = None
+    item.lease_token = None
+    item.lease_expires_at = None
+
+
+def _back_to_queue(item: ReviewItem) -> None:
+    """Return the item unclaimed to its queue (escalated ones to the leads')."""
+    item.state = ReviewState.escalated if item.escalated else ReviewState.pending
+    _clear_claim(item)
+
+
 def _holding(item: ReviewItem, reviewer: str, lease_token: uuid.UUID) -> None:
     if item.state != ReviewState.claimed or item.lease_token != lease_token or item.claimed_by != reviewer:
         raise Conflict("this item is no longer claimed by you; claim it again", code="review_lease_lost")
@@ -179,11 +193,7 @@ def release(
     item = _get(session, item_id)
     _holding(item, ref.email, lease_token)
     before = _snapshot(item)
-    item.state = ReviewState.escalated if item.escalated else ReviewState.pending
-    item.claimed_by = None
-    item.claimed_at = None
-    item.lease_token = None
-    item.lease_expires_at = None
+    _back_to_queue(item)
     if skip and ref.email not in (item.excluded_reviewers or []):
         item.excluded_reviewers = [*(item.excluded_reviewers or []), ref.email]
     session.flush()
@@ -235,10 +245,7 @@ def decide(
         raise InvalidInput("this item cannot be escalated further", code="cannot_escalate")
     before = _snapshot(item)
     now = utcnow()
-    item.claimed_by = None
-    item.claimed_at = None
-    item.lease_token = None
-    item.lease_expires_at = None
+    _clear_claim(item)
     if decision == ReviewDecision.escalate:
         item.state = ReviewState.escalated
         item.escalated = True
@@ -296,11 +303,7 @@ def reassign(
     if target.email in _previous_deciders(item) and item.kind != ReviewKind.review:
         raise InvalidInput(f"{target.email} decided this before; pick someone else", code="reviewer_excluded")
     before = _snapshot(item)
-    item.state = ReviewState.escalated if item.escalated else ReviewState.pending
-    item.claimed_by = None
-    item.claimed_at = None
-    item.lease_token = None
-    item.lease_expires_at = None
+    _back_to_queue(item)
     item.assigned_to = target.email
     item.excluded_reviewers = [r for r in (item.excluded_reviewers or []) if r != target.email]
     session.flush()
@@ -419,11 +422,7 @@ def hand_back_items_of(session: Session, reviewer: Reviewer, *, actor: str) -> l
             continue
         before = _snapshot(item)
         if item.claimed_by == ref.email:
-            item.state = ReviewState.escalated if item.escalated else ReviewState.pending
-            item.claimed_by = None
-            item.claimed_at = None
-            item.lease_token = None
-            item.lease_expires_at = None
+            _back_to_queue(item)
         if item.assigned_to == ref.email:
             item.assigned_to = None
         session.flush()
