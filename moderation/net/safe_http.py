@@ -251,6 +251,14 @@ def validate_url(url: str, policy: OutboundPolicy) -> None:
     _parse_url(url, policy)
 
 
+def origin_of(url: str) -> str:
+    """The scheme, host and port of a URL given as text, for logs and messages ("?" when it does not parse)."""
+    try:
+        return _origin(httpx.URL(url))
+    except (httpx.InvalidURL, UnicodeError):
+        return "?"
+
+
 def _origin(url: httpx.URL) -> str:
     """The scheme, host and port of a URL, for messages: paths and queries may carry secrets."""
     port = url.port or _DEFAULT_PORTS.get(url.scheme, 0)

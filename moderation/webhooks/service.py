@@ -8,7 +8,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from urllib.parse import urlsplit
 
 import orjson
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,7 +17,7 @@ from moderation.config import Settings
 from moderation.db import new_id, utcnow
 from moderation.errors import InvalidInput, ModerationError, NotFound
 from moderation.jobs import QUEUE_WEBHOOKS, TASK_DELIVER_WEBHOOK, Job, enqueue_after_commit
-from moderation.net.safe_http import OutboundPolicy, SafeHttpClient, validate_url
+from moderation.net.safe_http import OutboundPolicy, SafeHttpClient, origin_of, validate_url
 from moderation.review.models import ReviewItem
 from moderation.submissions.models import Submission
 from moderation.submissions.schemas import SubmissionOut
@@ -129,12 +128,6 @@ def backoff_seconds(attempt: int, settings: Settings, rng: random.Random | None 
 UNFINISHED_ATTEMPT = "no outcome recorded: the attempt is under way, or its worker stopped during it"
 
 
-def _origin_of(url: str) -> str:
-    """The scheme, host and port of a URL: what logs may show of a webhook endpoint."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}" + (f":{parts.port}" if parts.port else "")
-
-
 @dataclass(frozen=True)
 class DeliveryOutcome:
     """The result of one delivery attempt and, if it will be retried, after how long."""
@@ -236,7 +229,7 @@ def attempt_delivery(
         "webhook delivery %s attempt %d to %s: %s",
         delivery_id,
         attempt_no,
-        _origin_of(url),  # the path and query of a receiver's URL often carry its token
+        origin_of(url),  # the path and query of a receiver's URL often carry its token
         error or f"HTTP {status_code}",
     )
     return outcome
