@@ -68,14 +68,9 @@ class BlocklistHit:
         return f"blocklist: {self.kind} '{self.entry}' matched in {self.where} (\"{self.excerpt}\")"
 
 
-def blocking(hits: list[BlocklistHit]) -> list[BlocklistHit]:
-    """The hits that are matches (a pattern that timed out is not one: it sends the item to review)."""
-    return [hit for hit in hits if hit.kind != TIMEOUT]
-
-
-def timed_out(hits: list[BlocklistHit]) -> list[BlocklistHit]:
-    """The patterns that could not be checked in time."""
-    return [hit for hit in hits if hit.kind == TIMEOUT]
+def split_timeouts(hits: list[BlocklistHit]) -> tuple[list[BlocklistHit], list[BlocklistHit]]:
+    """The matches, and the patterns that could not be checked in time (not matches: they mean review)."""
+    return [hit for hit in hits if hit.kind != TIMEOUT], [hit for hit in hits if hit.kind == TIMEOUT]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from moderation.engine.base import EngineResult
 from moderation.engine.images import detect_language
-from moderation.policy.blocklist import Blocklist, BlocklistHit, blocking, timed_out
+from moderation.policy.blocklist import Blocklist, BlocklistHit, split_timeouts
 from moderation.policy.injection import KINDS, InjectionResult, detect_injection
 from moderation.policy.routing import Thresholds, route
 from moderation.submissions.models import Decision
@@ -91,8 +91,7 @@ def before_engine(
                 else f"Blocked: the image matches the known image {label} ({distances})."
             ),
         )
-    unchecked = timed_out(caption_hits)
-    caption_hits = blocking(caption_hits)
+    caption_hits, unchecked = split_timeouts(caption_hits)
     if unchecked and not caption_hits:
         # Text that stalls a pattern may be crafted to: it is not passed as clean, a person looks at it.
         return PolicyVerdict(
@@ -143,8 +142,7 @@ def after_engine(
 ) -> EngineVerdict:
     """Decide from the engine's result: visible-text blocklist, then prompt injection, then thresholds."""
     zh = detect_language(caption) == "zh"
-    found = blocklist.match(result.visible_text, "visible text")
-    visible_hits, unchecked = blocking(found), timed_out(found)
+    visible_hits, unchecked = split_timeouts(blocklist.match(result.visible_text, "visible text"))
     injection = detect_injection(caption, result.visible_text)
     scores = dict(result.category_scores)
     if injection.fired:

@@ -139,8 +139,9 @@ class NormalizedText:
     def contains_term(self, term: NormalizedText) -> bool:
         """Whether the (normalised) term occurs as whole words, or anywhere for CJK terms.
 
-        Inside a match, the text may break words only where the term does, or between letters spelled
-        one by one ("f r e e money" for "free money"): "the hero in" does not hold "heroin".
+        Inside a match, the text may break words where the term does, between letters spelled one by
+        one ("f r e e money"), or with punctuation inside a word ("fr.ee-mo ney"); "the hero in" does
+        not hold "heroin" (see ``_breaks_fit``).
         """
         needle = term.compact
         if not needle:
