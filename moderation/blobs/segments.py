@@ -467,10 +467,7 @@ class SegmentBlobStore(BlobStore):
                 # nothing written to this file since its last good sync can be trusted. The segment takes
                 # no more appends; closing it releases its lock, so a later writer seals what it holds,
                 # and this process reads it back like another's (every read checks its digest).
-                self._forget(segment)
-                if not segment.closed:
-                    segment.closed = True
-                    os.close(segment.fd)
+                self._give_up(segment)
                 raise
             segment.synced = target
 
@@ -486,10 +483,14 @@ class SegmentBlobStore(BlobStore):
     def _abandon(self, segment: _Segment) -> None:
         """Stop using a segment that failed; a later writer seals what it holds intact."""
         with segment.sync_lock:
-            self._forget(segment)
-            if not segment.closed:
-                segment.closed = True
-                os.close(segment.fd)  # releases the flock
+            self._give_up(segment)
+
+    def _give_up(self, segment: _Segment) -> None:
+        """``_abandon`` for a caller already holding the segment's sync lock."""
+        self._forget(segment)
+        if not segment.closed:
+            segment.closed = True
+            os.close(segment.fd)  # releases the flock
 
     def _retire(self, segment: _Segment) -> None:
         """Seal a full segment: every append durable, its index written, its file closed."""
