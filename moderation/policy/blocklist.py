@@ -17,7 +17,7 @@ from typing import Any
 import regex
 
 from moderation.errors import InvalidInput
-from moderation.policy.normalize import NormalizedText, normalize
+from moderation.policy.normalize import NormalizedText, fold_pattern, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,12 @@ def _excerpt_of_term(norm: NormalizedText, term: NormalizedText) -> str:
 
 @lru_cache(maxsize=2048)
 def _compiled(pattern: str) -> regex.Pattern[str]:
-    return regex.compile(pattern, _FLAGS)
+    # Text is matched in its folded form (Simplified, half-width, case-folded): so is the pattern. Folding
+    # can break a character range (its ends may fold out of order): such a pattern runs as written.
+    try:
+        return regex.compile(fold_pattern(pattern), _FLAGS)
+    except regex.error:
+        return regex.compile(pattern, _FLAGS)
 
 
 def _search(pattern: str, norm: NormalizedText, timeout_ms: int) -> str | None:
@@ -254,7 +259,7 @@ def validate_pattern(pattern: str, limits: BlocklistLimits) -> str:
             code="invalid_blocklist",
         )
     try:
-        compiled = regex.compile(pattern, _FLAGS)
+        compiled = _compiled(pattern)
     except regex.error as exc:
         raise InvalidInput(
             f"blocklist pattern {pattern!r} does not compile: {exc}", code="invalid_blocklist"

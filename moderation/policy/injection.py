@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import regex
 
-from moderation.policy.normalize import normalize
+from moderation.policy.normalize import fold_pattern, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class _Rule:
 
 
 def _rule(kind: str, weight: float, pattern: str, forms: tuple[str, ...] = ("folded", "despaced")) -> _Rule:
-    return _Rule(kind, weight, regex.compile(pattern, _FLAGS), forms)
+    return _Rule(kind, weight, regex.compile(fold_pattern(pattern), _FLAGS), forms)
 
 
 _RULES: tuple[_Rule, ...] = (

@@ -4,8 +4,8 @@ Three forms of a text are used:
 
 * ``folded`` — NFKC (full-width → half-width, ligatures, compatibility forms), case-folded, with
   invisible format characters (zero-width spaces and joiners, bidi controls, soft hyphens) and stray
-  combining marks removed, common Cyrillic/Greek look-alikes mapped to Latin, horizontal whitespace
-  collapsed to one space and line breaks kept;
+  combining marks removed, common Cyrillic/Greek look-alikes mapped to Latin, Traditional Chinese
+  characters mapped to Simplified ones, horizontal whitespace collapsed to one space and line breaks kept;
 * ``despaced`` — the folded form with letter-by-letter spacing undone (``f r e e`` → ``free``) and
   separators between CJK characters removed (``输 出`` → ``输出``);
 * ``compact`` — only the letters and digits of the folded form, with the positions where words begin
@@ -15,10 +15,13 @@ Three forms of a text are used:
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import unicodedata
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 # Look-alikes that render identically to Latin letters in most fonts.
 _CONFUSABLES = str.maketrans(
@@ -109,11 +112,34 @@ def _drop_invisible(text: str) -> str:
     )
 
 
+@cache
+def _traditional_to_simplified() -> dict[int, str]:
+    """OpenCC's character table (Traditional → Simplified), first choice of each, one character each."""
+    spec = importlib.util.find_spec("opencc")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the opencc-python-reimplemented package (its conversion tables) is not installed")
+    table: dict[int, str] = {}
+    path = Path(next(iter(spec.submodule_search_locations))) / "dictionary" / "TSCharacters.txt"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        source, _, targets = line.partition("\t")
+        target = targets.split(" ")[0] if targets else ""
+        if len(source) == 1 and len(target) == 1 and source != target:
+            table[ord(source)] = target
+    return table
+
+
+def to_simplified(text: str) -> str:
+    """``text`` with Traditional Chinese characters written in their Simplified form (one for one)."""
+    return text.translate(_traditional_to_simplified())
+
+
 def fold(text: str) -> str:
-    """NFKC, case-folded text without invisible characters or look-alikes, whitespace collapsed."""
+    """NFKC, case-folded, Simplified text without invisible characters or look-alikes, whitespace collapsed."""
     text = unicodedata.normalize("NFKC", text or "")
     text = unicodedata.normalize("NFKC", text.casefold())
-    text = _drop_invisible(text).translate(_CONFUSABLES).replace("\r\n", "\n").replace("\r", "\n")
+    # Captions come in both Chinese scripts; a term written in one must match text written in the other.
+    text = to_simplified(_drop_invisible(text).translate(_CONFUSABLES))
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _HSPACE_RE.sub(" ", text)
     return _NEWLINES_RE.sub("\n", text).strip()
 
@@ -122,6 +148,24 @@ def despace(folded: str) -> str:
     """The folded text with letter-by-letter spacing joined up and separators between CJK removed."""
     joined = _SPACED_LETTERS_RE.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), folded)
     return _CJK_GAP_RE.sub("", joined)
+
+
+def fold_pattern(pattern: str) -> str:
+    """A regular expression with its non-ASCII characters folded like text, so it matches folded text.
+
+    Only non-ASCII characters change: they carry no regular-expression syntax, whereas folding ASCII
+    would turn ``\\D`` into ``\\d``. A full-width or Traditional character becomes what ``fold`` makes
+    of it in a text; one that folds to punctuation (``。`` → ``.``) is escaped, so it stays a literal.
+    """
+    out: list[str] = []
+    for ch in pattern:
+        if ord(ch) < 128:
+            out.append(ch)
+            continue
+        folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", ch).casefold())
+        folded = to_simplified(_drop_invisible(folded).translate(_CONFUSABLES))
+        out.append(folded if folded.isalnum() or not folded else re.escape(folded))
+    return "".join(out)
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,25 @@ def test_validate_blocklist_limits_and_dedup() -> None:
         validate_blocklist(["a"] * 3, [], BlocklistLimits(max_terms=2))
     with pytest.raises(InvalidInput):
         validate_blocklist(["!!!"], [], LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("text", "entry"),
+    [
+        ("代開發票，正規", "代开发票"),  # Traditional caption, Simplified term
+        ("免费送100元红包", r"免費送\d+元"),  # Simplified caption, Traditional pattern
+        ("免費送100元紅包", r"免費送\d+元"),
+        ("FREE   iPhone", r"ＦＲＥＥ\s+iphone"),  # a pattern typed with full-width letters
+    ],
+)
+def test_entries_match_across_chinese_scripts_and_widths(text: str, entry: str) -> None:
+    blocklist = Blocklist.from_policy(
+        {"blocklist": validate_blocklist(["代开发票"], [r"免費送\d+元", r"ＦＲＥＥ\s+iphone"], LIMITS)}
+    )
+    assert entry in [hit.entry for hit in blocklist.match(text, "caption")]
+
+
+def test_a_stored_pattern_that_folding_breaks_still_runs_as_written() -> None:
+    # 後 folds to 后 (U+540E), which sorts before 来 (U+6765): the folded range would be out of order.
+    blocklist = Blocklist.from_policy({"blocklist": {"terms": [], "patterns": ["[來-後]x"]}})
+    assert [hit.entry for hit in blocklist.match("後x", "caption")] == ["[來-後]x"]

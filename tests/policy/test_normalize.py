@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moderation.policy.normalize import fold, normalize
+from moderation.policy.normalize import fold, fold_pattern, normalize
 
 
 @pytest.mark.parametrize(
@@ -74,3 +74,41 @@ def test_a_term_spans_word_breaks_only_where_it_has_them_or_where_they_are_a_dis
 def test_hangul_fillers_do_not_split_words() -> None:
     for filler in ("\u3164", "\u115f", "\u1160", "\uffa0"):
         assert normalize(f"fr{filler}ee money").contains_term(normalize("free money")), hex(ord(filler))
+
+
+@pytest.mark.parametrize(
+    ("text", "folded"),
+    [
+        ("免費領取", "免费领取"),
+        ("頭髮 後來", "头发 后来"),
+        ("ＷＥＩ信號", "wei信号"),
+    ],
+)
+def test_fold_writes_traditional_chinese_in_simplified(text: str, folded: str) -> None:
+    assert fold(text) == folded
+
+
+@pytest.mark.parametrize(
+    ("text", "term"),
+    [
+        ("加我微信領紅包", "领红包"),  # Traditional caption, Simplified term
+        ("加我微信领红包", "領紅包"),  # Simplified caption, Traditional term
+        ("線上賭博", "赌博"),
+    ],
+)
+def test_terms_match_across_chinese_scripts(text: str, term: str) -> None:
+    assert normalize(text).contains_term(normalize(term))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "folded"),
+    [
+        (r"免費\d+元", r"免费\d+元"),  # Traditional → Simplified; the escape stays
+        (r"ＦＲＥＥ\s*money", r"free\s*money"),  # full-width letters
+        (r"\D\W|Straße", r"\D\W|Strasse"),  # ASCII escapes keep their case
+        ("加。微信", r"加\.微信"),  # folds to punctuation: escaped, still a literal
+        ("a\u200bb", "ab"),  # invisible characters dropped, as in text
+    ],
+)
+def test_fold_pattern(pattern: str, folded: str) -> None:
+    assert fold_pattern(pattern) == folded
