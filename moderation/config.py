@@ -229,6 +229,15 @@ class Settings(BaseSettings):
         default=3, description="Processing attempts before a submission ends as failed."
     )
     sweep_interval_seconds: float = Field(default=15.0, description="How often beat runs the sweeper.")
+    retention_days: int = Field(
+        default=0,
+        ge=0,
+        description="Erase a final submission's content and image this many days after it was made; 0 keeps "
+        "everything.",
+    )
+    retention_interval_seconds: float = Field(
+        default=600.0, gt=0, description="How often beat erases expired submissions and deletes their images."
+    )
 
     # Routing defaults for new tenants
     default_block_threshold: float = Field(

@@ -33,6 +33,14 @@ WEBHOOK_ATTEMPTS = Counter(
     "moderation_webhook_attempts_total", "Webhook delivery attempts by result", ["result"]
 )
 SWEEPER_RECOVERED = Counter("moderation_sweeper_recovered_total", "Work re-enqueued by the sweeper", ["kind"])
+SUBMISSIONS_ERASED = Counter(
+    "moderation_submissions_erased_total",
+    "Submissions whose content was erased, by cause (api, retention)",
+    ["cause"],
+)
+ERASED_IMAGES_DELETED = Counter(
+    "moderation_erased_images_deleted_total", "Images deleted because every submission of them was erased"
+)
 VERDICTS_WITHOUT_INFERENCE = Counter(
     "moderation_verdicts_without_inference_total",
     "Verdicts reached without running the engine, by cause (known_image, blocklist, cache)",

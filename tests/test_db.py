@@ -76,3 +76,19 @@ def test_database_errors_do_not_carry_statement_parameters_into_logs(database_ur
         engine.dispose()
     assert "division by zero" in str(raised.value)
     assert "私人" not in str(raised.value) and "private caption" not in str(raised.value)
+
+
+def test_the_migrations_build_exactly_the_schema_the_models_describe(database_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    import moderation.models  # noqa: F401  (every model registered on the metadata)
+    from moderation.db import Base
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()

@@ -99,3 +99,39 @@ def test_a_worker_serves_its_metrics_unless_the_api_collects_them(monkeypatch: p
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp")
     assert tasks.serve_metrics(port) is None
     assert tasks.serve_metrics(None) is None
+
+
+def test_the_retention_task_erases_expired_submissions_and_deletes_their_images(
+    monkeypatch: pytest.MonkeyPatch, sessions: Any, settings: Any, dispatched: Any, tmp_path: Any
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from moderation.blobs import LocalBlobStore
+    from moderation.db import utcnow
+    from moderation.jobs import QUEUE_MAINTENANCE, TASK_RELEASE_IMAGES, TASK_RETENTION
+    from moderation.submissions.models import Submission
+    from tests.review.helpers import make_tenant
+    from tests.submissions.helpers import add_decided
+    from workers.celery_app import celery_app
+
+    store = LocalBlobStore(tmp_path / "blobs", fsync=False)
+    with sessions() as session, session.begin():
+        submission = add_decided(session, make_tenant(session, settings), store, settings)
+        session.execute(
+            update(Submission)
+            .where(Submission.id == submission.id)
+            .values(created_at=utcnow() - timedelta(days=8))
+        )
+    monkeypatch.setattr(tasks, "get_sessionmaker", lambda: sessions)
+    monkeypatch.setattr(tasks, "get_blob_store", lambda: store)
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings.model_copy(update={"retention_days": 7}))
+
+    assert tasks.retention_task.run() == {"erased": 1, "images_deleted": 1}
+    assert not store.exists(submission.image_sha256)
+    assert tasks.retention_task.run() == {"erased": 0, "images_deleted": 0}
+    # Beat runs it; both tasks go to the maintenance queue.
+    assert any(entry["task"] == TASK_RETENTION for entry in celery_app.conf.beat_schedule.values())
+    for name in (TASK_RETENTION, TASK_RELEASE_IMAGES):
+        assert celery_app.conf.task_routes[name] == {"queue": QUEUE_MAINTENANCE}

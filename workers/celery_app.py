@@ -15,6 +15,8 @@ from moderation.jobs import (
     QUEUE_WEBHOOKS,
     TASK_DELIVER_WEBHOOK,
     TASK_PROCESS_SUBMISSION,
+    TASK_RELEASE_IMAGES,
+    TASK_RETENTION,
     TASK_SWEEP,
     Job,
 )
@@ -31,6 +33,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
             TASK_PROCESS_SUBMISSION: {"queue": QUEUE_GPU},
             TASK_DELIVER_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
             TASK_SWEEP: {"queue": QUEUE_MAINTENANCE},
+            TASK_RETENTION: {"queue": QUEUE_MAINTENANCE},
+            TASK_RELEASE_IMAGES: {"queue": QUEUE_MAINTENANCE},
         },
         # A job is acknowledged only after it ran, and re-delivered if its worker died holding it.
         task_acks_late=True,
@@ -55,6 +59,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
                 "task": TASK_SWEEP,
                 "schedule": settings.sweep_interval_seconds,
                 "options": {"expires": 60},
+            },
+            "retention": {
+                "task": TASK_RETENTION,
+                "schedule": settings.retention_interval_seconds,
+                "options": {"expires": max(60.0, settings.retention_interval_seconds)},
             },
         },
         timezone="UTC",

@@ -21,11 +21,13 @@ from moderation.db import get_sessionmaker, reset_engine
 from moderation.engine.base import ModerationEngine
 from moderation.net.safe_http import OutboundPolicy, SafeHttpClient
 from moderation.processing.service import BatchProcessor, EngineUnhealthy, sweep
+from moderation.submissions import erasure
 from moderation.webhooks.service import attempt_delivery
 from workers.celery_app import CeleryDispatcher, celery_app
 
 logger = logging.getLogger(__name__)
 
+_RETENTION_ROUNDS = 20  # batches per run
 _lock = threading.Lock()
 _engine: ModerationEngine | None = None
 _blob_store: BlobStore | None = None
@@ -153,6 +155,35 @@ def deliver_webhook(delivery_id: str) -> str | None:
     """Make one attempt at a webhook delivery; the service schedules any retry."""
     outcome = attempt_delivery(get_sessionmaker(), uuid.UUID(delivery_id), get_http(), get_settings())
     return outcome.status.value if outcome.status else None
+
+
+@celery_app.task(name=jobs.TASK_RETENTION, acks_late=True)
+def retention_task() -> dict[str, int]:
+    """Erase submissions past the retention period, then delete the images no one needs any more."""
+    sessions, settings = get_sessionmaker(), get_settings()
+    erased = 0
+    for _ in range(_RETENTION_ROUNDS):  # bounded, so one run cannot hold a maintenance worker for long
+        count = erasure.erase_expired(sessions, settings)
+        erased += count
+        if count < erasure.BATCH:
+            break
+    return {"erased": erased, "images_deleted": _release_images()}
+
+
+@celery_app.task(name=jobs.TASK_RELEASE_IMAGES, acks_late=True)
+def release_images() -> int:
+    """Delete the images of erased submissions that no submission still needs."""
+    return _release_images()
+
+
+def _release_images() -> int:
+    deleted = 0
+    for _ in range(_RETENTION_ROUNDS):
+        count = erasure.release_erased_images(get_sessionmaker(), get_blob_store())
+        deleted += count
+        if count == 0:
+            break
+    return deleted
 
 
 @celery_app.task(name=jobs.TASK_SWEEP, acks_late=True)

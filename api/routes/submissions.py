@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from api.deps import SessionDep, TenantDep, cached_tenant, resolve_tenant
@@ -28,7 +28,7 @@ from moderation.errors import (
     UnsupportedMediaType,
 )
 from moderation.net.safe_http import OutboundPolicy, fetch_bytes
-from moderation.submissions import service
+from moderation.submissions import erasure, service
 from moderation.submissions.schemas import SubmissionAccepted, SubmissionOut, SubmissionPage
 from moderation.submissions.validation import cheap_to_check
 from moderation.tenants.models import Tenant
@@ -250,6 +250,16 @@ def _parse_id(raw: str) -> uuid.UUID:
 def get_submission(submission_id: str, tenant: TenantDep, session: SessionDep) -> SubmissionOut:
     """A submission with its verdict and review."""
     return service.get_submission(session, tenant, _parse_id(submission_id))
+
+
+@router.delete("/{submission_id}", status_code=204)
+def erase_submission(submission_id: str, tenant: TenantDep, session: SessionDep) -> Response:
+    """Erase a final submission's content and image; its decision, scores and history stay (idempotent)."""
+    erased = erasure.erase_submission(session, tenant, _parse_id(submission_id))
+    session.commit()
+    if erased:
+        metrics.SUBMISSIONS_ERASED.labels("api").inc()
+    return Response(status_code=204)
 
 
 @router.get("", response_model=SubmissionPage)

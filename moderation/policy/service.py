@@ -92,6 +92,8 @@ def add_known_image(
             f"only a reviewed submission can become a known image; this one is {submission.status}",
             code="submission_not_reviewed",
         )
+    if submission.erased_at is not None:
+        raise Conflict("the platform erased this submission's image", code="submission_erased")
     with Image.open(io.BytesIO(blob_store.get(submission.image_sha256))) as image:
         hashes = image_hashes(image)
     known = KnownImageRepository(session).add(

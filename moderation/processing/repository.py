@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from moderation.processing.models import VerdictCacheEntry
@@ -35,6 +35,20 @@ class VerdictCacheRepository:
         if entries:
             self.session.add_all(entries)
             self.session.flush()
+
+    def forget_submissions(self, submission_ids: Sequence[uuid.UUID]) -> None:
+        """Stop offering these submissions' verdicts for reuse (their content was erased)."""
+        if submission_ids:
+            self.session.execute(
+                update(VerdictCacheEntry)
+                .where(
+                    VerdictCacheEntry.verdict_id.in_(
+                        select(Verdict.id).where(Verdict.submission_id.in_(submission_ids))
+                    )
+                )
+                .values(cache_key=None)
+                .execution_options(synchronize_session=False)
+            )
 
     def source_of(self, verdict_id: uuid.UUID) -> uuid.UUID | None:
         """The verdict a cached verdict was copied from, if it is a copy."""

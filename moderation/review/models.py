@@ -23,6 +23,10 @@ class ReviewState(enum.StrEnum):
     decided = "decided"
 
 
+#: States of an item a person is still to decide.
+REVIEW_OPEN_STATES = (ReviewState.pending, ReviewState.claimed, ReviewState.escalated)
+
+
 class ReviewDecision(enum.StrEnum):
     """What a reviewer decided."""
 

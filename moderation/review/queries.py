@@ -149,6 +149,8 @@ def submission_image(session: Session, blob_store: BlobStore, submission_id: uui
     submission = ReviewRepository(session).submissions([submission_id]).get(submission_id)
     if submission is None:
         raise NotFound("submission not found", code="submission_not_found")
+    if submission.erased_at is not None:
+        raise NotFound("the platform erased this submission's image", code="image_erased")
     data = blob_store.get(submission.image_sha256)
     content_type = BROWSER_IMAGE_TYPES.get(submission.image_format.upper())
     if content_type is not None:

@@ -26,12 +26,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, aliased, selectinload
 from sqlalchemy.sql.elements import ColumnElement
 
-from moderation.review.models import ReviewDecision, ReviewItem, ReviewKind, ReviewState
+from moderation.review.models import REVIEW_OPEN_STATES, ReviewDecision, ReviewItem, ReviewKind, ReviewState
 from moderation.reviewers.models import Reviewer
 from moderation.submissions.models import Submission, Verdict
 from moderation.tenants.models import Tenant
 
-OPEN_STATES = (ReviewState.pending, ReviewState.claimed, ReviewState.escalated)
+OPEN_STATES = REVIEW_OPEN_STATES
 
 
 @dataclass(frozen=True)

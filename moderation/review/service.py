@@ -323,6 +323,8 @@ def appeal(
     if submission is None:
         raise NotFound("submission not found", code="submission_not_found")
     session.refresh(submission, with_for_update=True)
+    if submission.erased_at is not None:
+        raise Conflict("an erased submission cannot be appealed", code="submission_erased")
     if submission.status not in (SubmissionStatus.decided, SubmissionStatus.reviewed):
         raise Conflict(
             f"only decided or reviewed submissions can be appealed (this one is {submission.status})",

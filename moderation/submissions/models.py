@@ -63,6 +63,16 @@ class Submission(TimestampMixin, Base):
             "created_at",
             postgresql_where=text("status IN ('queued', 'processing')"),
         ),
+        # Whether an image is still needed by a submission that was not erased.
+        Index("ix_submissions_image_sha256", "image_sha256"),
+        # Retention: the oldest submissions not erased yet.
+        Index("ix_submissions_unerased_created", "created_at", postgresql_where=text("erased_at IS NULL")),
+        # Erased submissions whose image has not been released yet.
+        Index(
+            "ix_submissions_image_unreleased",
+            "erased_at",
+            postgresql_where=text("erased_at IS NOT NULL AND image_released_at IS NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
@@ -86,6 +96,10 @@ class Submission(TimestampMixin, Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     final_decision: Mapped[Decision | None] = mapped_column(_enum(Decision, "decision"), nullable=True)
+    #: When its content (caption, metadata, image, the verdict's texts) was erased; decisions and scores stay.
+    erased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: When, after the erasure, its claim on the image was released (the image deleted unless still in use).
+    image_released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     verdict: Mapped[Verdict | None] = relationship(back_populates="submission", lazy="raise", uselist=False)
 

@@ -18,9 +18,11 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.types import TypeEngine
 
 from moderation.db import utcnow
+from moderation.review.models import REVIEW_OPEN_STATES, ReviewItem
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
 _SUBMISSIONS = cast(Table, Submission.__table__)
+FINAL_STATUSES = (SubmissionStatus.decided, SubmissionStatus.reviewed, SubmissionStatus.failed)
 # Columns a batch of new submissions differ in (one key of each row's JSON object) and those they share
 # (one parameter each).
 _PER_ROW = (
@@ -415,6 +417,92 @@ class SubmissionRepository:
             .with_for_update(skip_locked=True)
         )
         return list(self.session.scalars(stmt))
+
+    def get_for_update(self, submission_id: uuid.UUID, tenant_id: uuid.UUID) -> Submission | None:
+        """A tenant's submission, its verdict loaded, with its row locked until the transaction ends."""
+        stmt = (
+            select(Submission)
+            .options(selectinload(Submission.verdict))
+            .where(Submission.id == submission_id, Submission.tenant_id == tenant_id)
+            .with_for_update(of=Submission)
+            .execution_options(populate_existing=True)
+        )
+        return self.session.scalar(stmt)
+
+    def erase(self, ids: Sequence[uuid.UUID], now: datetime) -> None:
+        """Blank the content of submissions and their verdicts; decisions, scores and categories stay.
+
+        Copies of these rows the session holds are updated too.
+        """
+        if not ids:
+            return
+        self.session.execute(
+            update(Submission)
+            .where(Submission.id.in_(ids))
+            .values(caption="", metadata_={}, image_source_url=None, erased_at=now, updated_at=now)
+        )
+        self.session.execute(
+            update(Verdict)
+            .where(Verdict.submission_id.in_(ids))
+            .values(description="", visible_text="", explanation="", reasons=[])
+        )
+
+    def expired_unerased(self, older_than: datetime, limit: int) -> list[uuid.UUID]:
+        """Final submissions created before ``older_than``, not erased and not under review, oldest first.
+
+        Their rows are locked. A submission with an open review item (an appeal, a QA second review) waits
+        until a person has decided it.
+        """
+        under_review = (
+            select(ReviewItem.id)
+            .where(ReviewItem.submission_id == Submission.id, ReviewItem.state.in_(REVIEW_OPEN_STATES))
+            .exists()
+        )
+        stmt = (
+            select(Submission.id)
+            .where(
+                Submission.erased_at.is_(None),
+                Submission.created_at < older_than,
+                Submission.status.in_(FINAL_STATUSES),
+                ~under_review,
+            )
+            .order_by(Submission.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return list(self.session.scalars(stmt))
+
+    def unreleased_images(self, limit: int) -> list[tuple[uuid.UUID, str]]:
+        """Erased submissions whose image is not released yet, and their image digests; rows locked."""
+        stmt = (
+            select(Submission.id, Submission.image_sha256)
+            .where(Submission.erased_at.is_not(None), Submission.image_released_at.is_(None))
+            .order_by(Submission.erased_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        return [(row.id, row.image_sha256) for row in self.session.execute(stmt)]
+
+    def images_in_use(self, digests: Sequence[str]) -> set[str]:
+        """Which of these image digests a submission that is not erased still refers to."""
+        if not digests:
+            return set()
+        stmt = (
+            select(Submission.image_sha256)
+            .where(Submission.image_sha256.in_(digests), Submission.erased_at.is_(None))
+            .distinct()
+        )
+        return set(self.session.scalars(stmt))
+
+    def mark_images_released(self, ids: Sequence[uuid.UUID], now: datetime) -> None:
+        """Record that these erased submissions no longer hold their image."""
+        if ids:
+            self.session.execute(
+                update(Submission)
+                .where(Submission.id.in_(ids))
+                .values(image_released_at=now)
+                .execution_options(synchronize_session=False)
+            )
 
     def count_by_status(self) -> dict[str, int]:
         """Number of submissions in each status, across tenants."""

@@ -112,6 +112,8 @@ class SubmissionOut(BaseModel):
     review: ReviewOut | None
     final_decision: str | None
     error: str | None
+    #: When the platform (or the retention period) had its content erased.
+    erased_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -135,6 +137,7 @@ class SubmissionOut(BaseModel):
             review=ReviewOut.from_model(review) if review else None,
             final_decision=str(submission.final_decision) if submission.final_decision else None,
             error=submission.last_error if str(submission.status) == "failed" else None,
+            erased_at=submission.erased_at,
             created_at=submission.created_at,
             updated_at=submission.updated_at,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import func, or_, select, update
@@ -124,6 +125,18 @@ class WebhookRepository:
             select(WebhookAttempt)
             .where(WebhookAttempt.delivery_id == delivery_id)
             .order_by(WebhookAttempt.attempt)
+        )
+        return list(self.session.scalars(stmt))
+
+    def deliveries_for_submissions(self, submission_ids: Sequence[uuid.UUID]) -> list[WebhookDelivery]:
+        """Every delivery about any of these submissions, rows locked (their payloads are to be rewritten)."""
+        if not submission_ids:
+            return []
+        stmt = (
+            select(WebhookDelivery)
+            .where(WebhookDelivery.submission_id.in_(submission_ids))
+            .order_by(WebhookDelivery.created_at)
+            .with_for_update()
         )
         return list(self.session.scalars(stmt))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import uuid
 from unittest import mock
 
 import anyio.to_thread
@@ -16,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from moderation.config import Settings
-from moderation.jobs import TASK_PROCESS_SUBMISSION
+from moderation.jobs import TASK_PROCESS_SUBMISSION, TASK_RELEASE_IMAGES
 from moderation.net.safe_http import fetch_bytes
-from moderation.submissions.models import Submission
+from moderation.submissions.models import Submission, SubmissionStatus
 from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg, make_png
 
@@ -369,3 +370,29 @@ def test_scrapes_count_the_tables_at_most_every_half_minute(
     for _ in range(3):
         assert "moderation_submissions" in client.get("/metrics").text
     assert len(calls) == 1
+
+
+def test_delete_erases_a_final_submission_and_refuses_one_still_being_judged(
+    client: TestClient,
+    tenant: ApiTenant,
+    other_tenant: ApiTenant,
+    sessions: sessionmaker[Session],
+    dispatched: RecordingDispatcher,
+) -> None:
+    sid = _post(client, tenant, make_jpeg(), caption="selling my bike", external_id="bike-1").json()["id"]
+    refused = client.delete(f"/v1/submissions/{sid}", headers=tenant.headers)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "submission_not_final"
+
+    with sessions() as session, session.begin():
+        session.get_one(Submission, uuid.UUID(sid)).status = SubmissionStatus.failed
+    assert client.delete(f"/v1/submissions/{sid}", headers=other_tenant.headers).status_code == 404
+    assert client.delete("/v1/submissions/not-an-id", headers=tenant.headers).status_code == 404
+    assert client.delete(f"/v1/submissions/{sid}").status_code == 401
+
+    erased = client.delete(f"/v1/submissions/{sid}", headers=tenant.headers)
+    assert erased.status_code == 204 and erased.content == b""
+    got = client.get(f"/v1/submissions/{sid}", headers=tenant.headers).json()
+    assert got["caption"] == "" and got["metadata"] == {} and got["erased_at"] is not None
+    assert (got["status"], got["external_id"]) == ("failed", "bike-1")
+    assert client.delete(f"/v1/submissions/{sid}", headers=tenant.headers).status_code == 204  # idempotent
+    assert TASK_RELEASE_IMAGES in [job.task for job in dispatched.jobs]

@@ -673,3 +673,44 @@ def test_the_first_segment_makes_the_new_folders_entries_durable(
     SegmentBlobStore(root).put(blob(1))
     # blobs/ is created in new/, new/ in tmp_path, segments/ in blobs/: each parent is synced.
     assert {tmp_path, tmp_path / "new", root} <= set(synced)
+
+
+def _can_punch_holes(folder: Path) -> bool:
+    probe = folder / "probe"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = os.open(probe, os.O_RDWR)
+    try:
+        return segments_module._punch_hole(fd, 0, 1 << 20)
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_delete_gives_the_blobs_disk_space_back(tmp_path: Path) -> None:
+    if not _can_punch_holes(tmp_path):
+        pytest.skip("this filesystem cannot punch holes; deletes overwrite with zeros there")
+    store = SegmentBlobStore(tmp_path)
+    kept, erased = os.urandom(300_000), os.urandom(2_000_000)
+    keys = store.put_many([kept, erased])
+    [segment] = files(store, ".seg")
+    before = segment.stat()
+    store.delete(str(keys[1]))
+    after = segment.stat()
+    assert after.st_blocks * 512 <= before.st_blocks * 512 - 1_900_000
+    assert after.st_size == before.st_size  # offsets of the other records stay valid
+    assert store.get(str(keys[0])) == kept and SegmentBlobStore(tmp_path).get(str(keys[0])) == kept
+    assert not store.exists(str(keys[1]))
+    assert erased[:64] not in segment.read_bytes()
+
+
+def test_delete_overwrites_with_zeros_where_holes_cannot_be_punched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segments_module, "_fallocate", None)
+    store = SegmentBlobStore(tmp_path)
+    data = os.urandom(100_000)
+    key = store.put(data)
+    store.delete(key)
+    [segment] = files(store, ".seg")
+    assert data[:64] not in segment.read_bytes() and data[-64:] not in segment.read_bytes()
+    assert not SegmentBlobStore(tmp_path).exists(key)

@@ -1,0 +1,276 @@
+"""Erasure and retention: content blanked, decisions kept, images deleted only once nothing needs them."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from moderation.audit.models import AuditEntry
+from moderation.blobs import BlobStoreError, LocalBlobStore
+from moderation.config import Settings
+from moderation.db import utcnow
+from moderation.errors import Conflict, NotFound
+from moderation.jobs import TASK_RELEASE_IMAGES
+from moderation.processing.repository import VerdictCacheRepository
+from moderation.review.service import appeal
+from moderation.submissions import erasure, service
+from moderation.submissions.models import Submission, SubmissionStatus, Verdict
+from moderation.tenants.models import Tenant
+from moderation.webhooks.models import WebhookDelivery, WebhookEndpoint
+from tests.conftest import RecordingDispatcher, make_jpeg
+from tests.review.helpers import add_review_item, make_tenant
+from tests.submissions.helpers import add_decided
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalBlobStore:
+    """A local blob store in the test's folder."""
+    return LocalBlobStore(tmp_path / "blobs", fsync=False)
+
+
+@pytest.fixture
+def tenant(session: Session, settings: Settings) -> Tenant:
+    """A tenant with a webhook endpoint for decisions."""
+    tenant = make_tenant(session, settings)
+    session.add(
+        WebhookEndpoint(
+            tenant_id=tenant.id,
+            url="https://hooks.example.com/x",
+            events=["submission.decided"],
+            secret="whsec_AAAAAAAAAAAAAAAA",
+        )
+    )
+    session.flush()
+    return tenant
+
+
+def test_erasing_blanks_the_content_and_keeps_the_decision(
+    session: Session,
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    submission = add_decided(session, tenant, store, settings)
+    session.commit()
+    dispatched.jobs.clear()
+
+    assert erasure.erase_submission(session, tenant, submission.id) is True
+    session.commit()
+
+    out = service.get_submission(session, tenant, submission.id)
+    assert out.erased_at is not None
+    assert (out.caption, out.metadata, out.status, out.final_decision) == ("", {}, "decided", "allow")
+    assert out.verdict is not None
+    assert (out.verdict.description, out.verdict.visible_text, out.verdict.explanation) == ("", "", "")
+    assert out.verdict.decision == "allow" and out.verdict.conflict_score == pytest.approx(0.1)
+    assert out.verdict.categories[0].name == "spam"
+    assert out.image["sha256"] == submission.image_sha256
+    verdict = session.scalars(select(Verdict).where(Verdict.submission_id == submission.id)).one()
+    assert verdict.reasons == []
+    # Stored webhook payloads are blanked too; the decision in them stays.
+    delivery = session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.submission_id == submission.id)
+    ).one()
+    data = delivery.payload["data"]
+    assert (data["caption"], data["metadata"], data["erased_at"]) == ("", {}, out.erased_at.isoformat())
+    assert data["verdict"]["description"] == "" and data["verdict"]["decision"] == "allow"
+    # The verdict is no longer offered to later submissions of the same image and caption.
+    assert (
+        VerdictCacheRepository(session).find(f"key-{submission.id}", newer_than=utcnow() - timedelta(1))
+        is None
+    )
+    entry = session.scalars(select(AuditEntry).where(AuditEntry.submission_id == submission.id)).one()
+    assert (entry.action, entry.actor) == ("submission.erase", f"tenant:{tenant.name}")
+    # The image itself goes in a maintenance job, sent only after the commit.
+    assert [job.task for job in dispatched.jobs] == [TASK_RELEASE_IMAGES]
+    assert store.exists(submission.image_sha256)
+
+    # A second erasure changes nothing and is not an error.
+    assert erasure.erase_submission(session, tenant, submission.id) is False
+
+
+def test_a_rolled_back_erasure_sends_no_job_and_keeps_the_content(
+    session: Session,
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    submission = add_decided(session, tenant, store, settings)
+    session.commit()
+    dispatched.jobs.clear()
+    erasure.erase_submission(session, tenant, submission.id)
+    session.rollback()
+    assert dispatched.jobs == []
+    assert service.get_submission(session, tenant, submission.id).caption == "my holiday in Lisbon"
+
+
+@pytest.mark.parametrize("status", [SubmissionStatus.queued, SubmissionStatus.processing])
+def test_a_submission_still_being_judged_cannot_be_erased(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings, status: SubmissionStatus
+) -> None:
+    submission = add_decided(session, tenant, store, settings, status=SubmissionStatus.queued)
+    submission.status = status
+    session.flush()
+    with pytest.raises(Conflict) as caught:
+        erasure.erase_submission(session, tenant, submission.id)
+    assert caught.value.code == "submission_not_final"
+
+
+def test_a_submission_a_person_is_reviewing_cannot_be_erased(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    item = add_review_item(session, tenant, store, settings)
+    with pytest.raises(Conflict) as caught:
+        erasure.erase_submission(session, tenant, item.submission_id)
+    assert caught.value.code == "submission_not_final"  # in_review
+    # An appeal reopens a decided submission: it is under review again.
+    decided = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=7))
+    appeal(session, tenant, decided.id, "please look again")
+    decided.status = SubmissionStatus.decided  # even if the status said final, the open item holds it
+    session.flush()
+    with pytest.raises(Conflict) as caught:
+        erasure.erase_submission(session, tenant, decided.id)
+    assert caught.value.code == "submission_under_review"
+
+
+def test_other_tenants_submissions_are_not_found(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    submission = add_decided(session, tenant, store, settings)
+    other = make_tenant(session, settings)
+    for who, ident in ((other, submission.id), (tenant, uuid.uuid4())):
+        with pytest.raises(NotFound):
+            erasure.erase_submission(session, who, ident)
+
+
+def test_an_erased_submission_cannot_be_appealed(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    submission = add_decided(session, tenant, store, settings)
+    erasure.erase_submission(session, tenant, submission.id)
+    with pytest.raises(Conflict) as caught:
+        appeal(session, tenant, submission.id, None)
+    assert caught.value.code == "submission_erased"
+
+
+def test_an_image_is_deleted_only_when_every_submission_of_it_is_erased(
+    session: Session,
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+) -> None:
+    image = make_jpeg(64, 48, seed=3)
+    other_tenant = make_tenant(session, settings)
+    first = add_decided(session, tenant, store, settings, image=image)
+    second = add_decided(session, other_tenant, store, settings, image=image, caption="another post")
+    assert first.image_sha256 == second.image_sha256
+    erasure.erase_submission(session, tenant, first.id)
+    session.commit()
+
+    assert erasure.release_erased_images(sessions, store) == 0
+    assert store.exists(first.image_sha256)  # the other tenant's submission still needs it
+
+    erasure.erase_submission(session, other_tenant, second.id)
+    session.commit()
+    assert erasure.release_erased_images(sessions, store) == 1
+    assert not store.exists(first.image_sha256)
+    released = session.scalars(
+        select(Submission.image_released_at)
+        .where(Submission.id.in_([first.id, second.id]))
+        .execution_options(populate_existing=True)
+    ).all()
+    assert all(at is not None for at in released)
+    assert erasure.release_erased_images(sessions, store) == 0  # nothing left to release
+
+
+class _FailingDeletes(LocalBlobStore):
+    def delete(self, sha256: str) -> None:
+        raise BlobStoreError("disk went read-only")
+
+
+def test_an_image_the_store_fails_to_delete_is_tried_again_later(
+    session: Session,
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    tmp_path: Path,
+) -> None:
+    submission = add_decided(session, tenant, store, settings)
+    erasure.erase_submission(session, tenant, submission.id)
+    session.commit()
+
+    assert erasure.release_erased_images(sessions, _FailingDeletes(tmp_path / "blobs", fsync=False)) == 0
+    assert store.exists(submission.image_sha256)
+    assert erasure.release_erased_images(sessions, store) == 1
+    assert not store.exists(submission.image_sha256)
+
+
+def test_retention_erases_only_old_final_submissions_nobody_is_reviewing(
+    session: Session,
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    old = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=11))
+    old_failed = add_decided(
+        session, tenant, store, settings, image=make_jpeg(64, 48, seed=12), status=SubmissionStatus.failed
+    )
+    old_queued = add_decided(
+        session, tenant, store, settings, image=make_jpeg(64, 48, seed=13), status=SubmissionStatus.queued
+    )
+    old_in_review = add_review_item(session, tenant, store, settings, seed=14).submission_id
+    old_appealed = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=15))
+    appeal(session, tenant, old_appealed.id, None)
+    old_appealed.status = SubmissionStatus.reviewed  # final by its status, but its appeal is still open
+    recent = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=16))
+    session.flush()
+    long_ago = utcnow() - timedelta(days=40)
+    session.execute(
+        update(Submission)
+        .where(Submission.id.in_([old.id, old_failed.id, old_queued.id, old_in_review, old_appealed.id]))
+        .values(created_at=long_ago)
+    )
+    session.commit()
+    dispatched.jobs.clear()
+
+    assert erasure.erase_expired(sessions, settings) == 0  # retention is off by default
+    settings.retention_days = 30
+    assert erasure.erase_expired(sessions, settings) == 2
+    erased = set(
+        session.scalars(
+            select(Submission.id)
+            .where(Submission.erased_at.is_not(None))
+            .execution_options(populate_existing=True)
+        )
+    )
+    assert erased == {old.id, old_failed.id}
+    assert recent.id not in erased
+    assert [job.task for job in dispatched.jobs] == [TASK_RELEASE_IMAGES]
+    assert erasure.release_erased_images(sessions, store) == 2
+    assert not store.exists(old.image_sha256) and store.exists(recent.image_sha256)
+    assert erasure.erase_expired(sessions, settings) == 0  # nothing more to erase
+
+
+def test_the_review_tool_says_an_erased_image_is_gone(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    from moderation.review.queries import submission_image
+
+    submission = add_decided(session, tenant, store, settings)
+    assert submission_image(session, store, submission.id)[1] == "image/jpeg"
+    erasure.erase_submission(session, tenant, submission.id)
+    session.flush()
+    with pytest.raises(NotFound) as caught:
+        submission_image(session, store, submission.id)
+    assert caught.value.code == "image_erased"
