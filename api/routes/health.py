@@ -30,9 +30,12 @@ def _broker(url: str) -> kombu.Connection:
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok"}
+async def healthz(request: Request) -> JSONResponse:
+    """The process is alive and can still store submissions (its intake writer's thread is running)."""
+    if request.app.state.intake_writer.died:
+        # Every submission would wait for a writer that is gone: only a restart brings intake back.
+        return JSONResponse({"status": "error", "intake_writer": "stopped"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get("/readyz")

@@ -96,6 +96,11 @@ class IntakeWriter:
         return not self._closed and self._thread.is_alive()
 
     @property
+    def died(self) -> bool:
+        """Whether the writer's thread ended without being closed (nothing stores submissions any more)."""
+        return not self._closed and self._thread.ident is not None and not self._thread.is_alive()
+
+    @property
     def busy_for(self) -> float:
         """Seconds the writer has spent on the batch it is working on now (0 when idle)."""
         since = self._busy_since
