@@ -253,14 +253,32 @@ def logout(
     return response
 
 
+DASHBOARD_PAGE_ITEMS = 50
+
+
 @router.get("", response_class=HTMLResponse)
-def dashboard(request: Request, principal: PrincipalDep, session: SessionDep) -> Response:
-    """The queue at a glance: counts, categories, the oldest item, and the open items in order."""
+def dashboard(
+    request: Request, principal: PrincipalDep, session: SessionDep, after: str | None = None
+) -> Response:
+    """The queue at a glance: counts, categories, the oldest item, and the open items in order, a page at a time."""
     overview = reports.overview(session)
-    items = [item for item, _ in ReviewRepository(session).list_page(open_only=True, limit=50)]
-    rows = queries.items_with_submissions(session, items)
+    page = ReviewRepository(session).list_page(
+        open_only=True,
+        limit=DASHBOARD_PAGE_ITEMS + 1,
+        after=queries.decode_position(after) if after else None,
+    )
+    more = len(page) > DASHBOARD_PAGE_ITEMS
+    page = page[:DASHBOARD_PAGE_ITEMS]
+    rows = queries.items_with_submissions(session, [item for item, _ in page])
     return _page(
-        request, "dashboard.html", principal, overview=overview, rows=rows, top_category=_top_category
+        request,
+        "dashboard.html",
+        principal,
+        overview=overview,
+        rows=rows,
+        top_category=_top_category,
+        first_page=after is None,
+        next_after=queries.encode_position(page[-1][1]) if more and page else None,
     )
 
 

@@ -182,3 +182,30 @@ def test_leads_see_reports_audit_and_sample_for_qa_and_admins_change_tenants(
         {"name": "counterfeit", "definition": "selling fake branded goods as genuine"}
     ]
     assert row is not None and row.block_threshold == 0.85
+
+
+def test_the_dashboard_pages_through_every_open_item(
+    app_client: TestClient,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    blobs: LocalBlobStore,
+    accounts: dict[str, Account],
+) -> None:
+    from api.ui.routes import DASHBOARD_PAGE_ITEMS
+
+    total = DASHBOARD_PAGE_ITEMS + 7
+    with sessions() as session, session.begin():
+        tenant = make_tenant(session, settings)
+        for n in range(total):
+            add_review_item(session, tenant, blobs, settings, caption=f"open item number {n:03d}", seed=n)
+    login(app_client, accounts["reviewer"])
+    seen: list[str] = []
+    url: str | None = "/review"
+    while url is not None:
+        page = app_client.get(url)
+        assert page.status_code == 200
+        seen += re.findall(r"open item number (\d{3})", page.text)
+        following = re.search(r'href="(/review\?after=[^"]+)" id="next-page"', page.text)
+        url = following.group(1).replace("&amp;", "&") if following else None
+    assert sorted(seen) == [f"{n:03d}" for n in range(total)] and len(seen) == total
+    assert "Most urgent" in page.text  # the last page links back to the first
