@@ -220,6 +220,61 @@ def bench_engine(engine: TransformersEngine, jpegs: list[bytes], device: str, ba
     return row(f"engine, batch {batch}", len(jpegs), total, latencies, device)
 
 
+def bench_shapes(engine: TransformersEngine, device: str, budget_gib: float, rounds: int) -> dict[str, Any]:
+    """Batches of changing shapes (batch size, caption length): how much GPU memory the decode buffers keep.
+
+    Production batches vary in size and in caption length (up to 2,048 tokens), and each (batch, length)
+    bucket has its own buffers and CUDA graphs. This runs every combination, shuffled, ``rounds`` times
+    with the decoder's byte budget at ``budget_gib`` and prints what the decoder holds and what the
+    allocator reserved after each batch.
+    """
+    import random
+
+    decoder = engine._decoder
+    decoder._states.clear()
+    torch.cuda.empty_cache()
+    decoder.state_budget_bytes = int(budget_gib * 2**30)
+    combos = [(batch, repeat) for batch in (1, 4, 8, 16, 32) for repeat in (1, 8, 20, 40)]
+    random.Random(0).shuffle(combos)
+    jpeg = make_jpeg(0)
+    times: list[list[float]] = []
+    peak_reserved = peak_held = 0
+    for round_index in range(rounds):
+        times.append([])
+        for batch, repeat in combos:
+            requests = [
+                EngineRequest(
+                    image=Image.open(io.BytesIO(jpeg)),
+                    caption=" ".join([CAPTION] * repeat),
+                    categories=prompts.DEFAULT_CATEGORIES,
+                )
+                for _ in range(batch)
+            ]
+
+            def run(requests: list[EngineRequest] = requests) -> None:
+                engine.moderate(requests)
+
+            elapsed = timed(run, device)
+            times[-1].append(elapsed)
+            held, reserved = decoder.held_state_bytes, torch.cuda.memory_reserved()
+            peak_reserved, peak_held = max(peak_reserved, reserved), max(peak_held, held)
+            print(
+                f"budget {budget_gib:g} GiB, round {round_index + 1}: batch {batch:2d}, caption x{repeat:2d}: "
+                f"{elapsed:6.2f} s, {len(decoder._states)} buckets kept, {held / 2**30:6.2f} GiB held, "
+                f"{reserved / 2**30:6.2f} GiB reserved",
+                flush=True,
+            )
+    return {
+        "budget_gib": budget_gib,
+        "shapes": len(combos),
+        "rounds": rounds,
+        "seconds_per_round": [round(sum(t), 2) for t in times],
+        "peak_held_gib": round(peak_held / 2**30, 2),
+        "peak_reserved_gib": round(peak_reserved / 2**30, 2),
+        "buckets_kept_at_end": len(decoder._states),
+    }
+
+
 def kernel_table(engine: TransformersEngine, jpegs: list[bytes], limit: int) -> None:
     """Print the GPU kernels that took the most time in one batch (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -266,6 +321,12 @@ def main() -> int:
     parser.add_argument(
         "--memory-gib", type=float, help="cap this process's GPU memory (to see the engine adapt its batch)"
     )
+    parser.add_argument(
+        "--shape-budgets",
+        default="6,1000",
+        help="mode shapes: comma list of decode-buffer budgets in GiB to run the changing shapes under",
+    )
+    parser.add_argument("--shape-rounds", type=int, default=2, help="mode shapes: passes over the shapes")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     from transformers import Qwen3VLProcessor
@@ -327,6 +388,9 @@ def main() -> int:
                 rows.append(
                     bench_engine(engine, jpegs[: size * args.rounds], device, size) | {"dtype": label}
                 )
+        if "shapes" in modes:
+            for budget in [float(b) for b in args.shape_budgets.split(",")]:
+                print(json.dumps(bench_shapes(engine, device, budget, args.shape_rounds)), flush=True)
         if "single" in modes:
             reset()
             rows.append(bench_engine(engine, jpegs[: args.single], device, 1) | {"dtype": label})

@@ -68,6 +68,14 @@ class _State:
     prefix_len: int = 0
     graphs: dict[int, Any] = field(default_factory=dict)  # attention window -> captured decode step
 
+    @property
+    def nbytes(self) -> int:
+        """Device memory its buffers take (its graphs' work memory lives in the decoder's shared pool)."""
+        tensors = [*self.keys, *self.values, *self.prefix_keys, *self.prefix_values]
+        tensors += [self.prefix_bias, self.mask, self.token, self.position, self.write_index]
+        tensors += [self.out_tokens, self.step]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class StaticDecoder:
     """Runs prefill, decode steps and teacher-forced blocks over static buffers of the text model."""
@@ -81,6 +89,7 @@ class StaticDecoder:
         eos_ids: list[int],
         min_new_tokens: int = 0,
         compile_step: bool = False,
+        state_budget_bytes: int = 0,
     ) -> None:
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -93,7 +102,12 @@ class StaticDecoder:
         self.device = self.lm_head.weight.device
         self.dtype = self.lm.embed_tokens.weight.dtype
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
-        self._states: dict[tuple[int, int, int], _State] = {}
+        # Buffers (and graphs) per (batch, length, steps) bucket, least recently used first. Shapes vary with
+        # images and captions, so they are kept only within a byte budget: beyond it the oldest are freed
+        # (recaptured if that shape comes back). Without graphs, buffers are cheap to make: only the one
+        # in use is kept.
+        self._states: OrderedDict[tuple[int, int, int], _State] = OrderedDict()
+        self.state_budget_bytes = state_budget_bytes if self.use_cuda_graphs else 0
         self._prefixes: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
         self._pool: Any = None
         self._suppress = (
@@ -151,12 +165,29 @@ class StaticDecoder:
             del self._states[key]
             state = None
         if state is None:
-            # One bucket at a time: a new shape frees the previous buffers (graphs keep theirs in the pool).
-            if not self.use_cuda_graphs:
-                self._states.clear()
+            # Free what the budget cannot hold before allocating, so the new buffers can reuse that memory.
+            self._evict_for(self._state_bytes(batch, length, max_steps, prefix_len))
             state = self._new_state(batch, length, max_steps, round_up(max(prefix_len, 1), PREFIX_BUCKET))
             self._states[key] = state
+        self._states.move_to_end(key)
         return state
+
+    def _state_bytes(self, batch: int, length: int, max_steps: int, prefix_len: int) -> int:
+        """What ``_new_state`` will allocate for this bucket (its KV buffers; the rest is small)."""
+        per_token = 2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize
+        return per_token * (batch * length + round_up(max(prefix_len, 1), PREFIX_BUCKET))
+
+    def _evict_for(self, incoming: int) -> None:
+        """Free the least recently used buckets until ``incoming`` more bytes fit in the budget."""
+        held = sum(state.nbytes for state in self._states.values())
+        while self._states and held + incoming > self.state_budget_bytes:
+            _, oldest = self._states.popitem(last=False)
+            held -= oldest.nbytes
+
+    @property
+    def held_state_bytes(self) -> int:
+        """Device memory the kept buckets' buffers take."""
+        return sum(state.nbytes for state in self._states.values())
 
     def _load_prefix(self, state: _State, prefix_ids: tuple[int, ...]) -> None:
         """Copy a prefix's keys and values into the state's prefix buffers (in place: graphs keep reading them)."""

@@ -90,6 +90,20 @@ class _Scored:
     category_scores: dict[str, float]
 
 
+#: Share of the device memory free after loading that decode buffers of past batch shapes may keep.
+DECODE_CACHE_SHARE = 0.35
+
+
+def decode_cache_budget(gib: float, device: torch.device) -> int:
+    """Bytes of decode buffers (and their graphs) kept across batch shapes: ``gib``, or a share of what is free."""
+    if gib > 0:
+        return int(gib * 2**30)
+    if device.type != "cuda":
+        return 0
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * DECODE_CACHE_SHARE)
+
+
 def _resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -148,6 +162,7 @@ class TransformersEngine(ModerationEngine):
         use_cuda_graphs: bool = True,
         compile_decode: bool = False,
         max_caption_tokens: int = 2048,
+        decode_cache_gib: float = 0.0,
     ) -> None:
         self._model = model
         self._processor = processor
@@ -199,7 +214,13 @@ class TransformersEngine(ModerationEngine):
             eos_ids=self._eos_ids,
             min_new_tokens=self._min_new_tokens,
             compile_step=compile_layers,
+            state_budget_bytes=decode_cache_budget(decode_cache_gib, device),
         )
+        if self._decoder.use_cuda_graphs:
+            logger.info(
+                "decode buffers and graphs are kept for up to %.1f GiB of batch shapes",
+                self._decoder.state_budget_bytes / 2**30,
+            )
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -289,6 +310,7 @@ class TransformersEngine(ModerationEngine):
             # bitsandbytes kernels are not capturable; quantized models decode eagerly.
             use_cuda_graphs=settings.cuda_graphs and settings.quantization == "none",
             compile_decode=settings.compile_decode,
+            decode_cache_gib=settings.decode_cache_gib,
         )
 
     # -- interface ---------------------------------------------------------------------------------

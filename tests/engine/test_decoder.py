@@ -175,3 +175,31 @@ def test_a_graph_captured_on_the_last_step_has_room_for_its_warm_up_steps(engine
         state.write_index.fill_(suffix_len + steps - 1)
         for _ in range(CAPTURE_WARMUP_STEPS + 1):  # the warm-up steps, then the captured one
             decoder._step(state, state.keys[0].shape[2])
+
+
+def test_buffers_of_past_batch_shapes_are_kept_within_a_byte_budget_least_recently_used_first(
+    engine: Any,
+) -> None:
+    """Shapes vary with images and captions: each new one must not keep GPU memory forever."""
+    decoder = StaticDecoder(
+        engine._model, use_cuda_graphs=False, suppress_ids=engine._suppress_ids, eos_ids=engine._eos_ids
+    )
+    assert decoder.state_budget_bytes == 0  # without graphs only the buffers in use are kept
+    one = decoder._state(1, 256, 8, 10)
+    decoder.state_budget_bytes = 3 * one.nbytes  # as a GPU engine sets it
+    assert decoder._state_bytes(1, 256, 8, 10) <= one.nbytes <= decoder._state_bytes(1, 256, 8, 10) * 1.05
+    decoder._state(2, 256, 8, 10)  # two units
+    assert list(decoder._states) == [(1, 256, 8), (2, 256, 8)]
+    assert decoder._state(1, 256, 8, 10) is one  # kept, and now the most recently used
+    decoder._state(1, 512, 8, 10)  # two units: the least recently used (2, 256) goes
+    assert list(decoder._states) == [(1, 256, 8), (1, 512, 8)]
+    assert decoder.held_state_bytes <= decoder.state_budget_bytes
+    decoder._state(4, 512, 8, 10)  # larger than the budget on its own: kept alone while in use
+    assert list(decoder._states) == [(4, 512, 8)]
+
+
+def test_a_gpu_engine_keeps_a_share_of_the_free_memory_for_past_shapes() -> None:
+    from moderation.engine.transformers_engine import decode_cache_budget
+
+    assert decode_cache_budget(2.5, torch.device("cpu")) == int(2.5 * 2**30)
+    assert decode_cache_budget(0, torch.device("cpu")) == 0
