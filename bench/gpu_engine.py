@@ -231,7 +231,7 @@ def bench_shapes(engine: TransformersEngine, device: str, budget_gib: float, rou
     import random
 
     decoder = engine._decoder
-    decoder._states.clear()
+    decoder.forget_all()
     torch.cuda.empty_cache()
     decoder.state_budget_bytes = int(budget_gib * 2**30)
     combos = [(batch, repeat) for batch in (1, 4, 8, 16, 32) for repeat in (1, 8, 20, 40)]

@@ -162,7 +162,7 @@ class StaticDecoder:
         state = self._states.get(key)
         if state is not None and state.prefix_keys[0].shape[2] < prefix_len:
             # A longer prefix than this bucket has seen: new buffers, and graphs that read them.
-            del self._states[key]
+            self._drop(key)
             state = None
         if state is None:
             # Free what the budget cannot hold before allocating, so the new buffers can reuse that memory.
@@ -181,8 +181,22 @@ class StaticDecoder:
         """Free the least recently used buckets until ``incoming`` more bytes fit in the budget."""
         held = sum(state.nbytes for state in self._states.values())
         while self._states and held + incoming > self.state_budget_bytes:
-            _, oldest = self._states.popitem(last=False)
-            held -= oldest.nbytes
+            oldest = next(iter(self._states))
+            held -= self._states[oldest].nbytes
+            self._drop(oldest)
+
+    def _drop(self, key: tuple[int, int, int]) -> None:
+        """Free one bucket's buffers and graphs."""
+        del self._states[key]
+        if not any(state.graphs for state in self._states.values()):
+            # The graphs' shared memory pool dies with its last graph: PyTorch refuses to capture into it
+            # again (an internal assertion), so the next capture starts a new pool.
+            self._pool = None
+
+    def forget_all(self) -> None:
+        """Free every bucket's buffers and graphs."""
+        for key in list(self._states):
+            self._drop(key)
 
     @property
     def held_state_bytes(self) -> int:
@@ -204,7 +218,7 @@ class StaticDecoder:
     def forget_batches_over(self, batch: int) -> None:
         """Free the buffers and graphs of batch buckets larger than ``batch`` (after running out of memory)."""
         for key in [k for k in self._states if k[0] > batch]:
-            del self._states[key]
+            self._drop(key)
 
     # -- the transformer, over the static cache ----------------------------------------------------
 

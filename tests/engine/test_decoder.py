@@ -203,3 +203,18 @@ def test_a_gpu_engine_keeps_a_share_of_the_free_memory_for_past_shapes() -> None
 
     assert decode_cache_budget(2.5, torch.device("cpu")) == int(2.5 * 2**30)
     assert decode_cache_budget(0, torch.device("cpu")) == 0
+
+
+def test_the_graph_pool_is_started_afresh_once_its_last_graph_is_freed(engine: Any) -> None:
+    """PyTorch refuses to capture into a pool whose graphs are all gone (seen on an H200): start a new one."""
+    decoder = StaticDecoder(
+        engine._model, use_cuda_graphs=False, suppress_ids=engine._suppress_ids, eos_ids=engine._eos_ids
+    )
+    decoder.state_budget_bytes = 1 << 40
+    first, second = decoder._state(1, 256, 8, 10), decoder._state(2, 256, 8, 10)
+    pool = decoder._pool = object()  # what graph.pool() hands back after a capture
+    first.graphs[64] = second.graphs[64] = object()
+    decoder.forget_batches_over(1)  # a graph of the first bucket still holds the pool
+    assert decoder._pool is pool
+    decoder.forget_all()
+    assert decoder._pool is None and decoder.held_state_bytes == 0
