@@ -182,7 +182,11 @@ class Settings(BaseSettings):
     )
     attn_implementation: str = Field(default="sdpa", description="transformers attention implementation.")
     max_new_tokens: int = Field(
-        default=96, description="Cap on generated tokens (description and explanation)."
+        default=256,
+        description=(
+            "Cap on generated tokens (description, visible text and explanation; a reply ends at the blank "
+            "line after its explanation, typically 120-220 tokens)."
+        ),
     )
     max_caption_tokens: int = Field(
         default=2048,

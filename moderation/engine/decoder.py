@@ -50,6 +50,50 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class ReplyEnd:
+    """Where each generated reply ends: an end-of-sequence token, or the blank line after its explanation line.
+
+    The engine forces its own answer block after the three labelled lines, so the model's own answers (and
+    anything else after the blank line that closes the explanation line) would be decoded for nothing. The
+    explanation label counts only at the start of a line, so a blank line inside the visible text does not
+    end the reply early.
+    """
+
+    def __init__(
+        self,
+        eos_ids: list[int],
+        blank_line_ids: list[int],
+        line_end_ids: list[int],
+        explanation_label_ids: list[int],
+        *,
+        device: torch.device,
+        min_tokens: int = 0,
+    ) -> None:
+        def ids(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=device)
+
+        self.eos = ids(eos_ids)
+        self.blank_line = ids(blank_line_ids)
+        self.line_end = ids(line_end_ids)
+        self.labels = ids(explanation_label_ids)
+        self.min_tokens = min_tokens
+
+    def first_stop(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per row of ``tokens`` (B, T), the index of the token that ends the reply, or T when none does."""
+        stop = torch.isin(tokens, self.eos)
+        if self.labels.numel() and self.blank_line.numel():
+            after_line_end = torch.zeros_like(stop)
+            after_line_end[:, 1:] = torch.isin(tokens[:, :-1], self.line_end)
+            label = torch.isin(tokens, self.labels) & after_line_end
+            explained = label.cumsum(dim=1) > 0
+            blank = torch.isin(tokens, self.blank_line) & explained
+            if self.min_tokens > 1:  # benchmarks force a length; end-of-sequence is masked before it too
+                blank[:, : self.min_tokens - 1] = False
+            stop |= blank
+        length = torch.full_like(stop[:, 0], tokens.shape[1], dtype=torch.long)
+        return torch.where(stop.any(dim=1), stop.float().argmax(dim=1), length)
+
+
 @dataclass
 class _State:
     """Static buffers of one (batch, length) bucket; a captured graph reads and writes only these."""
@@ -90,6 +134,7 @@ class StaticDecoder:
         min_new_tokens: int = 0,
         compile_step: bool = False,
         state_budget_bytes: int = 0,
+        reply_end: ReplyEnd | None = None,
     ) -> None:
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
@@ -114,6 +159,7 @@ class StaticDecoder:
             torch.tensor(suppress_ids, dtype=torch.long, device=self.device) if suppress_ids else None
         )
         self._eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
+        self.reply_end = reply_end or ReplyEnd(eos_ids, [], [], [], device=self.device)
         # Decode step s produces token s + 1; end-of-sequence is forbidden before token min_new_tokens.
         self._eos_allowed_from_step = torch.tensor(max(0, min_new_tokens - 1), device=self.device)
         self.eps = float(config.rms_norm_eps)
@@ -427,7 +473,7 @@ class StaticDecoder:
                 self._step(state, window)
             if ran >= min_new_tokens and ran % DONE_CHECK_EVERY == 0:
                 produced = torch.cat([first_token.view(-1, 1), state.out_tokens[:real_batch, :ran]], dim=1)
-                if bool(torch.isin(produced, self._eos).any(dim=1).all()):
+                if bool((self.reply_end.first_stop(produced) < produced.shape[1]).all()):
                     break
         tokens = torch.cat([first_token.view(-1, 1), state.out_tokens[:real_batch, :ran]], dim=1)
         return tokens, start + ran

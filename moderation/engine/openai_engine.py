@@ -127,7 +127,7 @@ class OpenAIEngine(ModerationEngine):
         api_key: str | None = None,
         timeout_seconds: float = 60.0,
         concurrency: int = 8,
-        max_new_tokens: int = 96,
+        max_new_tokens: int = 256,
         image_max_pixels: int = 512 * 512,
         image_min_pixels: int = 32 * 32,
         top_logprobs: int = 20,

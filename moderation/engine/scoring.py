@@ -151,3 +151,35 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
     return ids
+
+
+def _token_text(tokenizer: Any, token_id: int, raw: str) -> str:
+    """What a token spells: byte-level BPE marks (Ġ space, Ċ newline, ĉ tab) mapped back, else decoded."""
+    if any(mark in raw for mark in "ĠĊĉ"):
+        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t")
+    return str(tokenizer.decode([token_id]))
+
+
+def reply_end_token_ids(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
+    """Tokens that end a reply's labelled lines: (holding a blank line, ending a line, explanation label).
+
+    A reply is over at the first blank line after its explanation line: the engine then forces its own
+    answer block, so nothing the model writes after that is needed.
+    """
+    raw_tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    blank: list[int] = []
+    line_end: list[int] = []
+    for token_id, raw in enumerate(raw_tokens):
+        if not raw or not ("Ċ" in raw or "\n" in raw):
+            continue
+        text = _token_text(tokenizer, token_id, raw)
+        if re.search(r"\n[ \t]*\n", text):
+            blank.append(token_id)
+        if text.endswith("\n"):
+            line_end.append(token_id)
+    labels: list[int] = []
+    for label in prompts.all_labels()["explanation"]:
+        ids = tokenizer.encode(label, add_special_tokens=False)
+        if ids and ids[0] not in labels:
+            labels.append(int(ids[0]))
+    return blank, line_end, labels

@@ -49,7 +49,7 @@ from moderation.engine.base import (
     ModelInfo,
     ModerationEngine,
 )
-from moderation.engine.decoder import StaticDecoder
+from moderation.engine.decoder import ReplyEnd, StaticDecoder
 from moderation.engine.fixture import CHAT_TEMPLATE_PATH, FIXTURE_MARKER, is_fixture_folder
 from moderation.engine.images import VISUAL_TOKEN_FACTOR, prepare_image, synthetic_image
 from moderation.engine.scoring import (
@@ -59,6 +59,7 @@ from moderation.engine.scoring import (
     confidence_from,
     eos_token_ids,
     parse_description,
+    reply_end_token_ids,
     request_language,
     suppressed_token_ids,
 )
@@ -215,6 +216,12 @@ class TransformersEngine(ModerationEngine):
             min_new_tokens=self._min_new_tokens,
             compile_step=compile_layers,
             state_budget_bytes=decode_cache_budget(decode_cache_gib, device),
+            reply_end=ReplyEnd(
+                self._eos_ids,
+                *reply_end_token_ids(self._tokenizer),
+                device=device,
+                min_tokens=self._min_new_tokens,
+            ),
         )
         if self._decoder.use_cuda_graphs:
             logger.info(
@@ -681,13 +688,7 @@ class TransformersEngine(ModerationEngine):
         mark("decode")
         prompt_len = suffix_ids.shape[1]  # row slots before the first generated token
         steps = tokens.shape[1] - 1  # tokens in the cache; the last one is fed with the block
-        eos = torch.tensor(self._eos_ids, device=self._device)
-        is_eos = torch.isin(tokens, eos)
-        first_eos = torch.where(
-            is_eos.any(dim=1),
-            is_eos.float().argmax(dim=1),
-            torch.full_like(is_eos[:, 0], tokens.shape[1], dtype=torch.long),
-        )
+        first_eos = self._decoder.reply_end.first_stop(tokens)  # EOS, or the blank line after the explanation
         positions = torch.arange(tokens.shape[1], device=self._device).unsqueeze(0)
         keep = positions < first_eos.unsqueeze(1)
         block_ids = torch.full(
@@ -735,8 +736,9 @@ class TransformersEngine(ModerationEngine):
             k += len(keys)
         token_rows = tokens.tolist()
         counts = [min(int(e) + 1, len(r)) for e, r in zip(first_eos.tolist(), token_rows, strict=True)]
+        # The ending token is decoded too: a blank line may share it with the explanation's last word.
         texts = [
-            self._tokenizer.decode(r[: int(e)], skip_special_tokens=True)
+            self._tokenizer.decode(r[: int(e) + 1], skip_special_tokens=True).rstrip()
             for r, e in zip(token_rows, first_eos.tolist(), strict=True)
         ]
         return results, texts, counts

@@ -146,18 +146,28 @@ def test_matches_the_transformers_engine(remote: OpenAIEngine, engine: Any, comp
     conditions on the generated token ids and the separately tokenized block. Random fixture text is often
     not in canonical tokenization (e.g. "พักผ่อน" generated as 2 tokens re-tokenizes as 3), so for each
     request the test first checks whether the two token sequences agree. Where they do, every score
-    agrees to 1e-4; where they do not, the generated text still agrees exactly.
+    agrees to 1e-4; where they do not, the generated text still agrees exactly. Which requests agree
+    depends on what the random weights write for the prompt's wording, so there are several of each
+    language, and at least one of each must be compared score by score.
     """
     url, runner = compat
-    requests = [
+    english = [
         _request((160, 160), "A dog in a park.", 1),
-        _request((160, 160), "一碗面条。", 1),
         _request((160, 160), "A bowl of noodles.", 11),
+        _request((128, 192), "My new bike.", 5),
+        _request((192, 128), "Sunset at the beach.", 7),
     ]
+    chinese = [
+        _request((160, 160), "一碗面条。", 1),
+        _request((128, 192), "我家的猫在睡觉。", 4),
+        _request((192, 128), "周末去爬山。", 9),
+    ]
+    requests = english + chinese
     ours = remote.moderate(requests)
     theirs = engine.moderate(requests)
     same_tokens = [_server_tokens_match(url, runner, remote, r) for r in requests]
-    assert same_tokens[:2] == [True, True], same_tokens  # English and Chinese are compared score by score
+    # English and Chinese are both compared score by score.
+    assert any(same_tokens[: len(english)]) and any(same_tokens[len(english) :]), same_tokens
     for a, b, same in zip(ours, theirs, same_tokens, strict=True):
         assert (a.description, a.visible_text, a.generated_tokens) == (
             b.description,

@@ -1,0 +1,71 @@
+"""Where a generated reply ends: end of sequence, or the blank line that closes its explanation line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from moderation.engine.decoder import ReplyEnd
+from moderation.engine.scoring import reply_end_token_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(engine: Any) -> Any:
+    """The real Qwen tokenizer of the fixture model."""
+    return engine._tokenizer
+
+
+@pytest.fixture(scope="module")
+def reply_end(engine: Any, tokenizer: Any) -> ReplyEnd:
+    """The rule as the engine builds it."""
+    return ReplyEnd(engine._eos_ids, *reply_end_token_ids(tokenizer), device=torch.device("cpu"))
+
+
+def _end(reply_end: ReplyEnd, tokenizer: Any, text: str, eos: bool = False) -> str:
+    ids = tokenizer.encode(text, add_special_tokens=False) + ([reply_end.eos[0].item()] if eos else [])
+    stop = int(reply_end.first_stop(torch.tensor([ids]))[0])
+    return str(tokenizer.decode(ids[: stop + 1], skip_special_tokens=True))
+
+
+@pytest.mark.parametrize(
+    ("reply", "kept"),
+    [
+        (
+            "Description: A cat.\nVisible text: none\nExplanation: The caption matches.\n\nconflict: no\nspam: no",
+            "Description: A cat.\nVisible text: none\nExplanation: The caption matches.\n\n",
+        ),
+        (  # a blank line inside the visible text is not the end
+            "Description: A poster.\nVisible text: SALE\n\n50% OFF\nExplanation: It is an advert.\n\nconflict: no",
+            "Description: A poster.\nVisible text: SALE\n\n50% OFF\nExplanation: It is an advert.\n\n",
+        ),
+        (  # nor is the label's word inside a line (使用说明: "instructions for use")
+            "描述：一张海报。\n图中文字：使用说明\n\n第一步\n说明：配文与图片相符。\n\nconflict: no",
+            "描述：一张海报。\n图中文字：使用说明\n\n第一步\n说明：配文与图片相符。\n\n",
+        ),
+    ],
+)
+def test_a_reply_ends_at_the_blank_line_after_its_explanation(
+    reply_end: ReplyEnd, tokenizer: Any, reply: str, kept: str
+) -> None:
+    assert _end(reply_end, tokenizer, reply) == kept
+
+
+def test_end_of_sequence_ends_a_reply_and_a_cut_reply_is_kept_whole(
+    reply_end: ReplyEnd, tokenizer: Any
+) -> None:
+    short = "Description: A cat.\nVisible text: none\nExplanation: fine."
+    assert _end(reply_end, tokenizer, short, eos=True) == short
+    assert _end(reply_end, tokenizer, short) == short  # the cap cut it: every token is kept
+    rows = [tokenizer.encode(t, add_special_tokens=False)[:6] for t in ("Description: a b c d e f", "x " * 9)]
+    assert reply_end.first_stop(torch.tensor(rows)).tolist() == [6, 6]
+
+
+def test_a_forced_length_holds_off_the_blank_line_rule(engine: Any, tokenizer: Any) -> None:
+    ids = tokenizer.encode("Explanation: ok.\n\nmore text here", add_special_tokens=False)
+    ids = tokenizer.encode("\n", add_special_tokens=False) + ids
+    forced = ReplyEnd(
+        engine._eos_ids, *reply_end_token_ids(tokenizer), device=torch.device("cpu"), min_tokens=len(ids)
+    )
+    assert int(forced.first_stop(torch.tensor([ids]))[0]) == len(ids)
