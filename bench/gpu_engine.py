@@ -220,6 +220,13 @@ def bench_engine(engine: TransformersEngine, jpegs: list[bytes], device: str, ba
     return row(f"engine, batch {batch}", len(jpegs), total, latencies, device)
 
 
+def force_new_tokens(engine: TransformersEngine, count: int) -> None:
+    """Make every reply exactly ``count`` tokens long (random weights would stop anywhere)."""
+    engine._max_new_tokens = engine._min_new_tokens = count
+    engine._decoder.reply_end.min_tokens = count
+    engine._decoder._eos_allowed_from_step.fill_(max(0, count - 1))  # read in place by captured graphs
+
+
 def bench_shapes(engine: TransformersEngine, device: str, budget_gib: float, rounds: int) -> dict[str, Any]:
     """Batches of changing shapes (batch size, caption length): how much GPU memory the decode buffers keep.
 
@@ -327,6 +334,9 @@ def main() -> int:
         help="mode shapes: comma list of decode-buffer budgets in GiB to run the changing shapes under",
     )
     parser.add_argument("--shape-rounds", type=int, default=2, help="mode shapes: passes over the shapes")
+    parser.add_argument(
+        "--new-tokens", help="mode engine: comma list of reply lengths to force (default: 96)"
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
     from transformers import Qwen3VLProcessor
@@ -381,13 +391,16 @@ def main() -> int:
         if args.kernels:
             kernel_table(engine, jpegs[: args.batch], args.kernels)
         if "engine" in modes:
-            for size in [int(b) for b in (args.engine_batches or str(args.batch)).split(",")]:
-                if size * args.rounds > len(jpegs):
-                    jpegs += [make_jpeg(i) for i in range(len(jpegs), size * args.rounds)]
-                reset()
-                rows.append(
-                    bench_engine(engine, jpegs[: size * args.rounds], device, size) | {"dtype": label}
-                )
+            for new_tokens in [int(n) for n in (args.new_tokens or str(NEW_TOKENS)).split(",")]:
+                force_new_tokens(engine, new_tokens)
+                for size in [int(b) for b in (args.engine_batches or str(args.batch)).split(",")]:
+                    if size * args.rounds > len(jpegs):
+                        jpegs += [make_jpeg(i) for i in range(len(jpegs), size * args.rounds)]
+                    reset()
+                    row_of = bench_engine(engine, jpegs[: size * args.rounds], device, size)
+                    row_of["mode"] += f", {new_tokens} tokens"
+                    rows.append(row_of | {"dtype": label})
+            force_new_tokens(engine, NEW_TOKENS)
         if "shapes" in modes:
             for budget in [float(b) for b in args.shape_budgets.split(",")]:
                 print(json.dumps(bench_shapes(engine, device, budget, args.shape_rounds)), flush=True)
