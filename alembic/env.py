@@ -28,6 +28,9 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+_MIGRATION_LOCK = 7215063
+
+
 def run_migrations_online() -> None:
     """Migrate over a live connection, serialised by an advisory lock so parallel starts are safe."""
     connection = config.attributes.get("connection")
@@ -38,10 +41,18 @@ def run_migrations_online() -> None:
         return
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata, compare_type=True)
-        with context.begin_transaction():
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215063)")
-            context.run_migrations()
+        # A session-level lock: it must outlive the commits of migrations that build indexes
+        # concurrently (outside a transaction), which would release a transaction-level one.
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
+        conn.commit()
+        try:
+            context.configure(connection=conn, target_metadata=target_metadata, compare_type=True)
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            conn.rollback()
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})")
+            conn.commit()
 
 
 if context.is_offline_mode():

@@ -22,7 +22,6 @@ TASK_PROCESS_SUBMISSION = "moderation.process_submission"
 TASK_DELIVER_WEBHOOK = "moderation.deliver_webhook"
 TASK_SWEEP = "moderation.sweep"
 TASK_RETENTION = "moderation.retention"
-TASK_RELEASE_IMAGES = "moderation.release_images"
 
 
 @dataclass(frozen=True)

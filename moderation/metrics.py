@@ -41,6 +41,10 @@ SUBMISSIONS_ERASED = Counter(
 ERASED_IMAGES_DELETED = Counter(
     "moderation_erased_images_deleted_total", "Images deleted because every submission of them was erased"
 )
+ERASED_IMAGE_RACES = Counter(
+    "moderation_erased_image_races_total",
+    "Images posted again while their last copy was being deleted (their new submission fails)",
+)
 VERDICTS_WITHOUT_INFERENCE = Counter(
     "moderation_verdicts_without_inference_total",
     "Verdicts reached without running the engine, by cause (known_image, blocklist, cache)",

@@ -90,5 +90,10 @@ def test_the_migrations_build_exactly_the_schema_the_models_describe(database_ur
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
+            # An index whose concurrent build was cancelled exists but is never used.
+            invalid = connection.exec_driver_sql(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE NOT i.indisvalid"
+            ).all()
+            assert invalid == []
     finally:
         engine.dispose()

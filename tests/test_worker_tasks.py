@@ -110,7 +110,7 @@ def test_the_retention_task_erases_expired_submissions_and_deletes_their_images(
 
     from moderation.blobs import LocalBlobStore
     from moderation.db import utcnow
-    from moderation.jobs import QUEUE_MAINTENANCE, TASK_RELEASE_IMAGES, TASK_RETENTION
+    from moderation.jobs import QUEUE_MAINTENANCE, TASK_RETENTION
     from moderation.submissions.models import Submission
     from tests.review.helpers import make_tenant
     from tests.submissions.helpers import add_decided
@@ -131,7 +131,6 @@ def test_the_retention_task_erases_expired_submissions_and_deletes_their_images(
     assert tasks.retention_task.run() == {"erased": 1, "images_deleted": 1}
     assert not store.exists(submission.image_sha256)
     assert tasks.retention_task.run() == {"erased": 0, "images_deleted": 0}
-    # Beat runs it; both tasks go to the maintenance queue.
+    # Beat runs it, on the maintenance queue.
     assert any(entry["task"] == TASK_RETENTION for entry in celery_app.conf.beat_schedule.values())
-    for name in (TASK_RETENTION, TASK_RELEASE_IMAGES):
-        assert celery_app.conf.task_routes[name] == {"queue": QUEUE_MAINTENANCE}
+    assert celery_app.conf.task_routes[TASK_RETENTION] == {"queue": QUEUE_MAINTENANCE}

@@ -15,7 +15,6 @@ from moderation.jobs import (
     QUEUE_WEBHOOKS,
     TASK_DELIVER_WEBHOOK,
     TASK_PROCESS_SUBMISSION,
-    TASK_RELEASE_IMAGES,
     TASK_RETENTION,
     TASK_SWEEP,
     Job,
@@ -34,7 +33,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
             TASK_DELIVER_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
             TASK_SWEEP: {"queue": QUEUE_MAINTENANCE},
             TASK_RETENTION: {"queue": QUEUE_MAINTENANCE},
-            TASK_RELEASE_IMAGES: {"queue": QUEUE_MAINTENANCE},
         },
         # A job is acknowledged only after it ran, and re-delivered if its worker died holding it.
         task_acks_late=True,

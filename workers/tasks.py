@@ -161,29 +161,18 @@ def deliver_webhook(delivery_id: str) -> str | None:
 def retention_task() -> dict[str, int]:
     """Erase submissions past the retention period, then delete the images no one needs any more."""
     sessions, settings = get_sessionmaker(), get_settings()
-    erased = 0
+    erased = deleted = 0
     for _ in range(_RETENTION_ROUNDS):  # bounded, so one run cannot hold a maintenance worker for long
         count = erasure.erase_expired(sessions, settings)
         erased += count
         if count < erasure.BATCH:
             break
-    return {"erased": erased, "images_deleted": _release_images()}
-
-
-@celery_app.task(name=jobs.TASK_RELEASE_IMAGES, acks_late=True)
-def release_images() -> int:
-    """Delete the images of erased submissions that no submission still needs."""
-    return _release_images()
-
-
-def _release_images() -> int:
-    deleted = 0
     for _ in range(_RETENTION_ROUNDS):
-        count = erasure.release_erased_images(get_sessionmaker(), get_blob_store())
-        deleted += count
-        if count == 0:
+        report = erasure.release_erased_images(sessions, get_blob_store())
+        deleted += report.deleted
+        if report.submissions + report.failed < erasure.BATCH:
             break
-    return deleted
+    return {"erased": erased, "images_deleted": deleted}
 
 
 @celery_app.task(name=jobs.TASK_SWEEP, acks_late=True)

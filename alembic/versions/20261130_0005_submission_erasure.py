@@ -17,43 +17,42 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+_INDEXES = (
+    ("ix_submissions_image_sha256", "(image_sha256)", ""),
+    ("ix_submissions_unerased_created", "(created_at)", " WHERE erased_at IS NULL"),
+    (
+        "ix_submissions_image_unreleased",
+        "(erased_at)",
+        " WHERE erased_at IS NOT NULL AND image_released_at IS NULL",
+    ),
+)
+
+
 def upgrade() -> None:
-    op.add_column("submissions", sa.Column("erased_at", sa.DateTime(timezone=True), nullable=True))
-    op.add_column("submissions", sa.Column("image_released_at", sa.DateTime(timezone=True), nullable=True))
+    # Safe to run again after a failure part-way: the columns may exist, an index build may have been
+    # cancelled. Waiting for the table lock must not hold intake's inserts queued behind it for long.
+    op.execute("SET LOCAL lock_timeout = '10s'")
+    op.execute("ALTER TABLE submissions ADD COLUMN IF NOT EXISTS erased_at TIMESTAMP WITH TIME ZONE")
+    op.execute("ALTER TABLE submissions ADD COLUMN IF NOT EXISTS image_released_at TIMESTAMP WITH TIME ZONE")
     # Built without locking intake out of a large table (CONCURRENTLY cannot run inside a transaction).
     with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_submissions_image_sha256",
-            "submissions",
-            ["image_sha256"],
-            postgresql_concurrently=True,
-            if_not_exists=True,
-        )
-        op.create_index(
-            "ix_submissions_unerased_created",
-            "submissions",
-            ["created_at"],
-            postgresql_where=sa.text("erased_at IS NULL"),
-            postgresql_concurrently=True,
-            if_not_exists=True,
-        )
-        op.create_index(
-            "ix_submissions_image_unreleased",
-            "submissions",
-            ["erased_at"],
-            postgresql_where=sa.text("erased_at IS NOT NULL AND image_released_at IS NULL"),
-            postgresql_concurrently=True,
-            if_not_exists=True,
-        )
+        bind = op.get_bind()
+        for name, columns, where in _INDEXES:
+            valid = bind.execute(
+                sa.text(
+                    "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname = :name"
+                ),
+                {"name": name},
+            ).scalar()
+            if valid is False:  # a cancelled concurrent build leaves an invalid index behind
+                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+            op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON submissions {columns}{where}")
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        for name in (
-            "ix_submissions_image_unreleased",
-            "ix_submissions_unerased_created",
-            "ix_submissions_image_sha256",
-        ):
+        for name, _, _ in reversed(_INDEXES):
             op.drop_index(name, table_name="submissions", postgresql_concurrently=True, if_exists=True)
     op.drop_column("submissions", "image_released_at")
     op.drop_column("submissions", "erased_at")

@@ -1,11 +1,13 @@
-"""SQL for the audit log: inserts and reads only."""
+"""SQL for the audit log: inserts and reads (and, for an erased submission, its entries to redact)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, text, tuple_, update
 from sqlalchemy.orm import Session
 
 from moderation.audit.models import AuditEntry
@@ -22,6 +24,35 @@ class AuditRepository:
         self.session.add(entry)
         self.session.flush()
         return entry
+
+    def for_submissions(self, submission_ids: Sequence[uuid.UUID]) -> list[AuditEntry]:
+        """Every entry about these submissions, to redact the free text of erased ones."""
+        if not submission_ids:
+            return []
+        return list(
+            self.session.scalars(select(AuditEntry).where(AuditEntry.submission_id.in_(submission_ids)))
+        )
+
+    def redact_snapshots(self, changes: Sequence[tuple[uuid.UUID, Any, Any]]) -> None:
+        """Replace entries' before/after snapshots (id, before, after): the one change the database allows.
+
+        The log's trigger refuses every other UPDATE, and this one too outside the transaction-local
+        ``moderation.audit_redaction`` setting made here.
+        """
+        if not changes:
+            return
+        self.session.flush()
+        self.session.execute(text("SET LOCAL moderation.audit_redaction = 'on'"))
+        try:
+            for entry_id, before, after in changes:
+                self.session.execute(
+                    update(AuditEntry)
+                    .where(AuditEntry.id == entry_id)
+                    .values(before=before, after=after)
+                    .execution_options(synchronize_session=False)
+                )
+        finally:
+            self.session.execute(text("SET LOCAL moderation.audit_redaction = 'off'"))
 
     def search(
         self,

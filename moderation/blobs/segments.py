@@ -788,7 +788,7 @@ class SegmentBlobStore(BlobStore):
             known = self._unsealed.get(digest)
             if known is not None and (known.segment, known.offset) in erased:
                 del self._unsealed[digest]
-        self.loose.delete(key)
+        self.loose.delete(key)  # raises BlobStoreError itself
 
     def _copies_in(self, name: str, digest: bytes) -> list[_Location]:
         """Every live record of the blob in segment ``name``, read record by record."""

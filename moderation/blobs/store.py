@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -21,6 +22,8 @@ from moderation.errors import InvalidInput, ModerationError, NotFound
 
 if TYPE_CHECKING:
     from moderation.config import Settings
+
+logger = logging.getLogger(__name__)
 
 # Files of one batch synced at once by the local store.
 _SYNC_THREADS = 8
@@ -286,9 +289,15 @@ class LocalBlobStore(BlobStore):
         return self.path_for(sha256).is_file() or self.legacy_path_for(sha256).is_file()
 
     def delete(self, sha256: str) -> None:
-        """Remove the blob's file, if any."""
-        self.path_for(sha256).unlink(missing_ok=True)
-        self.legacy_path_for(sha256).unlink(missing_ok=True)
+        """Remove the blob's file, if any; the removal is durable when the store syncs."""
+        try:
+            for path in (self.path_for(sha256), self.legacy_path_for(sha256)):
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    if self.fsync:  # else a crash could bring back an image recorded as deleted
+                        fsync_directory(path.parent)
+        except OSError as exc:
+            raise BlobStoreError(f"could not delete blob {sha256}: {exc.strerror or exc}") from exc
 
     def check(self) -> None:
         """Create the root if needed and prove it is writable with a probe file."""
@@ -419,13 +428,32 @@ class S3BlobStore(BlobStore):
         return True
 
     def delete(self, sha256: str) -> None:
-        """Delete the object; S3 treats a missing key as success."""
+        """Delete the object, and its older versions in a versioned bucket; a missing key is success."""
+        key = self.key_for(sha256)
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=self.key_for(sha256))
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+            self._delete_versions(key)
         except ClientError as exc:
             raise BlobStoreError(f"S3 delete_object failed: {_error_code(exc)}") from exc
         except BotoCoreError as exc:
             raise BlobStoreError(f"S3 is unreachable: {exc}") from exc
+
+    def _delete_versions(self, key: str) -> None:
+        """In a versioned bucket a delete only adds a marker and keeps the bytes: delete every version."""
+        try:
+            listing = self._client.list_object_versions(Bucket=self.bucket, Prefix=key)
+        except ClientError as exc:
+            if _error_code(exc) not in ("AccessDenied", "403"):
+                raise
+            logger.warning(
+                "cannot list object versions in bucket %s (no s3:ListBucketVersions): if it is versioned, "
+                "deleted images stay in older versions",
+                self.bucket,
+            )
+            return
+        for version in [*listing.get("Versions", []), *listing.get("DeleteMarkers", [])]:
+            if version.get("Key") == key and version.get("VersionId") not in (None, "null"):
+                self._client.delete_object(Bucket=self.bucket, Key=key, VersionId=version["VersionId"])
 
     def check(self) -> None:
         """Raise BlobStoreError unless the bucket exists and is accessible."""

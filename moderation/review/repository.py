@@ -116,6 +116,49 @@ class ReviewRepository:
         )
         return list(self.session.scalars(stmt))
 
+    def unerased_submissions_locked(self, submission_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these submissions are not erased, share-locked so no erasure runs until commit."""
+        if not submission_ids:
+            return set()
+        stmt = (
+            select(Submission.id)
+            .where(Submission.id.in_(submission_ids), Submission.erased_at.is_(None))
+            .with_for_update(read=True)
+        )
+        return set(self.session.scalars(stmt))
+
+    def delete_open_qa_items(self, submission_ids: Sequence[uuid.UUID]) -> list[ReviewItem]:
+        """Delete the open QA second reviews of these submissions; the deleted items."""
+        items = list(
+            self.session.scalars(
+                select(ReviewItem)
+                .where(
+                    ReviewItem.submission_id.in_(submission_ids),
+                    ReviewItem.kind == ReviewKind.qa,
+                    ReviewItem.state.in_(OPEN_STATES),
+                )
+                .with_for_update()
+            )
+        )
+        for item in items:
+            self.session.delete(item)
+        self.session.flush()
+        return items
+
+    def redact_items_of(self, submission_ids: Sequence[uuid.UUID], text: str) -> None:
+        """Replace the free text of these submissions' review items (reasons, notes, appeal reasons)."""
+        if not submission_ids:
+            return
+        self.session.execute(
+            update(ReviewItem)
+            .where(ReviewItem.submission_id.in_(submission_ids))
+            .values(
+                reason=text,
+                note=case((ReviewItem.note.is_(None), None), else_=text),
+                details=ReviewItem.details.op("-")("appeal_reason"),
+            )
+        )
+
     def open_items_of(self, email: str) -> list[ReviewItem]:
         """Open items a reviewer holds or was assigned, locked for update."""
         stmt = (
@@ -442,6 +485,10 @@ class ReviewRepository:
             ReviewItem.decision.in_([ReviewDecision.approve, ReviewDecision.reject]),
             ReviewItem.decided_at >= since,
             ~select(qa.id).where(qa.origin_id == ReviewItem.id, qa.kind == ReviewKind.qa).exists(),
+            # An erased submission has nothing left to check.
+            select(Submission.id)
+            .where(Submission.id == ReviewItem.submission_id, Submission.erased_at.is_(None))
+            .exists(),
         ]
         if tenant_id is not None:
             conditions.append(ReviewItem.tenant_id == tenant_id)

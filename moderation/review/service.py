@@ -386,8 +386,10 @@ def sample_for_qa(
         raise InvalidInput("count must be between 1 and 500", code="invalid_count")
     repo = ReviewRepository(session)
     originals = repo.sample_for_qa(count, since=utcnow() - timedelta(days=days), tenant_id=tenant_id)
+    # Share-locked until commit: an erasure cannot slip in between this check and the new QA items.
+    unerased = repo.unerased_submissions_locked([o.submission_id for o in originals])
     created = []
-    for original in originals:
+    for original in [o for o in originals if o.submission_id in unerased]:
         qa = repo.add(
             ReviewItem(
                 id=new_id(),

@@ -6,10 +6,15 @@ what the user posted or what describes it: the caption, the metadata, the source
 description, visible text, explanation and reasons, and the copies of these in stored webhook payloads.
 The erased verdict is no longer reused by the verdict cache.
 
+Free text people wrote about the submission goes too: review items' reasons (which quote blocklist and
+injection matches), reviewers' notes and the platform's appeal reason, in the review items and in the
+audit trail's snapshots. Who did what, and when, stays. Open QA second reviews of the submission are
+withdrawn: there is nothing left to check.
+
 Images are content-addressed and shared by every submission of the same bytes, so an erasure only marks
-the submission; ``release_erased_images`` later deletes an image once no submission that is not erased
-refers to it. Both steps are idempotent and resumable: a crash between them leaves submissions that the
-next run releases.
+the submission; ``release_erased_images`` (beat's retention run) later deletes an image once no submission
+that is not erased refers to it. Both steps are idempotent and resumable: a crash between them leaves
+submissions that the next run releases.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,13 +30,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from moderation import metrics
 from moderation.audit import service as audit
-from moderation.blobs import BlobStore, BlobStoreError
+from moderation.audit.repository import AuditRepository
+from moderation.blobs import BlobStore
 from moderation.config import Settings
 from moderation.db import utcnow
 from moderation.errors import Conflict, NotFound
-from moderation.jobs import QUEUE_MAINTENANCE, TASK_RELEASE_IMAGES, Job, enqueue_after_commit
 from moderation.processing.repository import VerdictCacheRepository
-from moderation.review.models import REVIEW_OPEN_STATES
+from moderation.review.models import REVIEW_OPEN_STATES, ReviewKind
 from moderation.review.repository import ReviewRepository
 from moderation.submissions.repository import FINAL_STATUSES, SubmissionRepository
 from moderation.tenants.models import Tenant
@@ -39,17 +45,16 @@ from moderation.webhooks.repository import WebhookRepository
 logger = logging.getLogger(__name__)
 
 _VERDICT_TEXTS = ("description", "visible_text", "explanation")
-#: Submissions one erasure or release pass takes in one transaction.
+#: What erased free text reads afterwards.
+ERASED = "(erased)"
+#: Keys of audit snapshots that hold free text about a submission.
+_AUDIT_FREE_TEXT = ("note", "reason", "appeal_reason")
+#: Submissions one erasure or release pass takes.
 BATCH = 500
 
 
-def release_images_job() -> Job:
-    """The maintenance job that deletes the images erased submissions no longer need."""
-    return Job(TASK_RELEASE_IMAGES, (), QUEUE_MAINTENANCE)
-
-
 def erase_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID) -> bool:
-    """Erase a tenant's submission; False if it already was. Conflict while it is not final or under review."""
+    """Erase a tenant's submission; False if it already was. Conflict while it is being judged or appealed."""
     repo = SubmissionRepository(session)
     submission = repo.get_for_update(submission_id, tenant.id)
     if submission is None:
@@ -63,11 +68,12 @@ def erase_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID)
             code="submission_not_final",
         )
     if any(
-        item.state in REVIEW_OPEN_STATES for item in ReviewRepository(session).for_submission(submission.id)
+        item.state in REVIEW_OPEN_STATES and item.kind != ReviewKind.qa
+        for item in ReviewRepository(session).for_submission(submission.id)
     ):
         raise Conflict(
-            "a reviewer is still to decide this submission (an appeal or a quality check); retry after the "
-            "submission.reviewed webhook",
+            "a reviewer is still to decide this submission's appeal; retry after its submission.reviewed "
+            "webhook",
             code="submission_under_review",
         )
     now = utcnow()
@@ -82,7 +88,6 @@ def erase_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID)
         submission_id=submission.id,
         tenant_id=tenant.id,
     )
-    enqueue_after_commit(session, release_images_job())
     return True
 
 
@@ -96,44 +101,68 @@ def erase_expired(sessions: sessionmaker[Session], settings: Settings, *, limit:
             now - timedelta(days=settings.retention_days), limit
         )
         _erase(session, ids, now)
-        if ids:
-            enqueue_after_commit(session, release_images_job())
     if ids:
         metrics.SUBMISSIONS_ERASED.labels("retention").inc(len(ids))
         logger.info("retention: erased %d submissions older than %d days", len(ids), settings.retention_days)
     return len(ids)
 
 
+@dataclass
+class ReleaseReport:
+    """What one pass of ``release_erased_images`` did."""
+
+    submissions: int = 0  # erased submissions whose claim on their image was released
+    deleted: int = 0  # images deleted because no submission needs them any more
+    failed: int = 0  # images the store could not delete (their submissions stay for the next pass)
+
+
 def release_erased_images(
     sessions: sessionmaker[Session], blob_store: BlobStore, *, limit: int = BATCH
-) -> int:
-    """Delete the images of up to ``limit`` erased submissions that nothing else needs; how many were deleted.
+) -> ReleaseReport:
+    """Delete the images of up to ``limit`` erased submissions that nothing else needs.
 
-    An image that a submission not erased still refers to stays. An image the store fails to delete keeps
-    its submissions unreleased, so a later run tries again.
+    Each image is checked and deleted on its own, with no transaction open while the store works: neither
+    an erasure nor an appeal waits for the store, and intake has the least time to post the same bytes
+    again between the check and the delete. An image the store fails to delete keeps its submissions
+    unreleased for the next pass.
     """
-    deleted = 0
-    with sessions() as session, session.begin():
-        repo = SubmissionRepository(session)
-        rows = repo.unreleased_images(limit)
-        digests = sorted({digest for _, digest in rows})
-        in_use = repo.images_in_use(digests)
-        failed: set[str] = set()
-        for digest in digests:
-            if digest in in_use:
-                continue
+    report = ReleaseReport()
+    with sessions() as session:
+        rows = SubmissionRepository(session).unreleased_images(limit)
+    by_digest: dict[str, list[uuid.UUID]] = {}
+    for submission_id, digest in rows:
+        by_digest.setdefault(digest, []).append(submission_id)
+    for digest, ids in by_digest.items():
+        with sessions() as session:
+            in_use = bool(SubmissionRepository(session).images_in_use([digest]))
+        if not in_use:
             try:
                 blob_store.delete(digest)
-            except BlobStoreError as exc:
-                logger.error("could not delete erased image %s: %s; the next run tries again", digest, exc)
-                failed.add(digest)
+            except Exception as exc:  # one image the store refuses must not hold back the others
+                logger.error("could not delete erased image %s: %s; the next pass tries again", digest, exc)
+                report.failed += 1
                 continue
-            deleted += 1
-        repo.mark_images_released([sid for sid, digest in rows if digest not in failed], utcnow())
-    if deleted:
-        metrics.ERASED_IMAGES_DELETED.inc(deleted)
-        logger.info("deleted %d images of erased submissions", deleted)
-    return deleted
+            report.deleted += 1
+            _check_nothing_lost(sessions, digest)
+        with sessions() as session, session.begin():
+            SubmissionRepository(session).mark_images_released(ids, utcnow())
+        report.submissions += len(ids)
+    if report.deleted:
+        metrics.ERASED_IMAGES_DELETED.inc(report.deleted)
+        logger.info("deleted %d images of erased submissions", report.deleted)
+    return report
+
+
+def _check_nothing_lost(sessions: sessionmaker[Session], digest: str) -> None:
+    """Say so loudly when the same bytes were posted again while their last copy was being deleted."""
+    with sessions() as session:
+        if SubmissionRepository(session).images_in_use([digest]):
+            metrics.ERASED_IMAGE_RACES.inc()
+            logger.error(
+                "image %s was posted again while it was being deleted: its new submission will fail with "
+                "'image could not be loaded' and has to be posted again",
+                digest,
+            )
 
 
 def _erase(session: Session, ids: Sequence[uuid.UUID], now: datetime) -> None:
@@ -143,6 +172,17 @@ def _erase(session: Session, ids: Sequence[uuid.UUID], now: datetime) -> None:
     VerdictCacheRepository(session).forget_submissions(ids)
     for delivery in WebhookRepository(session).deliveries_for_submissions(ids):
         delivery.payload = _erased_payload(delivery.payload, now)
+    reviews = ReviewRepository(session)
+    for item in reviews.delete_open_qa_items(ids):
+        logger.info("withdrew QA review %s of erased submission %s", item.id, item.submission_id)
+    reviews.redact_items_of(ids, ERASED)
+    audit_log = AuditRepository(session)
+    redacted = [
+        (entry.id, _erased_snapshot(entry.before), _erased_snapshot(entry.after))
+        for entry in audit_log.for_submissions(ids)
+        if _has_free_text(entry.before) or _has_free_text(entry.after)
+    ]
+    audit_log.redact_snapshots(redacted)
 
 
 def _erased_payload(payload: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -150,5 +190,18 @@ def _erased_payload(payload: dict[str, Any], now: datetime) -> dict[str, Any]:
     data = dict(payload.get("data") or {})
     data.update(caption="", metadata={}, erased_at=now.isoformat())
     if isinstance(data.get("verdict"), dict):
-        data["verdict"] = {**data["verdict"], **dict.fromkeys(_VERDICT_TEXTS, "")}
+        data["verdict"] = {**data["verdict"], **dict.fromkeys(_VERDICT_TEXTS, ""), "reasons": []}
     return {**payload, "data": data}
+
+
+def _has_free_text(snapshot: dict[str, Any] | None) -> bool:
+    return snapshot is not None and any(
+        snapshot.get(key) not in (None, "", ERASED) for key in _AUDIT_FREE_TEXT
+    )
+
+
+def _erased_snapshot(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An audit snapshot with its free text replaced."""
+    if not snapshot:
+        return snapshot
+    return {key: ERASED if key in _AUDIT_FREE_TEXT and value else value for key, value in snapshot.items()}

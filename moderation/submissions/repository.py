@@ -18,7 +18,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.types import TypeEngine
 
 from moderation.db import utcnow
-from moderation.review.models import REVIEW_OPEN_STATES, ReviewItem
+from moderation.review.models import REVIEW_OPEN_STATES, ReviewItem, ReviewKind
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
 _SUBMISSIONS = cast(Table, Submission.__table__)
@@ -448,14 +448,17 @@ class SubmissionRepository:
         )
 
     def expired_unerased(self, older_than: datetime, limit: int) -> list[uuid.UUID]:
-        """Final submissions created before ``older_than``, not erased and not under review, oldest first.
+        """Final submissions created before ``older_than``, not erased and not appealed, oldest first.
 
-        Their rows are locked. A submission with an open review item (an appeal, a QA second review) waits
-        until a person has decided it.
+        Their rows are locked. A submission with an open appeal waits until a person has decided it.
         """
         under_review = (
             select(ReviewItem.id)
-            .where(ReviewItem.submission_id == Submission.id, ReviewItem.state.in_(REVIEW_OPEN_STATES))
+            .where(
+                ReviewItem.submission_id == Submission.id,
+                ReviewItem.state.in_(REVIEW_OPEN_STATES),
+                ReviewItem.kind != ReviewKind.qa,  # a QA second review is withdrawn by the erasure
+            )
             .exists()
         )
         stmt = (
@@ -473,13 +476,12 @@ class SubmissionRepository:
         return list(self.session.scalars(stmt))
 
     def unreleased_images(self, limit: int) -> list[tuple[uuid.UUID, str]]:
-        """Erased submissions whose image is not released yet, and their image digests; rows locked."""
+        """Erased submissions whose image is not released yet, and their image digests, oldest first."""
         stmt = (
             select(Submission.id, Submission.image_sha256)
             .where(Submission.erased_at.is_not(None), Submission.image_released_at.is_(None))
             .order_by(Submission.erased_at)
             .limit(limit)
-            .with_for_update(skip_locked=True)
         )
         return [(row.id, row.image_sha256) for row in self.session.execute(stmt)]
 

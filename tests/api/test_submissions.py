@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.app import create_app
 from moderation.config import Settings
-from moderation.jobs import TASK_PROCESS_SUBMISSION, TASK_RELEASE_IMAGES
+from moderation.jobs import TASK_PROCESS_SUBMISSION
 from moderation.net.safe_http import fetch_bytes
 from moderation.submissions.models import Submission, SubmissionStatus
 from tests.api.conftest import ApiTenant
@@ -395,4 +395,3 @@ def test_delete_erases_a_final_submission_and_refuses_one_still_being_judged(
     assert got["caption"] == "" and got["metadata"] == {} and got["erased_at"] is not None
     assert (got["status"], got["external_id"]) == ("failed", "bike-1")
     assert client.delete(f"/v1/submissions/{sid}", headers=tenant.headers).status_code == 204  # idempotent
-    assert TASK_RELEASE_IMAGES in [job.task for job in dispatched.jobs]

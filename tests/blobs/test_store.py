@@ -465,3 +465,17 @@ def test_a_blob_whose_bytes_no_longer_match_its_digest_is_never_handed_out(
     local.path_for(local_key).write_bytes(b"altered")
     with pytest.raises(BlobStoreError, match="corrupt"):
         local.get(local_key)
+
+
+def test_s3_delete_removes_every_version_in_a_versioned_bucket(
+    s3_store: S3BlobStore, moto_endpoint: str
+) -> None:
+    client = raw_client(moto_endpoint)
+    client.put_bucket_versioning(Bucket=s3_store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    data = os.urandom(4096)
+    key = s3_store.put(data)
+    client.put_object(Bucket=s3_store.bucket, Key=f"images/{key}", Body=data)  # a second version
+    s3_store.delete(key)
+    versions = client.list_object_versions(Bucket=s3_store.bucket, Prefix=f"images/{key}")
+    assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []
+    assert not s3_store.exists(key)

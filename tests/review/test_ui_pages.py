@@ -209,3 +209,29 @@ def test_the_dashboard_pages_through_every_open_item(
         url = following.group(1).replace("&amp;", "&") if following else None
     assert sorted(seen) == [f"{n:03d}" for n in range(total)] and len(seen) == total
     assert "Most urgent" in page.text  # the last page links back to the first
+
+
+def test_an_erased_submission_shows_no_image_and_no_content(
+    app_client: TestClient,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    blobs: LocalBlobStore,
+    accounts: dict[str, Account],
+) -> None:
+    from moderation.review.models import ReviewDecision, ReviewState
+    from moderation.submissions.erasure import erase_submission
+    from moderation.submissions.models import Submission, SubmissionStatus
+
+    with sessions() as session, session.begin():
+        tenant = make_tenant(session, settings)
+        item = add_review_item(session, tenant, blobs, settings, caption="Ana's flat, 12 Rua Augusta", seed=5)
+        session.get_one(Submission, item.submission_id).status = SubmissionStatus.reviewed
+        item.state, item.decision = ReviewState.decided, ReviewDecision.approve
+        session.flush()
+        erase_submission(session, tenant, item.submission_id)
+        item_id = item.id
+    login(app_client, accounts["lead"])
+    page = app_client.get(f"/review/items/{item_id}")
+    assert page.status_code == 200
+    assert 'id="media-erased"' in page.text and 'id="media-img"' not in page.text
+    assert "Rua Augusta" not in page.text

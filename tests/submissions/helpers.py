@@ -50,7 +50,10 @@ def add_decided(
             description="A beach at sunset with two people.",
             visible_text="LISBOA 2026",
             explanation="The caption matches the photo.",
-            reasons=["conflict_score 0.10 is at most the allow threshold"],
+            reasons=[
+                "conflict_score 0.10 is at most the allow threshold",
+                f"blocklist: term 'lisbon' matched in caption (\"{caption[-6:]}\")",
+            ],
             model_name="fixture",
             model_revision="test",
             prompt_version="test",

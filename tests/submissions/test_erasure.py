@@ -11,13 +11,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.audit.models import AuditEntry
-from moderation.blobs import BlobStoreError, LocalBlobStore
+from moderation.blobs import LocalBlobStore
 from moderation.config import Settings
 from moderation.db import utcnow
 from moderation.errors import Conflict, NotFound
-from moderation.jobs import TASK_RELEASE_IMAGES
 from moderation.processing.repository import VerdictCacheRepository
-from moderation.review.service import appeal
+from moderation.review.models import ReviewDecision, ReviewKind
+from moderation.review.repository import ReviewRepository
+from moderation.review.service import appeal, claim_next, decide, sample_for_qa
+from moderation.reviewers.models import Role
+from moderation.reviewers.schemas import ReviewerRef
 from moderation.submissions import erasure, service
 from moderation.submissions.models import Submission, SubmissionStatus, Verdict
 from moderation.tenants.models import Tenant
@@ -80,6 +83,7 @@ def test_erasing_blanks_the_content_and_keeps_the_decision(
     data = delivery.payload["data"]
     assert (data["caption"], data["metadata"], data["erased_at"]) == ("", {}, out.erased_at.isoformat())
     assert data["verdict"]["description"] == "" and data["verdict"]["decision"] == "allow"
+    assert data["verdict"]["reasons"] == []  # they quote the caption
     # The verdict is no longer offered to later submissions of the same image and caption.
     assert (
         VerdictCacheRepository(session).find(f"key-{submission.id}", newer_than=utcnow() - timedelta(1))
@@ -87,15 +91,14 @@ def test_erasing_blanks_the_content_and_keeps_the_decision(
     )
     entry = session.scalars(select(AuditEntry).where(AuditEntry.submission_id == submission.id)).one()
     assert (entry.action, entry.actor) == ("submission.erase", f"tenant:{tenant.name}")
-    # The image itself goes in a maintenance job, sent only after the commit.
-    assert [job.task for job in dispatched.jobs] == [TASK_RELEASE_IMAGES]
-    assert store.exists(submission.image_sha256)
+    # The image itself goes in beat's retention run.
+    assert dispatched.jobs == [] and store.exists(submission.image_sha256)
 
     # A second erasure changes nothing and is not an error.
     assert erasure.erase_submission(session, tenant, submission.id) is False
 
 
-def test_a_rolled_back_erasure_sends_no_job_and_keeps_the_content(
+def test_a_rolled_back_erasure_keeps_the_content(
     session: Session,
     tenant: Tenant,
     store: LocalBlobStore,
@@ -107,7 +110,6 @@ def test_a_rolled_back_erasure_sends_no_job_and_keeps_the_content(
     dispatched.jobs.clear()
     erasure.erase_submission(session, tenant, submission.id)
     session.rollback()
-    assert dispatched.jobs == []
     assert service.get_submission(session, tenant, submission.id).caption == "my holiday in Lisbon"
 
 
@@ -175,12 +177,12 @@ def test_an_image_is_deleted_only_when_every_submission_of_it_is_erased(
     erasure.erase_submission(session, tenant, first.id)
     session.commit()
 
-    assert erasure.release_erased_images(sessions, store) == 0
+    assert erasure.release_erased_images(sessions, store).deleted == 0
     assert store.exists(first.image_sha256)  # the other tenant's submission still needs it
 
     erasure.erase_submission(session, other_tenant, second.id)
     session.commit()
-    assert erasure.release_erased_images(sessions, store) == 1
+    assert erasure.release_erased_images(sessions, store).deleted == 1
     assert not store.exists(first.image_sha256)
     released = session.scalars(
         select(Submission.image_released_at)
@@ -188,15 +190,23 @@ def test_an_image_is_deleted_only_when_every_submission_of_it_is_erased(
         .execution_options(populate_existing=True)
     ).all()
     assert all(at is not None for at in released)
-    assert erasure.release_erased_images(sessions, store) == 0  # nothing left to release
+    assert erasure.release_erased_images(sessions, store).submissions == 0  # nothing left to release
 
 
-class _FailingDeletes(LocalBlobStore):
+class _OneUndeletable(LocalBlobStore):
+    """A store that cannot delete one image (a read-only file, say) and deletes the others."""
+
+    def __init__(self, root: Path, stuck: str) -> None:
+        super().__init__(root, fsync=False)
+        self.stuck = stuck
+
     def delete(self, sha256: str) -> None:
-        raise BlobStoreError("disk went read-only")
+        if sha256 == self.stuck:
+            raise PermissionError(13, "Permission denied")
+        super().delete(sha256)
 
 
-def test_an_image_the_store_fails_to_delete_is_tried_again_later(
+def test_an_image_the_store_fails_to_delete_is_tried_again_and_holds_back_no_other(
     session: Session,
     sessions: sessionmaker[Session],
     tenant: Tenant,
@@ -204,14 +214,18 @@ def test_an_image_the_store_fails_to_delete_is_tried_again_later(
     settings: Settings,
     tmp_path: Path,
 ) -> None:
-    submission = add_decided(session, tenant, store, settings)
-    erasure.erase_submission(session, tenant, submission.id)
+    stuck = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=21))
+    other = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=22))
+    for submission in (stuck, other):
+        erasure.erase_submission(session, tenant, submission.id)
     session.commit()
 
-    assert erasure.release_erased_images(sessions, _FailingDeletes(tmp_path / "blobs", fsync=False)) == 0
-    assert store.exists(submission.image_sha256)
-    assert erasure.release_erased_images(sessions, store) == 1
-    assert not store.exists(submission.image_sha256)
+    report = erasure.release_erased_images(sessions, _OneUndeletable(tmp_path / "blobs", stuck.image_sha256))
+    assert (report.deleted, report.failed, report.submissions) == (1, 1, 1)
+    assert store.exists(stuck.image_sha256) and not store.exists(other.image_sha256)
+    report = erasure.release_erased_images(sessions, store)
+    assert (report.deleted, report.failed, report.submissions) == (1, 0, 1)
+    assert not store.exists(stuck.image_sha256)
 
 
 def test_retention_erases_only_old_final_submissions_nobody_is_reviewing(
@@ -256,8 +270,7 @@ def test_retention_erases_only_old_final_submissions_nobody_is_reviewing(
     )
     assert erased == {old.id, old_failed.id}
     assert recent.id not in erased
-    assert [job.task for job in dispatched.jobs] == [TASK_RELEASE_IMAGES]
-    assert erasure.release_erased_images(sessions, store) == 2
+    assert erasure.release_erased_images(sessions, store).deleted == 2
     assert not store.exists(old.image_sha256) and store.exists(recent.image_sha256)
     assert erasure.erase_expired(sessions, settings) == 0  # nothing more to erase
 
@@ -274,3 +287,64 @@ def test_the_review_tool_says_an_erased_image_is_gone(
     with pytest.raises(NotFound) as caught:
         submission_image(session, store, submission.id)
     assert caught.value.code == "image_erased"
+
+
+LEAD = ReviewerRef("lead@example.com", Role.lead)
+OTHER_LEAD = ReviewerRef("other@example.com", Role.lead)
+
+
+def _decide(session: Session, who: ReviewerRef, decision: ReviewDecision, note: str | None = None) -> None:
+    item = claim_next(session, who, 600)
+    assert item is not None and item.lease_token is not None
+    categories = ["scam_fraud"] if decision == ReviewDecision.reject else []
+    decide(
+        session,
+        item.id,
+        reviewer=who,
+        lease_token=item.lease_token,
+        decision=decision,
+        categories=categories,
+        note=note,
+    )
+
+
+def test_free_text_about_the_submission_is_erased_in_reviews_and_the_audit_trail(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    item = add_review_item(session, tenant, store, settings, caption="Jane Roe 415-555-0199", seed=31)
+    item.reason = 'blocklist: pattern \\d{3}-\\d{3}-\\d{4} matched in caption ("415-555-0199")'
+    session.flush()
+    _decide(session, LEAD, ReviewDecision.approve, "Jane Roe's number is her shop's")
+    appeal(session, tenant, item.submission_id, "Jane Roe asked us to appeal")
+    _decide(session, OTHER_LEAD, ReviewDecision.approve, "fine")
+    session.flush()
+
+    erasure.erase_submission(session, tenant, item.submission_id)
+    session.flush()
+    session.expire_all()
+
+    items = ReviewRepository(session).for_submission(item.submission_id)
+    assert [i.reason for i in items] == [erasure.ERASED, erasure.ERASED]
+    assert [i.note for i in items] == [erasure.ERASED, erasure.ERASED]
+    assert all("appeal_reason" not in (i.details or {}) for i in items)
+    assert [i.decision for i in items] == [ReviewDecision.approve, ReviewDecision.approve]  # outcomes stay
+    entries = session.scalars(select(AuditEntry).where(AuditEntry.submission_id == item.submission_id)).all()
+    text = repr([(e.before, e.after) for e in entries])
+    assert "Jane Roe" not in text and "415-555-0199" not in text
+    assert {e.action for e in entries} >= {"review.decide", "submission.appeal", "submission.erase"}
+
+
+def test_an_open_qa_review_is_withdrawn_and_erased_submissions_are_never_sampled(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    item = add_review_item(session, tenant, store, settings, seed=41)
+    _decide(session, LEAD, ReviewDecision.reject)
+    [qa] = sample_for_qa(session, OTHER_LEAD, 1)
+    assert qa.submission_id == item.submission_id and qa.kind == ReviewKind.qa
+
+    assert erasure.erase_submission(session, tenant, item.submission_id) is True  # not refused for QA
+    session.flush()
+    assert [i.kind for i in ReviewRepository(session).for_submission(item.submission_id)] == [
+        ReviewKind.review
+    ]
+    assert sample_for_qa(session, OTHER_LEAD, 5) == []  # nothing left to check
