@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from moderation.engine.scoring import ReplyEndTokens
+
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LENGTH_BUCKET = 256
 #: Decode steps attend to the row slots in use rounded up to this many (one captured graph per window).
@@ -55,40 +57,46 @@ class ReplyEnd:
 
     The engine forces its own answer block after the three labelled lines, so the model's own answers (and
     anything else after the blank line that closes the explanation line) would be decoded for nothing. The
-    explanation label counts only at the start of a line, so a blank line inside the visible text does not
-    end the reply early.
+    explanation label counts only at the start of a line (markdown such as ``**`` or ``-`` allowed) and
+    followed by a colon, and the blank line must come after at least one token of the explanation, so
+    neither "Explanation of terms" nor "解释权归本公司所有" in the visible text ends a reply.
     """
 
     def __init__(
-        self,
-        eos_ids: list[int],
-        blank_line_ids: list[int],
-        line_end_ids: list[int],
-        explanation_label_ids: list[int],
-        *,
-        device: torch.device,
-        min_tokens: int = 0,
+        self, eos_ids: list[int], tokens: ReplyEndTokens | None, *, device: torch.device, min_tokens: int = 0
     ) -> None:
         def ids(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
         self.eos = ids(eos_ids)
-        self.blank_line = ids(blank_line_ids)
-        self.line_end = ids(line_end_ids)
-        self.labels = ids(explanation_label_ids)
+        self.tokens = tokens
+        if tokens is not None:
+            self.blank_line, self.line_end = ids(tokens.blank_line), ids(tokens.line_end)
+            self.labels, self.decorations = ids(tokens.labels), ids(tokens.decorations)
+            self.colons = ids(tokens.colons)
         self.min_tokens = min_tokens
 
     def first_stop(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per row of ``tokens`` (B, T), the index of the token that ends the reply, or T when none does."""
         stop = torch.isin(tokens, self.eos)
-        if self.labels.numel() and self.blank_line.numel():
-            after_line_end = torch.zeros_like(stop)
-            after_line_end[:, 1:] = torch.isin(tokens[:, :-1], self.line_end)
-            label = torch.isin(tokens, self.labels) & after_line_end
-            explained = label.cumsum(dim=1) > 0
-            blank = torch.isin(tokens, self.blank_line) & explained
-            if self.min_tokens > 1:  # benchmarks force a length; end-of-sequence is masked before it too
-                blank[:, : self.min_tokens - 1] = False
+        if self.tokens is not None and self.tokens.labels and self.tokens.blank_line:
+            line_end = torch.isin(tokens, self.line_end)
+            decoration = torch.isin(tokens, self.decorations)
+            colon = torch.isin(tokens, self.colons)
+            starts_line = torch.zeros_like(stop)  # the token before is a line end, or markdown after one
+            starts_line[:, 1:] = line_end[:, :-1]
+            starts_line[:, 2:] |= decoration[:, 1:-1] & line_end[:, :-2]
+            colon_next = torch.zeros_like(stop)  # the token after is a colon, or markdown then a colon
+            colon_next[:, :-1] = colon[:, 1:]
+            colon_next[:, :-2] |= decoration[:, 1:-1] & colon[:, 2:]
+            label = torch.isin(tokens, self.labels) & starts_line & colon_next
+            # A blank line ends the reply from the third token after the label on: the colon token may
+            # hold a blank line itself ("Explanation:\n\n..."), and the explanation needs a word.
+            explained = torch.zeros_like(stop)
+            explained[:, 3:] = label[:, :-3]
+            blank = torch.isin(tokens, self.blank_line) & (explained.cumsum(dim=1) > 0)
+            if self.min_tokens > 0:  # benchmarks force a length; end-of-sequence is masked before it too
+                blank[:, : self.min_tokens] = False
             stop |= blank
         length = torch.full_like(stop[:, 0], tokens.shape[1], dtype=torch.long)
         return torch.where(stop.any(dim=1), stop.float().argmax(dim=1), length)
@@ -159,7 +167,7 @@ class StaticDecoder:
             torch.tensor(suppress_ids, dtype=torch.long, device=self.device) if suppress_ids else None
         )
         self._eos = torch.tensor(eos_ids, dtype=torch.long, device=self.device)
-        self.reply_end = reply_end or ReplyEnd(eos_ids, [], [], [], device=self.device)
+        self.reply_end = reply_end or ReplyEnd(eos_ids, None, device=self.device)
         # Decode step s produces token s + 1; end-of-sequence is forbidden before token min_new_tokens.
         self._eos_allowed_from_step = torch.tensor(max(0, min_new_tokens - 1), device=self.device)
         self.eps = float(config.rms_norm_eps)

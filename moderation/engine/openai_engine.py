@@ -48,6 +48,7 @@ from moderation.engine.scoring import (
     NO_VARIANTS,
     YES_VARIANTS,
     confidence_from,
+    cut_reply,
     parse_description,
     request_language,
 )
@@ -206,7 +207,10 @@ class OpenAIEngine(ModerationEngine):
         conversations = [
             self._conversation(r, language) for r, language in zip(requests, languages, strict=True)
         ]
-        generations = list(self._pool.map(self._generate, conversations))
+        # Cut where the in-process engine stops decoding, so both score the same text.
+        generations = [
+            (cut_reply(text), tokens) for text, tokens in self._pool.map(self._generate, conversations)
+        ]
 
         jobs: list[tuple[int, list[dict[str, Any]]]] = []
         for index, (request, conversation, (text, _)) in enumerate(

@@ -130,7 +130,8 @@ _EN = _Texts(
     describe_format=(
         "Reply in English, beginning with exactly these three lines:\n"
         "Description: <objective description of the image, at most 60 words>\n"
-        'Visible text: <the text visible in the image, verbatim, at most 50 words, or "none">\n'
+        'Visible text: <the text visible in the image, verbatim on this one line (its lines joined with " / "), '
+        'at most 50 words, or "none">\n'
         "Explanation: <one or two sentences: does the caption match the image, and does anything in "
         "the image or caption fall under these categories: {categories}?>"
     ),
@@ -160,7 +161,7 @@ _ZH = _Texts(
     describe_format=(
         "请用中文回复，开头严格按以下格式写三行：\n"
         "描述：<对图片的客观描述，不超过 60 个字>\n"
-        "图中文字：<图片中可见的文字，原样照录，不超过 80 个字；没有则写“无”>\n"
+        "图中文字：<图片中可见的文字，原样照录在这一行内（分行处用“ / ”连接），不超过 80 个字；没有则写“无”>\n"
         "说明：<一到两句话：配文是否与图片相符，图片或配文中是否有内容属于以下类别：{categories}？>"
     ),
     judge_then=(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from moderation.engine import prompts
@@ -154,14 +155,34 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
 
 
 def _token_text(tokenizer: Any, token_id: int, raw: str) -> str:
-    """What a token spells: byte-level BPE marks (Ġ space, Ċ newline, ĉ tab) mapped back, else decoded."""
-    if any(mark in raw for mark in "ĠĊĉ"):
-        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t")
+    """What a token spells: byte-level BPE marks (Ġ space, Ċ newline, č return, ĉ tab) mapped back, else decoded."""
+    if any(mark in raw for mark in "ĠĊčĉ"):
+        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("č", "\r").replace("ĉ", "\t")
     return str(tokenizer.decode([token_id]))
 
 
-def reply_end_token_ids(tokenizer: Any) -> tuple[list[int], list[int], list[int]]:
-    """Tokens that end a reply's labelled lines: (holding a blank line, ending a line, explanation label).
+_BLANK_LINE_RE = re.compile(r"\n[ \t\r]*\n")
+_DECORATION_CHARS = frozenset("*#_->` \t")
+_LABEL_LINE_RE = re.compile(
+    r"(?m)^[ \t*#_>-]*(?:"
+    + "|".join(re.escape(label) for label in prompts.all_labels()["explanation"])
+    + r")[ \t*_]*[:：]"
+)
+
+
+@dataclass(frozen=True)
+class ReplyEndTokens:
+    """Token ids the end of a reply is recognised by (see ``decoder.ReplyEnd``)."""
+
+    blank_line: list[int]  # tokens that hold a blank line
+    line_end: list[int]  # tokens that end a line
+    labels: list[int]  # the explanation label's token, in both languages, with or without a space
+    decorations: list[int]  # markdown around a label: "**", "-", "#", ...
+    colons: list[int]  # tokens that start with a colon (":", "：", ":**", ":\n\n")
+
+
+def reply_end_tokens(tokenizer: Any) -> ReplyEndTokens:
+    """The tokens that end a reply's labelled lines, found in the tokenizer's vocabulary.
 
     A reply is over at the first blank line after its explanation line: the engine then forces its own
     answer block, so nothing the model writes after that is needed.
@@ -169,17 +190,41 @@ def reply_end_token_ids(tokenizer: Any) -> tuple[list[int], list[int], list[int]
     raw_tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     blank: list[int] = []
     line_end: list[int] = []
+    decorations: list[int] = []
+    colons: list[int] = []
     for token_id, raw in enumerate(raw_tokens):
-        if not raw or not ("Ċ" in raw or "\n" in raw):
+        if not raw:
             continue
         text = _token_text(tokenizer, token_id, raw)
-        if re.search(r"\n[ \t]*\n", text):
-            blank.append(token_id)
-        if text.endswith("\n"):
-            line_end.append(token_id)
+        if "\n" in text:
+            if _BLANK_LINE_RE.search(text):
+                blank.append(token_id)
+            if text.endswith("\n"):
+                line_end.append(token_id)
+        if text and set(text) <= _DECORATION_CHARS and text.strip():
+            decorations.append(token_id)
+        if text.lstrip("*_ \t")[:1] in (":", "："):
+            colons.append(token_id)
     labels: list[int] = []
     for label in prompts.all_labels()["explanation"]:
-        ids = tokenizer.encode(label, add_special_tokens=False)
-        if ids and ids[0] not in labels:
-            labels.append(int(ids[0]))
-    return blank, line_end, labels
+        for spelled in (label, " " + label):
+            ids = tokenizer.encode(spelled, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] not in labels:
+                labels.append(int(ids[0]))
+    return ReplyEndTokens(blank, line_end, labels, decorations, colons)
+
+
+def cut_reply(text: str) -> str:
+    """A reply cut where the engine's own decoding ends one: at the blank line after its explanation line.
+
+    The remote backend gets the whole completion back; cutting it the same way keeps both backends scoring
+    the same text.
+    """
+    label = _LABEL_LINE_RE.search(text)
+    if label is None:
+        return text
+    content = re.search(r"\S", text[label.end() :])
+    if content is None:
+        return text
+    blank = _BLANK_LINE_RE.search(text, label.end() + content.start())
+    return text[: blank.start()].rstrip() if blank else text

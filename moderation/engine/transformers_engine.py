@@ -59,7 +59,7 @@ from moderation.engine.scoring import (
     confidence_from,
     eos_token_ids,
     parse_description,
-    reply_end_token_ids,
+    reply_end_tokens,
     request_language,
     suppressed_token_ids,
 )
@@ -218,7 +218,7 @@ class TransformersEngine(ModerationEngine):
             state_budget_bytes=decode_cache_budget(decode_cache_gib, device),
             reply_end=ReplyEnd(
                 self._eos_ids,
-                *reply_end_token_ids(self._tokenizer),
+                reply_end_tokens(self._tokenizer),
                 device=device,
                 min_tokens=self._min_new_tokens,
             ),
@@ -443,13 +443,15 @@ class TransformersEngine(ModerationEngine):
         A batch larger than any that has fit before and that runs out of GPU memory sets a lasting cap
         (half its size), so a worker configured for a larger card keeps working on a smaller one. Running
         out at a size that has fit before is taken as transient (fragmentation): that call halves, the
-        cap stays.
+        cap stays. Before either, the decode buffers kept for other batch shapes are freed and the same size
+        is tried once more.
         """
         scored: list[_Scored | None] = []
         texts: list[str] = []
         counts: list[int] = []
         limit = self._fitting_batch or len(requests)
         cap_before = self._fitting_batch
+        freed_at: int | None = None  # the chunk start for which the kept decode buffers were freed
         start = 0
         while start < len(requests):
             size = min(limit, len(requests) - start)
@@ -476,6 +478,20 @@ class TransformersEngine(ModerationEngine):
             else:
                 out_of_memory = False
             if out_of_memory:  # outside the handler, so the failed attempt's tensors are already freed
+                if freed_at != start and self._decoder.state_budget_bytes and self._decoder.held_state_bytes:
+                    # Buffers kept for other batch shapes may be what filled the card: free them and try
+                    # the same size once more before settling for less.
+                    logger.warning(
+                        "GPU out of memory judging %d submissions: freeing %.1f GiB of decode buffers kept "
+                        "for other batch shapes and trying again",
+                        size,
+                        self._decoder.held_state_bytes / 2**30,
+                    )
+                    self._decoder.forget_all()
+                    freed_at = start
+                    if self._device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 limit = size // 2
                 if size > self._largest_fitted:
                     self._fitting_batch = max(limit, self._largest_fitted)

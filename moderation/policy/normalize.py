@@ -86,7 +86,11 @@ _HSPACE_RE = re.compile(r"[^\S\n]+")
 _NEWLINES_RE = re.compile(r"\s*\n\s*")
 # Three or more single letters/digits separated by one to three non-word characters: "f r e e", "f.r.e.e".
 _SPACED_LETTERS_RE = re.compile(r"(?<!\w)\w(?:[\W_]{1,3}\w(?!\w)){2,}")
-_CJK_CLASS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
+# Kana, CJK ideographs and their extensions A to H (OpenCC maps some Traditional characters into C to E).
+_CJK_CLASS = (
+    "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    "\U00020000-\U0002a6df\U0002a700-\U0002ee5f\U00030000-\U000323af"
+)
 _CJK_RE = re.compile(f"[{_CJK_CLASS}]")
 # Decorative separators between two CJK characters; clause punctuation (，。！？；：) is kept.
 _CJK_GAP_RE = re.compile(f"(?<=[{_CJK_CLASS}])[\\s\\-_.·•*~|/\\\\+=]+(?=[{_CJK_CLASS}])")
@@ -150,22 +154,75 @@ def despace(folded: str) -> str:
     return _CJK_GAP_RE.sub("", joined)
 
 
+def _fold_char(ch: str) -> str:
+    """What ``fold`` makes of one character in a text (empty for invisible ones)."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", ch).casefold())
+    return to_simplified(_drop_invisible(folded).translate(_CONFUSABLES))
+
+
 def fold_pattern(pattern: str) -> str:
-    """A regular expression with its non-ASCII characters folded like text, so it matches folded text.
+    """A regular expression with its non-ASCII literals folded like text, so it matches folded text.
 
     Only non-ASCII characters change: they carry no regular-expression syntax, whereas folding ASCII
-    would turn ``\\D`` into ``\\d``. A full-width or Traditional character becomes what ``fold`` makes
-    of it in a text; one that folds to punctuation (``。`` → ``.``) is escaped, so it stays a literal.
+    would turn ``\\D`` into ``\\d``. Outside a character class a full-width or Traditional character
+    becomes what ``fold`` makes of it in a text, escaped when that is punctuation (``。`` → ``\\.``) and
+    grouped when it is several characters (``ß`` → ``(?:ss)``, so a quantifier still applies to all of
+    it). Inside a class the folded character is added beside the original (``[賭]`` → ``[賭赌]``), except
+    at the ends of a range, which keep their meaning.
     """
     out: list[str] = []
-    for ch in pattern:
-        if ord(ch) < 128:
-            out.append(ch)
+    in_class = False
+    class_body_start = 0  # index in ``pattern`` where the current class's members begin
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        escaped = False
+        if ch == "\\" and i + 1 < len(pattern):
+            if ord(pattern[i + 1]) < 128:
+                out.append(pattern[i : i + 2])  # an ASCII escape keeps its meaning; names after it are ASCII
+                i += 2
+                continue
+            escaped, i, ch = True, i + 1, pattern[i + 1]  # "\\" + a non-ASCII character: a literal
+        if in_class:
+            if ch == "]" and not escaped and i > class_body_start:
+                in_class = False
+                out.append(ch)
+            elif ord(ch) >= 128:
+                out.append(_class_member(pattern, i, ch, escaped, class_body_start))
+            else:
+                out.append(ch)
+            i += 1
             continue
-        folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", ch).casefold())
-        folded = to_simplified(_drop_invisible(folded).translate(_CONFUSABLES))
-        out.append(folded if folded.isalnum() or not folded else re.escape(folded))
+        if ch == "[" and not escaped:
+            in_class = True
+            out.append(ch)
+            i += 1
+            if i < len(pattern) and pattern[i] == "^":
+                out.append("^")
+                i += 1
+            class_body_start = i
+            continue
+        if ord(ch) >= 128:
+            folded = _fold_char(ch)
+            if len(folded) == 1:
+                out.append(folded if folded.isalnum() else re.escape(folded))
+            elif folded:
+                out.append("(?:" + re.escape(folded) + ")")
+        else:
+            out.append(ch)
+        i += 1
     return "".join(out)
+
+
+def _class_member(pattern: str, i: int, ch: str, escaped: bool, body_start: int) -> str:
+    """A non-ASCII member of a character class, with its folded form beside it where that is safe."""
+    original = "\\" + ch if escaped else ch
+    follows_dash = i - 1 > body_start and pattern[i - 1] == "-" and pattern[i - 2] != "\\"
+    precedes_dash = i + 2 < len(pattern) and pattern[i + 1] == "-" and pattern[i + 2] != "]"
+    folded = _fold_char(ch)
+    if follows_dash or precedes_dash or len(folded) != 1 or folded == ch:
+        return original
+    return original + re.escape(folded)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moderation.engine.decoder import ReplyEnd
-from moderation.engine.scoring import reply_end_token_ids
+from moderation.engine.scoring import cut_reply, reply_end_tokens
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tokenizer(engine: Any) -> Any:
 @pytest.fixture(scope="module")
 def reply_end(engine: Any, tokenizer: Any) -> ReplyEnd:
     """The rule as the engine builds it."""
-    return ReplyEnd(engine._eos_ids, *reply_end_token_ids(tokenizer), device=torch.device("cpu"))
+    return ReplyEnd(engine._eos_ids, reply_end_tokens(tokenizer), device=torch.device("cpu"))
 
 
 def _end(reply_end: ReplyEnd, tokenizer: Any, text: str, eos: bool = False) -> str:
@@ -44,12 +44,40 @@ def _end(reply_end: ReplyEnd, tokenizer: Any, text: str, eos: bool = False) -> s
             "描述：一张海报。\n图中文字：使用说明\n\n第一步\n说明：配文与图片相符。\n\nconflict: no",
             "描述：一张海报。\n图中文字：使用说明\n\n第一步\n说明：配文与图片相符。\n\n",
         ),
+        (  # nor a line of image text that starts with the label's word but is no label (no colon)
+            "Description: A form.\nVisible text: Terms\nExplanation of terms\n\nSee below\n"
+            "Explanation: An ordinary form.\n\nconflict: no",
+            "Description: A form.\nVisible text: Terms\nExplanation of terms\n\nSee below\n"
+            "Explanation: An ordinary form.\n\n",
+        ),
+        (
+            "描述：促销单。\n图中文字：解释权归本公司所有\n\n限时\n说明：普通广告。\n\nconflict: no",
+            "描述：促销单。\n图中文字：解释权归本公司所有\n\n限时\n说明：普通广告。\n\n",
+        ),
+        (  # markdown around the label
+            "**Description:** A cat.\n**Visible text:** none\n**Explanation:** It matches.\n\nconflict: no",
+            "**Description:** A cat.\n**Visible text:** none\n**Explanation:** It matches.\n\n",
+        ),
+        (
+            "描述：一只猫。\n图中文字：无\n**说明**：相符。\n\nconflict: no",
+            "描述：一只猫。\n图中文字：无\n**说明**：相符。\n\n",
+        ),
+        (  # a blank line right after the label is not the end: the explanation follows it
+            "Description: A cat.\nVisible text: none\nExplanation:\n\nIt matches.\n\nconflict: no",
+            "Description: A cat.\nVisible text: none\nExplanation:\n\nIt matches.\n\n",
+        ),
+        (  # Windows line ends
+            "Description: A cat.\r\nVisible text: none\r\nExplanation: It matches.\r\n\r\nconflict: no",
+            "Description: A cat.\r\nVisible text: none\r\nExplanation: It matches.\r\n\r\n",
+        ),
     ],
 )
 def test_a_reply_ends_at_the_blank_line_after_its_explanation(
     reply_end: ReplyEnd, tokenizer: Any, reply: str, kept: str
 ) -> None:
     assert _end(reply_end, tokenizer, reply) == kept
+    # The remote backend cuts the text it gets back at the same place.
+    assert cut_reply(reply) == kept.rstrip()
 
 
 def test_end_of_sequence_ends_a_reply_and_a_cut_reply_is_kept_whole(
@@ -63,9 +91,11 @@ def test_end_of_sequence_ends_a_reply_and_a_cut_reply_is_kept_whole(
 
 
 def test_a_forced_length_holds_off_the_blank_line_rule(engine: Any, tokenizer: Any) -> None:
-    ids = tokenizer.encode("Explanation: ok.\n\nmore text here", add_special_tokens=False)
-    ids = tokenizer.encode("\n", add_special_tokens=False) + ids
-    forced = ReplyEnd(
-        engine._eos_ids, *reply_end_token_ids(tokenizer), device=torch.device("cpu"), min_tokens=len(ids)
-    )
-    assert int(forced.first_stop(torch.tensor([ids]))[0]) == len(ids)
+    ids = tokenizer.encode("\nExplanation: it is ok.\n\nmore text here", add_special_tokens=False)
+    blank_at = len(ids) - len(tokenizer.encode("more text here", add_special_tokens=False)) - 1
+    for min_tokens, stop in ((blank_at + 1, len(ids)), (blank_at, blank_at)):
+        # Like end-of-sequence, which is masked before token index min_tokens.
+        forced = ReplyEnd(
+            engine._eos_ids, reply_end_tokens(tokenizer), device=torch.device("cpu"), min_tokens=min_tokens
+        )
+        assert int(forced.first_stop(torch.tensor([ids]))[0]) == stop

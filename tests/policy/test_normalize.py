@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moderation.policy.normalize import fold, fold_pattern, normalize
+from moderation.policy.normalize import fold, fold_pattern, is_cjk, normalize
 
 
 @pytest.mark.parametrize(
@@ -105,10 +105,23 @@ def test_terms_match_across_chinese_scripts(text: str, term: str) -> None:
     [
         (r"免費\d+元", r"免费\d+元"),  # Traditional → Simplified; the escape stays
         (r"ＦＲＥＥ\s*money", r"free\s*money"),  # full-width letters
-        (r"\D\W|Straße", r"\D\W|Strasse"),  # ASCII escapes keep their case
+        (r"\D\W|Straße", r"\D\W|Stra(?:ss)e"),  # ASCII escapes keep their case
         ("加。微信", r"加\.微信"),  # folds to punctuation: escaped, still a literal
         ("a\u200bb", "ab"),  # invisible characters dropped, as in text
+        (r"\（广告\）", r"\(广告\)"),  # an escaped non-ASCII literal stays a literal
+        (r"\ｄ+", "d+"),  # a literal full-width letter, not the digit class
+        ("ß{2}", "(?:ss){2}"),  # several characters: the quantifier still applies to all of them
+        ("[賭]博", "[賭赌]博"),  # in a class, the folded character is added beside the original
+        ("[^賭]", "[^賭赌]"),
+        ("[萬-龜]", "[萬-龜]"),  # range ends keep their meaning
+        ("[ﬁ]x", "[ﬁ]x"),  # a member that folds to several characters is left alone
     ],
 )
 def test_fold_pattern(pattern: str, folded: str) -> None:
     assert fold_pattern(pattern) == folded
+
+
+def test_ideographs_of_the_later_extensions_are_cjk() -> None:
+    # OpenCC writes some Traditional characters as ideographs of extensions C to E (U+2A700 on).
+    assert is_cjk("\U0002b740") and is_cjk("\U00030000")
+    assert normalize("x\U0002b740\U0002b741").contains_term(normalize("\U0002b741"))
