@@ -3,7 +3,8 @@
 Erasing keeps what a Trust & Safety team must be able to account for (the submission's id, external id,
 status, decision, scores, categories, model and times, the review history and the audit trail) and blanks
 what the user posted or what describes it: the caption, the metadata, the source URL, the verdict's
-description, visible text, explanation and reasons, and the copies of these in stored webhook payloads.
+description, visible text, explanation and reasons, and the copies of these in stored webhook payloads
+(with what receivers answered to them, which may echo them back).
 The erased verdict is no longer reused by the verdict cache.
 
 Free text people wrote about the submission goes too: review items' reasons (which quote blocklist and
@@ -170,8 +171,11 @@ def _erase(session: Session, ids: Sequence[uuid.UUID], now: datetime) -> None:
         return
     SubmissionRepository(session).erase(ids, now)
     VerdictCacheRepository(session).forget_submissions(ids)
-    for delivery in WebhookRepository(session).deliveries_for_submissions(ids):
+    webhooks = WebhookRepository(session)
+    deliveries = webhooks.deliveries_for_submissions(ids)
+    for delivery in deliveries:
         delivery.payload = _erased_payload(delivery.payload, now)
+    webhooks.forget_responses([delivery.id for delivery in deliveries])
     reviews = ReviewRepository(session)
     for item in reviews.delete_open_qa_items(ids):
         logger.info("withdrew QA review %s of erased submission %s", item.id, item.submission_id)

@@ -140,6 +140,18 @@ class WebhookRepository:
         )
         return list(self.session.scalars(stmt))
 
+    def forget_responses(self, delivery_ids: Sequence[uuid.UUID]) -> None:
+        """Blank what receivers answered to these deliveries (an answer may echo the payload back)."""
+        if delivery_ids:
+            self.session.execute(
+                update(WebhookAttempt)
+                .where(
+                    WebhookAttempt.delivery_id.in_(delivery_ids), WebhookAttempt.response_excerpt.is_not(None)
+                )
+                .values(response_excerpt="")
+                .execution_options(synchronize_session=False)
+            )
+
     def deliveries_for_submission(self, submission_id: uuid.UUID) -> list[WebhookDelivery]:
         """Every delivery about a submission."""
         stmt = (

@@ -348,3 +348,31 @@ def test_an_open_qa_review_is_withdrawn_and_erased_submissions_are_never_sampled
         ReviewKind.review
     ]
     assert sample_for_qa(session, OTHER_LEAD, 5) == []  # nothing left to check
+
+
+def test_what_webhook_receivers_answered_is_erased_too(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    from moderation.webhooks.models import WebhookAttempt
+
+    submission = add_decided(session, tenant, store, settings)
+    delivery = session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.submission_id == submission.id)
+    ).one()
+    session.add(
+        WebhookAttempt(
+            delivery_id=delivery.id,
+            attempt=1,
+            attempted_at=utcnow(),
+            status_code=400,
+            duration_ms=3.0,
+            error="HTTP 400",
+            response_excerpt='{"echo": "my holiday in Lisbon"}',
+        )
+    )
+    session.flush()
+    erasure.erase_submission(session, tenant, submission.id)
+    session.flush()
+    session.expire_all()
+    attempt = session.scalars(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery.id)).one()
+    assert attempt.response_excerpt == "" and attempt.status_code == 400
