@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from logging.config import fileConfig
 
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Connection, create_engine, pool
 
 from alembic import context
 from moderation.config import get_settings
@@ -31,6 +32,20 @@ def run_migrations_offline() -> None:
 _MIGRATION_LOCK = 7215063
 
 
+def _take_migration_lock(conn: Connection) -> None:
+    """Wait for the migration lock holding no snapshot between tries.
+
+    A session waiting inside pg_advisory_lock keeps its transaction's snapshot, and CREATE INDEX
+    CONCURRENTLY in the migrator holding the lock waits for every older snapshot: a deadlock.
+    """
+    while True:
+        taken = conn.exec_driver_sql(f"SELECT pg_try_advisory_lock({_MIGRATION_LOCK})").scalar()
+        conn.commit()
+        if taken:
+            return
+        time.sleep(0.5)
+
+
 def run_migrations_online() -> None:
     """Migrate over a live connection, serialised by an advisory lock so parallel starts are safe."""
     connection = config.attributes.get("connection")
@@ -43,8 +58,7 @@ def run_migrations_online() -> None:
     with engine.connect() as conn:
         # A session-level lock: it must outlive the commits of migrations that build indexes
         # concurrently (outside a transaction), which would release a transaction-level one.
-        conn.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
-        conn.commit()
+        _take_migration_lock(conn)
         try:
             context.configure(connection=conn, target_metadata=target_metadata, compare_type=True)
             with context.begin_transaction():

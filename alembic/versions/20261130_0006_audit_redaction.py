@@ -14,14 +14,34 @@ down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Still append-only, with one narrow exception: inside a transaction that set moderation.audit_redaction
-# (SET LOCAL, which erasure does), an UPDATE may change the before/after snapshots and no other column.
+# Still append-only, with one narrow exception for erasure: inside a transaction that set
+# moderation.audit_redaction (SET LOCAL, as erasure does), an entry about an erased submission may have
+# the free text of its snapshots (note, reason, appeal_reason) replaced by '(erased)'; nothing else.
 REDACTABLE = """
+CREATE OR REPLACE FUNCTION audit_snapshot_redacted(old_value jsonb, new_value jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN old_value IS NOT DISTINCT FROM new_value THEN true
+        WHEN jsonb_typeof(old_value) IS DISTINCT FROM 'object'
+            OR jsonb_typeof(new_value) IS DISTINCT FROM 'object' THEN false
+        ELSE (old_value - 'note' - 'reason' - 'appeal_reason') = (new_value - 'note' - 'reason' - 'appeal_reason')
+            AND (
+                SELECT bool_and(
+                    new_value -> k IS NOT DISTINCT FROM old_value -> k OR new_value -> k = '"(erased)"'::jsonb
+                )
+                FROM unnest(ARRAY['note', 'reason', 'appeal_reason']) AS k
+            )
+    END
+$$;
+
 CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'UPDATE'
         AND current_setting('moderation.audit_redaction', true) = 'on'
         AND (to_jsonb(NEW) - 'before' - 'after') = (to_jsonb(OLD) - 'before' - 'after')
+        AND EXISTS (SELECT 1 FROM submissions s WHERE s.id = OLD.submission_id AND s.erased_at IS NOT NULL)
+        AND audit_snapshot_redacted(OLD.before, NEW.before)
+        AND audit_snapshot_redacted(OLD.after, NEW.after)
     THEN
         RETURN NEW;
     END IF;
@@ -47,3 +67,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute(APPEND_ONLY)
+    op.execute("DROP FUNCTION IF EXISTS audit_snapshot_redacted(jsonb, jsonb)")

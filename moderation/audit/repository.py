@@ -36,23 +36,23 @@ class AuditRepository:
     def redact_snapshots(self, changes: Sequence[tuple[uuid.UUID, Any, Any]]) -> None:
         """Replace entries' before/after snapshots (id, before, after): the one change the database allows.
 
-        The log's trigger refuses every other UPDATE, and this one too outside the transaction-local
+        The log's trigger refuses every other UPDATE, and this one too unless the entry's submission is
+        erased, only note/reason/appeal_reason change and only to "(erased)", inside the transaction-local
         ``moderation.audit_redaction`` setting made here.
         """
         if not changes:
             return
         self.session.flush()
+        # A failed UPDATE aborts the transaction, whose rollback resets the setting: no ``finally`` needed.
         self.session.execute(text("SET LOCAL moderation.audit_redaction = 'on'"))
-        try:
-            for entry_id, before, after in changes:
-                self.session.execute(
-                    update(AuditEntry)
-                    .where(AuditEntry.id == entry_id)
-                    .values(before=before, after=after)
-                    .execution_options(synchronize_session=False)
-                )
-        finally:
-            self.session.execute(text("SET LOCAL moderation.audit_redaction = 'off'"))
+        for entry_id, before, after in changes:
+            self.session.execute(
+                update(AuditEntry)
+                .where(AuditEntry.id == entry_id)
+                .values(before=before, after=after)
+                .execution_options(synchronize_session=False)
+            )
+        self.session.execute(text("SET LOCAL moderation.audit_redaction = 'off'"))
 
     def search(
         self,

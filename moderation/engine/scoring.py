@@ -166,7 +166,7 @@ _DECORATION_CHARS = frozenset("*#_->` \t")
 _LABEL_LINE_RE = re.compile(
     r"(?m)^[ \t*#_>-]*(?:"
     + "|".join(re.escape(label) for label in prompts.all_labels()["explanation"])
-    + r")[ \t*_]*[:：]"
+    + r")[ \t*_]*[:：][*_]*"
 )
 
 

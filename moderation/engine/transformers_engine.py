@@ -459,21 +459,6 @@ class TransformersEngine(ModerationEngine):
             try:
                 part = self._judge(requests[start:end], images[start:end], languages[start:end])
             except torch.cuda.OutOfMemoryError:
-                if size == 1:
-                    # This one submission does not fit however small its batch: it fails alone, the others'
-                    # results stand, and the halving it caused says nothing about the batch size.
-                    logger.warning(
-                        "GPU out of memory judging one submission alone: it fails, the batch goes on"
-                    )
-                    scored.append(None)
-                    texts.append("")
-                    counts.append(0)
-                    self._fitting_batch = cap_before
-                    start = end
-                    limit = self._fitting_batch or len(requests)
-                    if self._device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
                 out_of_memory = True
             else:
                 out_of_memory = False
@@ -489,6 +474,21 @@ class TransformersEngine(ModerationEngine):
                     )
                     self._decoder.forget_all()
                     freed_at = start
+                    if self._device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                if size == 1:
+                    # This one submission does not fit however small its batch: it fails alone, the others'
+                    # results stand, and the halving it caused says nothing about the batch size.
+                    logger.warning(
+                        "GPU out of memory judging one submission alone: it fails, the batch goes on"
+                    )
+                    scored.append(None)
+                    texts.append("")
+                    counts.append(0)
+                    self._fitting_batch = cap_before
+                    start = end
+                    limit = self._fitting_batch or len(requests)
                     if self._device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue

@@ -183,6 +183,18 @@ def fold_pattern(pattern: str) -> str:
                 i += 2
                 continue
             escaped, i, ch = True, i + 1, pattern[i + 1]  # "\\" + a non-ASCII character: a literal
+        if not in_class and not escaped and pattern.startswith("(?#", i):
+            close = pattern.find(")", i)  # a comment is copied as it is (its brackets are no class)
+            close = len(pattern) - 1 if close == -1 else close
+            out.append(pattern[i : close + 1])
+            i = close + 1
+            continue
+        if in_class and not escaped and pattern.startswith("[:", i):
+            close = pattern.find(":]", i + 2)  # a POSIX class such as [:alpha:] ends with ":]", not "]"
+            if close != -1:
+                out.append(pattern[i : close + 2])
+                i = close + 2
+                continue
         if in_class:
             if ch == "]" and not escaped and i > class_body_start:
                 in_class = False
@@ -206,7 +218,7 @@ def fold_pattern(pattern: str) -> str:
             folded = _fold_char(ch)
             if len(folded) == 1:
                 out.append(folded if folded.isalnum() else re.escape(folded))
-            elif folded:
+            else:  # several characters, or none (an invisible one): a group keeps a quantifier on it
                 out.append("(?:" + re.escape(folded) + ")")
         else:
             out.append(ch)

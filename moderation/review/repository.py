@@ -117,13 +117,17 @@ class ReviewRepository:
         return list(self.session.scalars(stmt))
 
     def unerased_submissions_locked(self, submission_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Which of these submissions are not erased, share-locked so no erasure runs until commit."""
+        """Which of these submissions are not erased, share-locked so no erasure runs until commit.
+
+        One an erasure holds is skipped, not waited for: the erasure locks the submission first and its
+        review items next, the QA sample the other way round, and waiting would deadlock.
+        """
         if not submission_ids:
             return set()
         stmt = (
             select(Submission.id)
             .where(Submission.id.in_(submission_ids), Submission.erased_at.is_(None))
-            .with_for_update(read=True)
+            .with_for_update(read=True, skip_locked=True)
         )
         return set(self.session.scalars(stmt))
 

@@ -178,7 +178,16 @@ def _erase(session: Session, ids: Sequence[uuid.UUID], now: datetime) -> None:
     webhooks.forget_responses([delivery.id for delivery in deliveries])
     reviews = ReviewRepository(session)
     for item in reviews.delete_open_qa_items(ids):
-        logger.info("withdrew QA review %s of erased submission %s", item.id, item.submission_id)
+        audit.record(
+            session,
+            "system:erasure",
+            "review.qa_withdrawn",
+            audit.subject("review_item", item.id),
+            {"state": str(item.state), "claimed_by": item.claimed_by},
+            None,
+            submission_id=item.submission_id,
+            tenant_id=item.tenant_id,
+        )
     reviews.redact_items_of(ids, ERASED)
     audit_log = AuditRepository(session)
     redacted = [

@@ -479,3 +479,14 @@ def test_s3_delete_removes_every_version_in_a_versioned_bucket(
     versions = client.list_object_versions(Bucket=s3_store.bucket, Prefix=f"images/{key}")
     assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []
     assert not s3_store.exists(key)
+
+
+def test_s3_delete_removes_the_version_stored_before_versioning_was_turned_on(
+    s3_store: S3BlobStore, moto_endpoint: str
+) -> None:
+    client = raw_client(moto_endpoint)
+    key = s3_store.put(os.urandom(4096))  # the "null" version
+    client.put_bucket_versioning(Bucket=s3_store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3_store.delete(key)
+    versions = client.list_object_versions(Bucket=s3_store.bucket, Prefix=f"images/{key}")
+    assert versions.get("Versions", []) == [] and versions.get("DeleteMarkers", []) == []

@@ -62,6 +62,10 @@ def _end(reply_end: ReplyEnd, tokenizer: Any, text: str, eos: bool = False) -> s
             "描述：一只猫。\n图中文字：无\n**说明**：相符。\n\nconflict: no",
             "描述：一只猫。\n图中文字：无\n**说明**：相符。\n\n",
         ),
+        (
+            "**Description:** A cat.\n**Visible text:** none\n**Explanation:**\n\nIt matches.\n\nconflict: no",
+            "**Description:** A cat.\n**Visible text:** none\n**Explanation:**\n\nIt matches.\n\n",
+        ),
         (  # a blank line right after the label is not the end: the explanation follows it
             "Description: A cat.\nVisible text: none\nExplanation:\n\nIt matches.\n\nconflict: no",
             "Description: A cat.\nVisible text: none\nExplanation:\n\nIt matches.\n\n",

@@ -440,15 +440,16 @@ def test_out_of_memory_on_one_submission_is_raised(engine: Any, monkeypatch: pyt
         engine.moderate([_request((64, 64), "alone", 0)])
 
 
+@pytest.mark.parametrize("count", [4, 1])
 def test_out_of_memory_first_frees_the_buffers_kept_for_other_shapes(
-    engine: Any, monkeypatch: pytest.MonkeyPatch
+    engine: Any, monkeypatch: pytest.MonkeyPatch, count: int
 ) -> None:
     """Buffers of past shapes (kept within the budget on a GPU) may be what filled the card."""
-    requests = [_request((64, 64), f"caption {i}", i) for i in range(4)]
+    requests = [_request((64, 64), f"caption {i}", i) for i in range(count)]
     judge = engine._judge
     sizes: list[int] = []
     monkeypatch.setattr(engine._decoder, "state_budget_bytes", 1 << 40)
-    engine.moderate(requests[:1])  # a shape kept
+    engine.moderate([_request((96, 64), "another shape", 9)])  # a shape kept
     assert engine._decoder.held_state_bytes > 0
 
     def full_until_freed(reqs: Any, images: Any, languages: Any) -> Any:
@@ -460,5 +461,5 @@ def test_out_of_memory_first_frees_the_buffers_kept_for_other_shapes(
     monkeypatch.setattr(engine, "_judge", full_until_freed)
     monkeypatch.setattr(engine, "_fitting_batch", None)
     monkeypatch.setattr(engine, "_largest_fitted", 0)
-    assert len(engine.moderate(requests)) == 4
-    assert sizes == [4, 4] and engine._fitting_batch is None  # tried again whole, no lasting cap
+    assert len(engine.moderate(requests)) == count
+    assert sizes == [count, count] and engine._fitting_batch is None  # tried again whole, no lasting cap

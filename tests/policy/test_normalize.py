@@ -107,7 +107,10 @@ def test_terms_match_across_chinese_scripts(text: str, term: str) -> None:
         (r"ＦＲＥＥ\s*money", r"free\s*money"),  # full-width letters
         (r"\D\W|Straße", r"\D\W|Stra(?:ss)e"),  # ASCII escapes keep their case
         ("加。微信", r"加\.微信"),  # folds to punctuation: escaped, still a literal
-        ("a\u200bb", "ab"),  # invisible characters dropped, as in text
+        ("a\u200bb", "a(?:)b"),  # invisible characters dropped, as in text
+        ("a\u200b?b", "a(?:)?b"),  # ... and a quantifier on one stays on nothing, not on the "a"
+        ("(?#note [)龍", "(?#note [)龙"),  # a comment's bracket opens no class
+        ("[[:alpha:]ß]", "[[:alpha:]ß]"),  # a POSIX class does not end the class
         (r"\（广告\）", r"\(广告\)"),  # an escaped non-ASCII literal stays a literal
         (r"\ｄ+", "d+"),  # a literal full-width letter, not the digit class
         ("ß{2}", "(?:ss){2}"),  # several characters: the quantifier still applies to all of them

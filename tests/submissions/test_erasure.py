@@ -347,6 +347,8 @@ def test_an_open_qa_review_is_withdrawn_and_erased_submissions_are_never_sampled
     assert [i.kind for i in ReviewRepository(session).for_submission(item.submission_id)] == [
         ReviewKind.review
     ]
+    withdrawn = session.scalars(select(AuditEntry).where(AuditEntry.action == "review.qa_withdrawn")).one()
+    assert (withdrawn.subject_id, withdrawn.actor) == (str(qa.id), "system:erasure")
     assert sample_for_qa(session, OTHER_LEAD, 5) == []  # nothing left to check
 
 
@@ -376,3 +378,41 @@ def test_what_webhook_receivers_answered_is_erased_too(
     session.expire_all()
     attempt = session.scalars(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery.id)).one()
     assert attempt.response_excerpt == "" and attempt.status_code == 400
+
+
+def test_the_audit_log_lets_through_only_the_redaction_of_an_erased_submissions_free_text(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import ProgrammingError
+
+    kept = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=51))
+    erased = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=52))
+    for submission in (kept, erased):
+        appeal(session, tenant, submission.id, "please look again")
+    for _appeal in range(2):
+        _decide(session, LEAD, ReviewDecision.approve, "fine")
+    erasure.erase_submission(session, tenant, erased.id)
+    session.flush()
+
+    def entry_of(submission: Submission) -> AuditEntry:
+        return session.scalars(
+            select(AuditEntry).where(
+                AuditEntry.submission_id == submission.id, AuditEntry.action == "submission.appeal"
+            )
+        ).one()
+
+    attempts = [
+        (entry_of(kept), '{"reason": "(erased)"}'),  # a submission that was not erased
+        (entry_of(erased), '{"status": "allow", "reason": "(erased)"}'),  # more than the free text
+        (entry_of(erased), '{"reason": "forged"}'),  # free text, but not to "(erased)"
+    ]
+    for entry, forged in attempts:
+        with pytest.raises(ProgrammingError, match="append-only"), session.begin_nested():
+            session.execute(text("SET LOCAL moderation.audit_redaction = 'on'"))
+            session.execute(
+                text("UPDATE audit_log SET after = CAST(:after AS jsonb) WHERE id = :id"),
+                {"after": forged, "id": entry.id},
+            )
+    with pytest.raises(ProgrammingError, match="append-only"), session.begin_nested():
+        session.execute(text("UPDATE audit_log SET actor = 'x' WHERE id = :id"), {"id": entry_of(erased).id})
