@@ -72,34 +72,40 @@ class ReplyEnd:
         self.tokens = tokens
         if tokens is not None:
             self.blank_line, self.line_end = ids(tokens.blank_line), ids(tokens.line_end)
-            self.labels, self.decorations = ids(tokens.labels), ids(tokens.decorations)
-            self.colons = ids(tokens.colons)
+            self.line_start, self.labels = ids(tokens.line_start), ids(tokens.labels)
+            self.decorations, self.colons = ids(tokens.decorations), ids(tokens.colons)
         self.min_tokens = min_tokens
 
     def first_stop(self, tokens: torch.Tensor) -> torch.Tensor:
         """Per row of ``tokens`` (B, T), the index of the token that ends the reply, or T when none does."""
         stop = torch.isin(tokens, self.eos)
         if self.tokens is not None and self.tokens.labels and self.tokens.blank_line:
+            length = tokens.shape[1]
+            position = torch.arange(length, device=tokens.device).expand_as(tokens)
             line_end = torch.isin(tokens, self.line_end)
-            decoration = torch.isin(tokens, self.decorations)
+            plain = ~torch.isin(tokens, self.decorations)  # not markdown or spaces
+            # The nearest token before / after each position that is not markdown or spaces.
+            last_plain = torch.where(plain, position, -1).cummax(dim=1).values
+            before = torch.full_like(last_plain, -1)
+            before[:, 1:] = last_plain[:, :-1]
+            next_plain = torch.where(plain, position, length).flip(1).cummin(dim=1).values.flip(1)
+            after = torch.full_like(next_plain, length)
+            after[:, :-1] = next_plain[:, 1:]
+            starts_line = torch.where(before < 0, True, line_end.gather(1, before.clamp(min=0)))
             colon = torch.isin(tokens, self.colons)
-            starts_line = torch.zeros_like(stop)  # the token before is a line end, or markdown after one
-            starts_line[:, 1:] = line_end[:, :-1]
-            starts_line[:, 2:] |= decoration[:, 1:-1] & line_end[:, :-2]
-            colon_next = torch.zeros_like(stop)  # the token after is a colon, or markdown then a colon
-            colon_next[:, :-1] = colon[:, 1:]
-            colon_next[:, :-2] |= decoration[:, 1:-1] & colon[:, 2:]
+            colon_next = torch.where(after < length, colon.gather(1, after.clamp(max=length - 1)), False)
             label = torch.isin(tokens, self.labels) & starts_line & colon_next
-            # A blank line ends the reply from the third token after the label on: the colon token may
-            # hold a blank line itself ("Explanation:\n\n..."), and the explanation needs a word.
-            explained = torch.zeros_like(stop)
-            explained[:, 3:] = label[:, :-3]
-            blank = torch.isin(tokens, self.blank_line) & (explained.cumsum(dim=1) > 0)
+            # A blank line ends the reply from the second token after the label's colon on: the colon token
+            # may hold a blank line itself ("Explanation:\n\n..."), and the explanation needs a word.
+            enabled_from = torch.where(label, after + 2, length + 2).cummin(dim=1).values
+            blank = torch.isin(tokens, self.blank_line)
+            blank[:, 1:] |= line_end[:, :-1] & torch.isin(tokens[:, 1:], self.line_start)  # split over two
+            blank &= position >= enabled_from
             if self.min_tokens > 0:  # benchmarks force a length; end-of-sequence is masked before it too
                 blank[:, : self.min_tokens] = False
             stop |= blank
-        length = torch.full_like(stop[:, 0], tokens.shape[1], dtype=torch.long)
-        return torch.where(stop.any(dim=1), stop.float().argmax(dim=1), length)
+        last = torch.full_like(stop[:, 0], tokens.shape[1], dtype=torch.long)
+        return torch.where(stop.any(dim=1), stop.float().argmax(dim=1), last)
 
 
 @dataclass

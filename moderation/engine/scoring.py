@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from moderation.engine import prompts
@@ -154,15 +155,35 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     return ids
 
 
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, which Qwen's tokenizer uses), reversed."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
+
+
 def _token_text(tokenizer: Any, token_id: int, raw: str) -> str:
-    """What a token spells: byte-level BPE marks (Ġ space, Ċ newline, č return, ĉ tab) mapped back, else decoded."""
-    if any(mark in raw for mark in "ĠĊčĉ"):
-        return raw.replace("Ġ", " ").replace("Ċ", "\n").replace("č", "\r").replace("ĉ", "\t")
+    """What a token spells: a byte-level BPE token's bytes as UTF-8, else the tokenizer's own decoding."""
+    decoder = _byte_decoder()
+    if all(char in decoder for char in raw):
+        return bytes(decoder[char] for char in raw).decode("utf-8", errors="replace")
     return str(tokenizer.decode([token_id]))
 
 
 _BLANK_LINE_RE = re.compile(r"\n[ \t\r]*\n")
 _DECORATION_CHARS = frozenset("*#_->` \t")
+_LINE_START_RE = re.compile(r"^[ \t\r]*\n")
 _LABEL_LINE_RE = re.compile(
     r"(?m)^[ \t*#_>-]*(?:"
     + "|".join(re.escape(label) for label in prompts.all_labels()["explanation"])
@@ -176,6 +197,7 @@ class ReplyEndTokens:
 
     blank_line: list[int]  # tokens that hold a blank line
     line_end: list[int]  # tokens that end a line
+    line_start: list[int]  # tokens that start with a line break (after one that ends a line: a blank line)
     labels: list[int]  # the explanation label's token, in both languages, with or without a space
     decorations: list[int]  # markdown around a label: "**", "-", "#", ...
     colons: list[int]  # tokens that start with a colon (":", "：", ":**", ":\n\n")
@@ -190,6 +212,7 @@ def reply_end_tokens(tokenizer: Any) -> ReplyEndTokens:
     raw_tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     blank: list[int] = []
     line_end: list[int] = []
+    line_start: list[int] = []
     decorations: list[int] = []
     colons: list[int] = []
     for token_id, raw in enumerate(raw_tokens):
@@ -199,9 +222,11 @@ def reply_end_tokens(tokenizer: Any) -> ReplyEndTokens:
         if "\n" in text:
             if _BLANK_LINE_RE.search(text):
                 blank.append(token_id)
-            if text.endswith("\n"):
+            if text.rstrip(" \t\r").endswith("\n"):
                 line_end.append(token_id)
-        if text and set(text) <= _DECORATION_CHARS and text.strip():
+            if _LINE_START_RE.match(text):
+                line_start.append(token_id)
+        elif text and set(text) <= _DECORATION_CHARS:  # markdown or spaces around a label
             decorations.append(token_id)
         if text.lstrip("*_ \t")[:1] in (":", "："):
             colons.append(token_id)
@@ -211,7 +236,7 @@ def reply_end_tokens(tokenizer: Any) -> ReplyEndTokens:
             ids = tokenizer.encode(spelled, add_special_tokens=False)
             if len(ids) == 1 and ids[0] not in labels:
                 labels.append(int(ids[0]))
-    return ReplyEndTokens(blank, line_end, labels, decorations, colons)
+    return ReplyEndTokens(blank, line_end, line_start, labels, decorations, colons)
 
 
 def cut_reply(text: str) -> str:

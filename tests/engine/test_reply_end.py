@@ -103,3 +103,24 @@ def test_a_forced_length_holds_off_the_blank_line_rule(engine: Any, tokenizer: A
             engine._eos_ids, reply_end_tokens(tokenizer), device=torch.device("cpu"), min_tokens=min_tokens
         )
         assert int(forced.first_stop(torch.tensor([ids]))[0]) == stop
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "描述：猫。\n图中文字：无\n说明：\n配文相符。\n\nconflict: no",  # content on the next line
+        "描述：猫。\n图中文字：无\n说明：\n\n配文相符。\n\nconflict: no",  # after a blank line
+        "描述：猫。\n图中文字：无\n- 说明：配文相符。\n\nconflict: no",  # a list item
+        "描述：猫。\n图中文字：无\n## 说明：配文相符。\n\nconflict: no",  # a heading
+        "描述：猫。\n图中文字：无\n 说明：配文相符。\n\nconflict: no",  # a space before the label
+        "Description: x\nVisible text: none\n- **Explanation:** fine.\n\nconflict: no",
+        "Description: x\nVisible text: none\n### **Explanation:** fine.\n\nconflict: no",
+        "Description: x\nVisible text: none\n\tExplanation: fine.\n\nconflict: no",
+        "Explanation: fine.\n\nconflict: no",  # the label is the reply's first token
+        "Description: x\nVisible text: none\nExplanation: fine.\n \nconflict: no",  # a blank line in two tokens
+        "Description: x\nVisible text: none\nExplanation ： fine.\n\nconflict: no",  # a space and a wide colon
+    ],
+)
+def test_both_backends_end_a_reply_in_the_same_place(reply_end: ReplyEnd, tokenizer: Any, reply: str) -> None:
+    kept = _end(reply_end, tokenizer, reply).rstrip()
+    assert kept == cut_reply(reply) and "conflict" not in kept and kept.endswith(("fine.", "相符。"))
