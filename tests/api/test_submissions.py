@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 import uuid
 from unittest import mock
 
@@ -340,7 +341,11 @@ def test_a_stuck_store_answers_503_in_time_and_the_process_reports_not_ready(
         slow = _post(client, tenant, make_jpeg(), headers={"Idempotency-Key": "slow-1"})
         assert _error(slow) == (503, "intake_timeout")
         assert "Idempotency-Key" in slow.json()["error"]["message"]
-        ready = client.get("/readyz")
+        # The writer took the batch a moment after the request started: it has been stuck for longer than
+        # the timeout a moment after the 503.
+        deadline = time.monotonic() + 2
+        while (ready := client.get("/readyz")).status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert ready.status_code == 503 and ready.json()["checks"]["intake_writer"].startswith("error: stuck")
     finally:
         release.set()
