@@ -6,9 +6,10 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from moderation.submissions.models import Submission
 from moderation.webhooks.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
 
@@ -94,7 +95,16 @@ class WebhookRepository:
         error: str | None,
         response_excerpt: str | None,
     ) -> None:
-        """Record what an attempt (recorded when it started) got back."""
+        """Record what an attempt (recorded when it started) got back.
+
+        What the receiver answered is not kept when the submission was erased while the attempt ran.
+        """
+        erased = (
+            select(WebhookDelivery.id)
+            .join(Submission, Submission.id == WebhookDelivery.submission_id)
+            .where(WebhookDelivery.id == WebhookAttempt.delivery_id, Submission.erased_at.is_not(None))
+            .exists()
+        )
         self.session.execute(
             update(WebhookAttempt)
             .where(WebhookAttempt.id == attempt_id)
@@ -102,7 +112,7 @@ class WebhookRepository:
                 status_code=status_code,
                 duration_ms=duration_ms,
                 error=error,
-                response_excerpt=response_excerpt,
+                response_excerpt=case((erased, ""), else_=response_excerpt),
             )
         )
 

@@ -194,6 +194,9 @@ def attempt_delivery(
     metrics.WEBHOOK_ATTEMPTS.labels("success" if error is None else "failure").inc()
     with sessions() as session, session.begin():
         repo = WebhookRepository(session)
+        # The delivery first, then its attempt: the order erasure takes them in (two orders deadlock).
+        delivery = repo.get_delivery(delivery_id, for_update=True)
+        assert delivery is not None
         repo.finish_attempt(
             attempt_id,
             status_code=status_code,
@@ -201,8 +204,6 @@ def attempt_delivery(
             error=error,
             response_excerpt=excerpt,
         )
-        delivery = repo.get_delivery(delivery_id, for_update=True)
-        assert delivery is not None
         if error is None:
             # A success stands even if this attempt outlived its lease and a later one is under way.
             if delivery.status != DeliveryStatus.succeeded:

@@ -280,3 +280,45 @@ def test_logs_show_a_webhook_endpoint_by_its_origin_only(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "webhook delivery" in logged and "http://127.0.0.1" in logged
     assert "tok_abc123" not in logged and "s3cr3t" not in logged
+
+
+def test_an_answer_that_arrives_after_the_erasure_of_its_submission_is_not_kept(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    receiver: Receiver,
+    dispatched: RecordingDispatcher,
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import update
+
+    from moderation.db import utcnow
+
+    _, deliveries = _setup(sessions, settings, receiver.url, tmp_path)
+    delivery_id = deliveries[0].id
+    policy = OutboundPolicy(allow_private=True)
+
+    class ErasedWhileWaiting(SafeHttpClient):
+        """The platform erases the submission while the receiver is still answering (and echoes it)."""
+
+        def post(
+            self,
+            url: str,
+            content: bytes,
+            headers: Mapping[str, str] | None = None,
+            timeout: float | None = None,
+        ) -> tuple[int, str]:
+            with sessions() as session, session.begin():
+                session.execute(
+                    update(Submission)
+                    .where(Submission.id == deliveries[0].submission_id)
+                    .values(erased_at=utcnow(), caption="")
+                )
+            return 400, '{"echo": "hello"}'
+
+    with ErasedWhileWaiting(policy) as client:
+        attempt_delivery(sessions, delivery_id, client, settings)
+    with sessions() as session:
+        attempt = session.scalars(
+            select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery_id)
+        ).one()
+        assert attempt.status_code == 400 and attempt.response_excerpt == ""
