@@ -196,12 +196,13 @@ def reassign(
 
 @router.get("/submissions/{submission_id}/image")
 def image(submission_id: str, request: Request, principal: PrincipalDep, session: SessionDep) -> Response:
-    """A submission's image, for reviewers only (never cached by shared caches)."""
+    """A submission's image, for reviewers only (never cached by shared caches); each fetch is audited."""
     try:
         parsed = uuid.UUID(submission_id)
     except ValueError as exc:
         raise NotFound("submission not found", code="submission_not_found") from exc
-    data, content_type = queries.submission_image(session, request.app.state.blob_store, parsed)
+    data, content_type = service.view_image(session, request.app.state.blob_store, parsed, principal.ref)
+    session.commit()
     return Response(
         data,
         media_type=content_type,

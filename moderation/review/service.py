@@ -13,9 +13,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from moderation.audit import service as audit
+from moderation.blobs import BlobStore
 from moderation.db import new_id, utcnow
 from moderation.errors import Conflict, InvalidInput, NotFound
 from moderation.policy.categories import categories_for
+from moderation.review import queries
 from moderation.review.models import ReviewDecision, ReviewItem, ReviewKind, ReviewState
 from moderation.review.repository import ReviewRepository
 from moderation.reviewers.models import Reviewer, Role
@@ -374,6 +376,23 @@ def appeal(
         tenant_id=tenant.id,
     )
     return item
+
+
+def view_image(
+    session: Session, blob_store: BlobStore, submission_id: uuid.UUID, viewer: ReviewerLike
+) -> tuple[bytes, str]:
+    """A submission's image for a reviewer, its viewing recorded in the audit trail (who saw what, when)."""
+    data, content_type = queries.submission_image(session, blob_store, submission_id)
+    submission = ReviewRepository(session).submissions([submission_id])[submission_id]
+    audit.record(
+        session,
+        ReviewerRef.of(viewer).email,
+        "submission.view_image",
+        audit.subject("submission", submission_id),
+        submission_id=submission_id,
+        tenant_id=submission.tenant_id,
+    )
+    return data, content_type
 
 
 def sample_for_qa(

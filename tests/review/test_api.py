@@ -71,6 +71,9 @@ def test_programmatic_review_with_an_api_token(
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert image.headers["cache-control"].startswith("private") and image.content[:2] == b"\xff\xd8"
     assert app_client.get(item["image_url"]).status_code == 401
+    with sessions() as session:  # who saw which image, and when, is on record
+        views = session.scalars(select(AuditEntry).where(AuditEntry.action == "submission.view_image")).all()
+        assert [(v.actor, v.subject_id) for v in views] == [("reviewer@example.com", item["submission_id"])]
     listed = app_client.get("/v1/review/items?state=pending", headers=headers).json()["data"]
     assert [i["submission_id"] for i in listed] == [submission_ids[0]]
     assert listed[0]["lease_token"] is None
