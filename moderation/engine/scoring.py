@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 from moderation.engine import prompts
@@ -68,18 +68,22 @@ def _cap(text: str, limit: int) -> str:
     return cut.rstrip() + "…"
 
 
+def _line_label(names: Iterable[str]) -> str:
+    """A pattern for one of ``names`` opening a line (markdown allowed around it) and followed by a colon."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    return rf"(?m)^[ \t>*#_-]*({alternatives})[ \t*_]*[:：]"
+
+
 def _label_regex() -> tuple[re.Pattern[str], dict[str, str]]:
     by_label: dict[str, str] = {}
     for field, names in prompts.all_labels().items():
         for name in names:
             by_label[name.lower()] = field
-    alternatives = "|".join(re.escape(n) for n in sorted(by_label, key=len, reverse=True))
-    pattern = re.compile(rf"(?im)^[ \t>*#_-]*({alternatives})[ \t*_]*[:：]")
-    return pattern, by_label
+    return re.compile(_line_label(by_label), re.IGNORECASE), by_label
 
 
 _LABEL_RE, _LABEL_FIELDS = _label_regex()
-_ANSWER_BLOCK_RE = re.compile(rf"(?im)^[ \t>*#_-]*{re.escape(prompts.CONFLICT_KEY)}[ \t*_]*[:：]")
+_ANSWER_BLOCK_RE = re.compile(_line_label([prompts.CONFLICT_KEY]), re.IGNORECASE)
 
 
 def parse_description(
@@ -155,40 +159,11 @@ def eos_token_ids(tokenizer: Any, generation_config: Any) -> list[int]:
     return ids
 
 
-@cache
-def _byte_decoder() -> dict[str, int]:
-    """Byte-level BPE's printable stand-in for each byte (GPT-2's table, which Qwen's tokenizer uses), reversed."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
-
-
-def _token_text(tokenizer: Any, token_id: int, raw: str) -> str:
-    """What a token spells: a byte-level BPE token's bytes as UTF-8, else the tokenizer's own decoding."""
-    decoder = _byte_decoder()
-    if all(char in decoder for char in raw):
-        return bytes(decoder[char] for char in raw).decode("utf-8", errors="replace")
-    return str(tokenizer.decode([token_id]))
-
-
 _BLANK_LINE_RE = re.compile(r"\n[ \t\r]*\n")
 _DECORATION_CHARS = frozenset("*#_->` \t")
 _LINE_START_RE = re.compile(r"^[ \t\r]*\n")
-_LABEL_LINE_RE = re.compile(
-    r"(?m)^[ \t*#_>-]*(?:"
-    + "|".join(re.escape(label) for label in prompts.all_labels()["explanation"])
-    + r")[ \t*_]*[:：][*_]*"
-)
+# The explanation label as the engine's own decoding recognises it: exact case, bold closing after the colon.
+_LABEL_LINE_RE = re.compile(_line_label(prompts.all_labels()["explanation"]) + "[*_]*")
 
 
 @dataclass(frozen=True)
@@ -218,7 +193,7 @@ def reply_end_tokens(tokenizer: Any) -> ReplyEndTokens:
     for token_id, raw in enumerate(raw_tokens):
         if not raw:
             continue
-        text = _token_text(tokenizer, token_id, raw)
+        text = str(tokenizer.convert_tokens_to_string([raw]))  # byte-level pieces read as UTF-8
         if "\n" in text:
             if _BLANK_LINE_RE.search(text):
                 blank.append(token_id)
