@@ -239,7 +239,7 @@ class StaticDecoder:
 
     def _evict_for(self, incoming: int) -> None:
         """Free the least recently used buckets until ``incoming`` more bytes fit in the budget."""
-        held = sum(state.nbytes for state in self._states.values())
+        held = self.held_state_bytes
         while self._states and held + incoming > self.state_budget_bytes:
             oldest = next(iter(self._states))
             held -= self._states[oldest].nbytes

@@ -427,10 +427,17 @@ class TransformersEngine(ModerationEngine):
         4,000 characters can be 12,000 tokens (rare CJK characters take three each); the tenant's blocklist
         still reads the whole caption.
         """
+        if len(caption.encode()) <= self._max_caption_tokens:
+            return caption  # a byte-level token spans at least one byte: no need to tokenize it twice
         ids = self._tokenizer(caption, add_special_tokens=False)["input_ids"]
         if len(ids) <= self._max_caption_tokens:
             return caption
         return str(self._tokenizer.decode(ids[: self._max_caption_tokens], skip_special_tokens=True)) + " …"
+
+    def _release_cached_memory(self) -> None:
+        """Hand the allocator's cached GPU blocks back after running out of memory (nothing to do on a CPU)."""
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _prepare(self, request: EngineRequest) -> Image.Image:
         return prepare_image(request.image, self._max_pixels, self._min_pixels, factor=self._factor)
@@ -474,8 +481,7 @@ class TransformersEngine(ModerationEngine):
                     )
                     self._decoder.forget_all()
                     freed_at = start
-                    if self._device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    self._release_cached_memory()
                     continue
                 if size == 1:
                     # This one submission does not fit however small its batch: it fails alone, the others'
@@ -489,8 +495,7 @@ class TransformersEngine(ModerationEngine):
                     self._fitting_batch = cap_before
                     start = end
                     limit = self._fitting_batch or len(requests)
-                    if self._device.type == "cuda":
-                        torch.cuda.empty_cache()
+                    self._release_cached_memory()
                     continue
                 limit = size // 2
                 if size > self._largest_fitted:
@@ -503,8 +508,7 @@ class TransformersEngine(ModerationEngine):
                     )
                 else:
                     logger.warning("GPU out of memory judging %d submissions (has fit before): halving", size)
-                if self._device.type == "cuda":
-                    torch.cuda.empty_cache()
+                self._release_cached_memory()
                 continue
             self._largest_fitted = max(self._largest_fitted, size)
             scored += part[0]
