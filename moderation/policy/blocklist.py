@@ -124,8 +124,8 @@ def _excerpt_of_term(norm: NormalizedText, term: NormalizedText) -> str:
 
 @lru_cache(maxsize=2048)
 def _compiled(pattern: str) -> regex.Pattern[str]:
-    # Text is matched in its folded form (Simplified, half-width, case-folded): so is the pattern. Folding
-    # can break a character range (its ends may fold out of order): such a pattern runs as written.
+    # Text is matched in its folded form (Simplified, half-width, case-folded): so is the pattern. A pattern
+    # folding breaks (a non-ASCII group name folded into one no name may hold) runs as written.
     try:
         return regex.compile(fold_pattern(pattern), _FLAGS)
     except regex.error:

@@ -137,13 +137,16 @@ def to_simplified(text: str) -> str:
     return text.translate(_traditional_to_simplified())
 
 
+def _fold_characters(text: str) -> str:
+    """NFKC, case-folded, Simplified ``text`` without invisible characters or look-alikes (spacing untouched)."""
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    # Captions come in both Chinese scripts; a term written in one must match text written in the other.
+    return to_simplified(_drop_invisible(text).translate(_CONFUSABLES))
+
+
 def fold(text: str) -> str:
     """NFKC, case-folded, Simplified text without invisible characters or look-alikes, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text or "")
-    text = unicodedata.normalize("NFKC", text.casefold())
-    # Captions come in both Chinese scripts; a term written in one must match text written in the other.
-    text = to_simplified(_drop_invisible(text).translate(_CONFUSABLES))
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _fold_characters(text or "").replace("\r\n", "\n").replace("\r", "\n")
     text = _HSPACE_RE.sub(" ", text)
     return _NEWLINES_RE.sub("\n", text).strip()
 
@@ -152,12 +155,6 @@ def despace(folded: str) -> str:
     """The folded text with letter-by-letter spacing joined up and separators between CJK removed."""
     joined = _SPACED_LETTERS_RE.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), folded)
     return _CJK_GAP_RE.sub("", joined)
-
-
-def _fold_char(ch: str) -> str:
-    """What ``fold`` makes of one character in a text (empty for invisible ones)."""
-    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", ch).casefold())
-    return to_simplified(_drop_invisible(folded).translate(_CONFUSABLES))
 
 
 def fold_pattern(pattern: str) -> str:
@@ -215,7 +212,7 @@ def fold_pattern(pattern: str) -> str:
             class_body_start = i
             continue
         if ord(ch) >= 128:
-            folded = _fold_char(ch)
+            folded = _fold_characters(ch)
             if len(folded) == 1:
                 out.append(folded if folded.isalnum() else re.escape(folded))
             else:  # several characters, or none (an invisible one): a group keeps a quantifier on it
@@ -231,7 +228,7 @@ def _class_member(pattern: str, i: int, ch: str, escaped: bool, body_start: int)
     original = "\\" + ch if escaped else ch
     follows_dash = i - 1 > body_start and pattern[i - 1] == "-" and pattern[i - 2] != "\\"
     precedes_dash = i + 2 < len(pattern) and pattern[i + 1] == "-" and pattern[i + 2] != "]"
-    folded = _fold_char(ch)
+    folded = _fold_characters(ch)
     if follows_dash or precedes_dash or len(folded) != 1 or folded == ch:
         return original
     return original + re.escape(folded)
