@@ -19,7 +19,6 @@ from moderation.audit.schemas import AuditEntryOut
 from moderation.errors import InvalidInput, NotFound
 from moderation.review import queries, reports, service
 from moderation.review.models import ReviewDecision, ReviewKind, ReviewState
-from moderation.review.repository import ReviewRepository
 from moderation.review.schemas import (
     ClaimIn,
     DecisionIn,
@@ -96,16 +95,9 @@ def list_items(
         kind_value = ReviewKind(kind) if kind else None
     except ValueError as exc:
         raise InvalidInput(f"unknown state or kind: {exc}", code="invalid_filter") from exc
-    page = ReviewRepository(session).list_page(
-        state=state_value,
-        kind=kind_value,
-        open_only=state == "open",
-        limit=limit + 1,
-        after=queries.decode_position(cursor) if cursor else None,
+    items, next_cursor = queries.items_page(
+        session, limit=limit, cursor=cursor, state=state_value, kind=kind_value, open_only=state == "open"
     )
-    more = len(page) > limit
-    page = page[:limit]
-    items = [item for item, _ in page]
     rows = queries.items_with_submissions(session, items)
     hidden = queries.hidden_decisions(session, principal.ref, [i.submission_id for i in items])
     return ReviewItemPage(
@@ -115,7 +107,7 @@ def list_items(
             )
             for i, _, name in rows
         ],
-        next_cursor=queries.encode_position(page[-1][1]) if more and page else None,
+        next_cursor=next_cursor,
     )
 
 

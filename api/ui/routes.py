@@ -262,14 +262,8 @@ def dashboard(
 ) -> Response:
     """The queue at a glance: counts, categories, the oldest item, and the open items in order, a page at a time."""
     overview = reports.overview(session)
-    page = ReviewRepository(session).list_page(
-        open_only=True,
-        limit=DASHBOARD_PAGE_ITEMS + 1,
-        after=queries.decode_position(after) if after else None,
-    )
-    more = len(page) > DASHBOARD_PAGE_ITEMS
-    page = page[:DASHBOARD_PAGE_ITEMS]
-    rows = queries.items_with_submissions(session, [item for item, _ in page])
+    items, next_after = queries.items_page(session, limit=DASHBOARD_PAGE_ITEMS, cursor=after, open_only=True)
+    rows = queries.items_with_submissions(session, items)
     return _page(
         request,
         "dashboard.html",
@@ -278,7 +272,7 @@ def dashboard(
         rows=rows,
         top_category=_top_category,
         first_page=after is None,
-        next_after=queries.encode_position(page[-1][1]) if more and page else None,
+        next_after=next_after,
     )
 
 

@@ -9,6 +9,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 from PIL import Image
 from sqlalchemy.orm import Session
@@ -197,3 +198,15 @@ def decode_position(cursor: str) -> ListPosition:
         return ListPosition(int(decided), int(rank), str(moment), uuid.UUID(item_id))
     except (ValueError, TypeError, ArithmeticError, binascii.Error) as exc:
         raise InvalidInput("invalid cursor", code="invalid_cursor") from exc
+
+
+def items_page(
+    session: Session, *, limit: int, cursor: str | None, **filters: Any
+) -> tuple[list[ReviewItem], str | None]:
+    """One page of review items (``ReviewRepository.list_page`` filters) and the cursor of the next, if any."""
+    page = ReviewRepository(session).list_page(
+        **filters, limit=limit + 1, after=decode_position(cursor) if cursor else None
+    )
+    more = len(page) > limit
+    page = page[:limit]
+    return [item for item, _ in page], encode_position(page[-1][1]) if more and page else None
