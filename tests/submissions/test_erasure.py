@@ -113,6 +113,13 @@ def test_a_rolled_back_erasure_keeps_the_content(
     assert service.get_submission(session, tenant, submission.id).caption == "my holiday in Lisbon"
 
 
+def _refusal(session: Session, tenant: Tenant, submission_id: uuid.UUID) -> str:
+    """The code of the Conflict an erasure of this submission is refused with."""
+    with pytest.raises(Conflict) as caught:
+        erasure.erase_submission(session, tenant, submission_id)
+    return caught.value.code
+
+
 @pytest.mark.parametrize("status", [SubmissionStatus.queued, SubmissionStatus.processing])
 def test_a_submission_still_being_judged_cannot_be_erased(
     session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings, status: SubmissionStatus
@@ -120,26 +127,20 @@ def test_a_submission_still_being_judged_cannot_be_erased(
     submission = add_decided(session, tenant, store, settings, status=SubmissionStatus.queued)
     submission.status = status
     session.flush()
-    with pytest.raises(Conflict) as caught:
-        erasure.erase_submission(session, tenant, submission.id)
-    assert caught.value.code == "submission_not_final"
+    assert _refusal(session, tenant, submission.id) == "submission_not_final"
 
 
 def test_a_submission_a_person_is_reviewing_cannot_be_erased(
     session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
 ) -> None:
     item = add_review_item(session, tenant, store, settings)
-    with pytest.raises(Conflict) as caught:
-        erasure.erase_submission(session, tenant, item.submission_id)
-    assert caught.value.code == "submission_not_final"  # in_review
+    assert _refusal(session, tenant, item.submission_id) == "submission_not_final"  # in_review
     # An appeal reopens a decided submission: it is under review again.
     decided = add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=7))
     appeal(session, tenant, decided.id, "please look again")
     decided.status = SubmissionStatus.decided  # even if the status said final, the open item holds it
     session.flush()
-    with pytest.raises(Conflict) as caught:
-        erasure.erase_submission(session, tenant, decided.id)
-    assert caught.value.code == "submission_under_review"
+    assert _refusal(session, tenant, decided.id) == "submission_under_review"
 
 
 def test_other_tenants_submissions_are_not_found(
