@@ -12,7 +12,9 @@ from moderation.config import Settings
 from moderation.db import new_id, utcnow
 from moderation.engine.prompts import DEFAULT_CATEGORIES
 from moderation.processing.service import review_priority
-from moderation.review.models import ReviewItem, ReviewState
+from moderation.review import service
+from moderation.review.models import ReviewDecision, ReviewItem, ReviewState
+from moderation.reviewers.schemas import ReviewerRef
 from moderation.submissions.models import Decision, SubmissionStatus, Verdict
 from moderation.submissions.service import submit
 from moderation.tenants.models import Tenant
@@ -98,3 +100,24 @@ def add_review_item(
     session.add(item)
     session.flush()
     return item
+
+
+def claim_and_decide(
+    session: Session,
+    who: ReviewerRef,
+    decision: ReviewDecision,
+    categories: list[str] | None = None,
+    note: str | None = None,
+) -> ReviewItem:
+    """``who`` claims the next item of the queue and decides it."""
+    item = service.claim_next(session, who, 600)
+    assert item is not None and item.lease_token is not None
+    return service.decide(
+        session,
+        item.id,
+        reviewer=who,
+        lease_token=item.lease_token,
+        decision=decision,
+        categories=categories,
+        note=note,
+    )

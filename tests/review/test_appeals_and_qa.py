@@ -13,7 +13,7 @@ from moderation.blobs import LocalBlobStore
 from moderation.config import Settings
 from moderation.errors import Conflict, NotFound
 from moderation.review import reports, service
-from moderation.review.models import ReviewDecision, ReviewItem, ReviewKind, ReviewState
+from moderation.review.models import ReviewDecision, ReviewKind, ReviewState
 from moderation.review.repository import ReviewRepository
 from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import Forbidden, ReviewerRef
@@ -22,21 +22,11 @@ from moderation.submissions.service import get_submission, submit
 from moderation.tenants.models import Tenant
 from moderation.webhooks.models import WebhookDelivery
 from tests.conftest import RecordingDispatcher, make_jpeg
-from tests.review.helpers import add_review_item, make_tenant
+from tests.review.helpers import add_review_item, claim_and_decide, make_tenant
 
 ANN = ReviewerRef("ann@example.com", Role.reviewer)
 BOB = ReviewerRef("bob@example.com", Role.reviewer)
 LEA = ReviewerRef("lea@example.com", Role.lead)
-
-
-def _decide(
-    session: Session, who: ReviewerRef, decision: ReviewDecision, categories: list[str] | None = None
-) -> ReviewItem:
-    item = service.claim_next(session, who, 600)
-    assert item is not None and item.lease_token is not None
-    return service.decide(
-        session, item.id, reviewer=who, lease_token=item.lease_token, decision=decision, categories=categories
-    )
 
 
 def _deliveries(session: Session, submission_id: uuid.UUID) -> list[WebhookDelivery]:
@@ -57,7 +47,7 @@ def test_an_appeal_is_decided_first_and_by_someone_else(
     dispatched: RecordingDispatcher,
 ) -> None:
     appealed = add_review_item(session, tenant, blobs, settings, conflict=0.6, seed=1)
-    first = _decide(session, ANN, ReviewDecision.reject, ["scam_fraud"])
+    first = claim_and_decide(session, ANN, ReviewDecision.reject, ["scam_fraud"])
     assert first.id == appealed.id
     other = add_review_item(session, tenant, blobs, settings, conflict=0.99, seed=2)
     item = service.appeal(
@@ -70,7 +60,7 @@ def test_an_appeal_is_decided_first_and_by_someone_else(
     # Ann decided the original: the appeal is not offered to her; Bob gets it before the riskier item.
     ann_next = service.claim_next(session, ANN, 600)
     assert ann_next is not None and ann_next.id == other.id
-    decided = _decide(session, BOB, ReviewDecision.approve)
+    decided = claim_and_decide(session, BOB, ReviewDecision.approve)
     assert decided.id == item.id
     out = get_submission(session, tenant, appealed.submission_id)
     assert out.status == "reviewed" and out.final_decision == "allow"
@@ -119,10 +109,10 @@ def test_qa_second_reviews_are_blind_internal_and_measured(
     for seed in range(4):
         add_review_item(session, tenant, blobs, settings, conflict=0.5 + seed / 10, seed=seed)
     firsts = [
-        _decide(session, ANN, ReviewDecision.reject, ["spam"]),
-        _decide(session, ANN, ReviewDecision.reject, ["spam", "scam_fraud"]),
-        _decide(session, ANN, ReviewDecision.approve),
-        _decide(session, BOB, ReviewDecision.approve),
+        claim_and_decide(session, ANN, ReviewDecision.reject, ["spam"]),
+        claim_and_decide(session, ANN, ReviewDecision.reject, ["spam", "scam_fraud"]),
+        claim_and_decide(session, ANN, ReviewDecision.approve),
+        claim_and_decide(session, BOB, ReviewDecision.approve),
     ]
     with pytest.raises(Forbidden):
         service.sample_for_qa(session, ANN, 5)
@@ -153,7 +143,7 @@ def test_qa_second_reviews_are_blind_internal_and_measured(
             )
         )
     assert len(bob_done) == 3
-    last = _decide(session, ANN, ReviewDecision.approve)
+    last = claim_and_decide(session, ANN, ReviewDecision.approve)
     assert last.kind == ReviewKind.qa and by_origin[last.origin_id].decided_by == "bob@example.com"  # type: ignore[index]
     # QA decisions change neither the submission nor what the tenant sees, and send no webhooks.
     assert len(session.scalars(select(WebhookDelivery)).all()) == deliveries_before

@@ -18,7 +18,7 @@ from moderation.errors import Conflict, NotFound
 from moderation.processing.repository import VerdictCacheRepository
 from moderation.review.models import ReviewDecision, ReviewKind
 from moderation.review.repository import ReviewRepository
-from moderation.review.service import appeal, claim_next, decide, sample_for_qa
+from moderation.review.service import appeal, sample_for_qa
 from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import ReviewerRef
 from moderation.submissions import erasure, service
@@ -26,7 +26,7 @@ from moderation.submissions.models import Submission, SubmissionStatus, Verdict
 from moderation.tenants.models import Tenant
 from moderation.webhooks.models import WebhookDelivery, WebhookEndpoint
 from tests.conftest import RecordingDispatcher, make_jpeg
-from tests.review.helpers import add_review_item, make_tenant
+from tests.review.helpers import add_review_item, claim_and_decide, make_tenant
 from tests.submissions.helpers import add_decided
 
 
@@ -294,30 +294,15 @@ LEAD = ReviewerRef("lead@example.com", Role.lead)
 OTHER_LEAD = ReviewerRef("other@example.com", Role.lead)
 
 
-def _decide(session: Session, who: ReviewerRef, decision: ReviewDecision, note: str | None = None) -> None:
-    item = claim_next(session, who, 600)
-    assert item is not None and item.lease_token is not None
-    categories = ["scam_fraud"] if decision == ReviewDecision.reject else []
-    decide(
-        session,
-        item.id,
-        reviewer=who,
-        lease_token=item.lease_token,
-        decision=decision,
-        categories=categories,
-        note=note,
-    )
-
-
 def test_free_text_about_the_submission_is_erased_in_reviews_and_the_audit_trail(
     session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
 ) -> None:
     item = add_review_item(session, tenant, store, settings, caption="Jane Roe 415-555-0199", seed=31)
     item.reason = 'blocklist: pattern \\d{3}-\\d{3}-\\d{4} matched in caption ("415-555-0199")'
     session.flush()
-    _decide(session, LEAD, ReviewDecision.approve, "Jane Roe's number is her shop's")
+    claim_and_decide(session, LEAD, ReviewDecision.approve, note="Jane Roe's number is her shop's")
     appeal(session, tenant, item.submission_id, "Jane Roe asked us to appeal")
-    _decide(session, OTHER_LEAD, ReviewDecision.approve, "fine")
+    claim_and_decide(session, OTHER_LEAD, ReviewDecision.approve, note="fine")
     session.flush()
 
     erasure.erase_submission(session, tenant, item.submission_id)
@@ -339,7 +324,7 @@ def test_an_open_qa_review_is_withdrawn_and_erased_submissions_are_never_sampled
     session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
 ) -> None:
     item = add_review_item(session, tenant, store, settings, seed=41)
-    _decide(session, LEAD, ReviewDecision.reject)
+    claim_and_decide(session, LEAD, ReviewDecision.reject, ["scam_fraud"])
     [qa] = sample_for_qa(session, OTHER_LEAD, 1)
     assert qa.submission_id == item.submission_id and qa.kind == ReviewKind.qa
 
@@ -392,7 +377,7 @@ def test_the_audit_log_lets_through_only_the_redaction_of_an_erased_submissions_
     for submission in (kept, erased):
         appeal(session, tenant, submission.id, "please look again")
     for _appeal in range(2):
-        _decide(session, LEAD, ReviewDecision.approve, "fine")
+        claim_and_decide(session, LEAD, ReviewDecision.approve, note="fine")
     erasure.erase_submission(session, tenant, erased.id)
     session.flush()
 
