@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     intake_image_check: Literal["structural", "decode"] = Field(
         default="structural",
         description="How intake checks an image beyond its header: `structural` walks the file's container "
-        "(complete, well formed; the GPU worker fails what still cannot be decoded), `decode` decodes it.",
+        "(complete, well formed; a JPEG that ends with its end-of-image marker only as far as its first scan, "
+        "the GPU worker walks the rest and fails what still cannot be decoded), `decode` decodes it.",
     )
     intake_batch_max: int = Field(
         default=64,

@@ -166,6 +166,14 @@ def make_jpeg(width: int = 640, height: int = 480, seed: int = 0, quality: int =
     return buf.getvalue()
 
 
+def jpeg_header(data: bytes) -> bytes:
+    """The bytes of a baseline JPEG up to and including its scan header."""
+    pos = 2
+    while data[pos + 1] != 0xDA:
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return data[: pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")]
+
+
 def make_png(width: int = 64, height: int = 64) -> bytes:
     """A small PNG."""
     buf = io.BytesIO()

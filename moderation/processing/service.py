@@ -51,6 +51,7 @@ from moderation.review.service import release_expired_leases
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 from moderation.submissions.repository import FencedMove, SubmissionRepository
 from moderation.submissions.service import process_job
+from moderation.submissions.structure import ImageStructureError, check_jpeg
 from moderation.tenants.models import Tenant
 from moderation.tenants.repository import TenantRepository
 from moderation.webhooks.models import WebhookEndpoint, WebhookEvent
@@ -475,7 +476,13 @@ class BatchProcessor:
             data = self.blob_store.get(submission.image_sha256)
         except NotFound as exc:
             raise _UnusableImage(f"image could not be loaded: {exc}") from exc
-        # Intake only checks the file's structure, so this is the first full decode of the image.
+        # Intake only checks the file's structure (a JPEG only as far as its first scan and its last bytes),
+        # so this is the first full walk and the first full decode of the image.
+        try:
+            if data.startswith(b"\xff\xd8\xff"):
+                check_jpeg(data)
+        except ImageStructureError as exc:
+            raise _UnusableImage(f"{IMAGE_UNDECODABLE}: image is not well formed: {exc}") from exc
         try:
             image = Image.open(io.BytesIO(data))
             # A batch holds its images until it ends: a 200 KB PNG can decode to 200 MB. Far above the

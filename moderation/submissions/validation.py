@@ -100,7 +100,7 @@ def validate_image(data: bytes, settings: Settings) -> ImageInfo:
     try:
         if sniffed == "JPEG" and settings.intake_image_check == "structural":
             # The structural walk reads the frame header itself, at a fraction of the cost of Pillow's parser.
-            width, height = check_jpeg(data, on_frame=check_pixels)
+            width, height = check_jpeg(data, on_frame=check_pixels, walk_scans=False)
             return _accepted(ImageInfo(format="JPEG", width=width, height=height), allowed)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -39,7 +39,7 @@ from moderation.submissions.repository import SubmissionRepository
 from moderation.submissions.schemas import SubmissionOut
 from moderation.tenants.models import Tenant
 from moderation.webhooks.models import WebhookDelivery
-from tests.conftest import RecordingDispatcher
+from tests.conftest import RecordingDispatcher, jpeg_header, make_jpeg
 from tests.processing.conftest import submit_one
 
 
@@ -564,6 +564,29 @@ def test_image_that_passes_intake_but_cannot_be_decoded_fails_with_a_code(
         assert [a.outcome for a in attempts] == ["failed"]
         events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
         assert events == ["submission.failed"]
+
+
+def test_a_jpeg_with_markers_out_of_place_fails_in_the_worker(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+) -> None:
+    # Intake walks a JPEG that ends with its end-of-image marker only to its first scan; the worker walks it
+    # all before decoding, and names what it found.
+    whole = make_jpeg(64, 48, seed=3)
+    sid = submit_one(
+        sessions, tenant, store, settings, "spliced", image=jpeg_header(whole) + b"\x12" * 99 + whole
+    )
+    engine = ScriptedEngine()
+    report = BatchProcessor(sessions, engine, store, settings).run(sid)
+    assert report.failed == [sid] and engine.batches == []
+    with sessions() as session:
+        sub = session.get(Submission, sid)
+        assert sub is not None and sub.status == SubmissionStatus.failed
+        assert (sub.last_error or "").startswith(
+            "image_undecodable: image is not well formed: JPEG has a second start-of-image marker"
+        )
 
 
 def test_a_lost_lease_in_a_batch_discards_only_that_verdict(

@@ -32,7 +32,7 @@ from moderation.submissions.validation import (
     validate_identifier,
     validate_image,
 )
-from tests.conftest import make_jpeg, make_png
+from tests.conftest import jpeg_header, make_jpeg, make_png
 
 SETTINGS = Settings(max_image_bytes=2 * 1024 * 1024, max_image_pixels=4_000_000)
 
@@ -217,19 +217,11 @@ def test_structural_check_accepts_animations_and_trailing_bytes() -> None:
     assert validate_image(make_png() + b"\x00" * 64, SETTINGS).format == "PNG"
 
 
-def _jpeg_header(data: bytes) -> bytes:
-    """The bytes of a baseline JPEG up to and including its scan header."""
-    pos = 2
-    while data[pos + 1] != 0xDA:
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return data[: pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")]
-
-
 @pytest.mark.parametrize(
     "make",
     [
         # A valid JPEG header followed by noise with no end-of-image marker.
-        lambda: _jpeg_header(make_jpeg(64, 48)) + bytes(range(0, 255)) * 40,
+        lambda: jpeg_header(make_jpeg(64, 48)) + bytes(range(0, 255)) * 40,
         # A JPEG whose scan header comes before its frame header.
         lambda: b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x00" * 64 + b"\xff\xd9",
         # A PNG whose IHDR is valid, then garbage where the next chunk should be.
@@ -269,7 +261,7 @@ def test_structural_checks_themselves_reject_malformed_files() -> None:
     """The same kinds of damage, given to the checks directly (Pillow's header parser is not involved)."""
     gif, webp, png = _encode("GIF"), _encode("WEBP"), _encode("PNG")
     cases = [
-        (check_jpeg, _jpeg_header(make_jpeg(64, 48)) + bytes(range(0, 255)) * 40),
+        (check_jpeg, jpeg_header(make_jpeg(64, 48)) + bytes(range(0, 255)) * 40),
         (check_jpeg, b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00" + b"\x00" * 64 + b"\xff\xd9"),
         (check_png, png[:33] + b"\x12\x34\x56\x78garbage!" * 20),
         (check_png, png[:60] + bytes([png[60] ^ 0x55]) + png[61:]),
@@ -303,8 +295,24 @@ def test_phone_multi_picture_jpegs_are_jpegs() -> None:
     assert validate_image(buf.getvalue(), SETTINGS).format == "JPEG"
 
 
+def test_intake_takes_a_jpeg_that_ends_with_its_end_marker_as_complete() -> None:
+    jpeg = make_jpeg(64, 48)
+    # Cut short anywhere, the file no longer ends with the marker: its scans are walked, the cut is found.
+    for cut in (jpeg[:-1], jpeg[:-2], jpeg[: len(jpeg) // 2], jpeg[: len(jpeg_header(jpeg)) + 10]):
+        with pytest.raises(InvalidInput) as err:
+            validate_image(cut, SETTINGS)
+        assert err.value.code == "image_undecodable"
+    # A cut picture with a whole one behind it ends with the marker: intake leaves the marker out of place
+    # inside its data to the GPU worker's full walk (tests/processing), which the default walk is.
+    spliced = jpeg_header(jpeg) + b"\x12\x34" * 100 + jpeg
+    with pytest.raises(ImageStructureError, match="second start-of-image"):
+        check_jpeg(spliced)
+    assert check_jpeg(spliced, walk_scans=False) == (64, 48)
+    assert validate_image(spliced, SETTINGS).format == "JPEG"
+
+
 def test_a_flood_of_markers_is_refused() -> None:
-    data = _jpeg_header(make_jpeg(64, 48)) + b"\xff\x01" * (MAX_JPEG_MARKERS + 10) + b"\xff\xd9"
+    data = jpeg_header(make_jpeg(64, 48)) + b"\xff\x01" * (MAX_JPEG_MARKERS + 10) + b"\xff\xd9"
     with pytest.raises(ImageStructureError, match="more markers"):
         check_jpeg(data)
 
