@@ -19,6 +19,13 @@ from moderation.errors import InvalidInput, PayloadTooLarge, RequestTimeout
 
 _CRLF = b"\r\n"
 _BLANK_LINE = b"\r\n\r\n"
+# What follows the boundary on a delimiter line that is not the close delimiter ("--"): transport padding
+# and a line break.
+_PADDING = re.compile(rb"[ \t]*\r\n")
+# The spellings common clients send, parsed without python-multipart's general parser (a few microseconds
+# each); anything else (escapes, unquoted values, other parameters or their order) takes the general one.
+_SIMPLE_CONTENT_TYPE = re.compile(r"multipart/form-data; ?boundary=([0-9A-Za-z'()+_,./:=?-]{1,70})")
+_SIMPLE_DISPOSITION = re.compile(rb'form-data; name="([^"\\]*)"(?:; filename="([^"\\]*)")?')
 # Longest header block of one part, and most parts, this parser accepts.
 MAX_PART_HEADER_BYTES = 8 * 1024
 MAX_PARTS = 20
@@ -67,6 +74,9 @@ async def read_body(request: Request, limit: int, *, too_large: str, timeout: fl
 
 def boundary_of(content_type: str) -> bytes:
     """The boundary parameter of a multipart Content-Type header."""
+    simple = _SIMPLE_CONTENT_TYPE.fullmatch(content_type)
+    if simple is not None:
+        return simple.group(1).encode("ascii")
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     # RFC 2046: 1 to 70 characters.
@@ -95,13 +105,7 @@ def _part(body: bytes, start: int, end: int) -> FormPart:
             content_type = value.strip()
     if disposition is None:
         raise MultipartError("a multipart part has no Content-Disposition header")
-    kind, params = parse_options_header(disposition)
-    field = params.get(b"name")
-    if kind != b"form-data" or field is None:
-        raise MultipartError("a multipart part's Content-Disposition is not form-data with a name")
-    filename = params.get(b"filename")
-    if filename is None and b"filename*" in disposition.lower():
-        filename = b""  # only an RFC 2231 encoded name (which senders should not use): still a file
+    field, filename = _disposition(disposition)
     try:
         return FormPart(
             name=field.decode("utf-8"),
@@ -113,42 +117,76 @@ def _part(body: bytes, start: int, end: int) -> FormPart:
         raise MultipartError("a multipart part's field or file name is not UTF-8") from exc
 
 
-def _next_line(body: bytes, lines: re.Pattern[bytes], needle: bytes, start: int) -> re.Match[bytes] | None:
-    """The next delimiter line from ``start`` on."""
-    # bytes.find is several times faster than the expression's search on ordinary bodies; after a few
-    # look-alikes (data that repeats the delimiter) the expression takes over, so a crafted body costs
-    # no Python loop per look-alike.
+def _disposition(value: bytes) -> tuple[bytes, bytes | None]:
+    """The field name and file name (None for a plain field) of a part's Content-Disposition."""
+    simple = _SIMPLE_DISPOSITION.fullmatch(value)
+    if simple is not None:
+        return simple.group(1), simple.group(2)
+    kind, params = parse_options_header(value)
+    field = params.get(b"name")
+    if kind != b"form-data" or field is None:
+        raise MultipartError("a multipart part's Content-Disposition is not form-data with a name")
+    filename = params.get(b"filename")
+    if filename is None and b"filename*" in value.lower():
+        filename = b""  # only an RFC 2231 encoded name (which senders should not use): still a file
+    return field, filename
+
+
+@dataclass(frozen=True)
+class _Delimiter:
+    """A delimiter line: where it starts, where it ends, whether it closes the body."""
+
+    start: int
+    end: int
+    closes: bool
+
+
+def _delimiter_at(body: bytes, start: int, rest: int) -> _Delimiter | None:
+    """The delimiter line starting at ``start`` whose boundary ends at ``rest``, if the line is one."""
+    if body.startswith(b"--", rest):
+        return _Delimiter(start, rest + 2, closes=True)
+    padding = _PADDING.match(body, rest)
+    return None if padding is None else _Delimiter(start, padding.end(), closes=False)
+
+
+def _next_delimiter(body: bytes, needle: bytes, start: int) -> _Delimiter | None:
+    """The next delimiter line (``needle`` is a line break and the delimiter) from ``start`` on."""
     found = body.find(needle, start)
     for _ in range(8):
         if found < 0:
             return None
-        line = lines.match(body, found)
+        line = _delimiter_at(body, found, found + len(needle))
         if line is not None:
             return line
         found = body.find(needle, found + 1)
-    return lines.search(body, found) if found >= 0 else None
+    if found < 0:
+        return None
+    # Data that repeats the delimiter many times (a crafted body): one expression finds the real line in C,
+    # where a Python loop would go round once per look-alike.
+    lines = re.compile(re.escape(needle) + rb"(--|[ \t]*\r\n)")
+    match = lines.search(body, found)
+    return None if match is None else _Delimiter(match.start(), match.end(), closes=match.group(1) == b"--")
 
 
 def parse_form(body: bytes, boundary: bytes) -> dict[str, FormPart]:
     """The parts of a multipart/form-data body by field name; MultipartError when it is malformed."""
-    delimiter = b"--" + boundary
-    # A delimiter line: a line break, the delimiter, then "--" (the close delimiter) or transport padding
-    # and a line break. One expression finds them all in C, however many look-alikes the data holds.
-    lines = re.compile(re.escape(_CRLF + delimiter) + rb"(--|[ \t]*\r\n)")
-    opening = re.match(re.escape(delimiter) + rb"(--|[ \t]*\r\n)", body)
+    # A delimiter line: a line break, "--" and the boundary, then "--" (the close delimiter) or transport
+    # padding and a line break. The first may start the body without its line break.
+    needle = _CRLF + b"--" + boundary
+    opening = _delimiter_at(body, 0, len(needle) - 2) if body.startswith(needle[2:]) else None
     if opening is None:  # a preamble, ignored, before the first delimiter line
-        opening = lines.search(body)
+        opening = _next_delimiter(body, needle, 0)
         if opening is None:
             raise MultipartError("the body holds no multipart delimiter line for the given boundary")
     parts: dict[str, FormPart] = {}
     previous = opening
-    while previous.group(1) != b"--":
-        following = _next_line(body, lines, _CRLF + delimiter, previous.end())
+    while not previous.closes:
+        following = _next_delimiter(body, needle, previous.end)
         if following is None:
             raise MultipartError("the multipart body is truncated: a part has no closing delimiter")
         if len(parts) == MAX_PARTS:
             raise MultipartError(f"the multipart body has more than {MAX_PARTS} parts")
-        part = _part(body, previous.end(), following.start())
+        part = _part(body, previous.end, following.start)
         if part.name in parts:
             raise MultipartError(f"the multipart field {part.name!r} is given more than once")
         parts[part.name] = part

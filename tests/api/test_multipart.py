@@ -9,6 +9,7 @@ import httpx
 import pytest
 import urllib3
 from fastapi.testclient import TestClient
+from python_multipart.multipart import parse_options_header
 
 from api.multipart import MAX_PARTS, FormPart, MultipartError, boundary_of, parse_form
 from tests.api.conftest import ApiTenant
@@ -83,6 +84,50 @@ def test_empty_parts_and_an_empty_form() -> None:
         )
         == {}
     )
+
+
+def test_data_that_repeats_the_delimiter_many_times_is_data() -> None:
+    # Past a few look-alikes the parser stops checking them one by one; the result is the same.
+    for repeats in (3, 8, 9, 5000):
+        data = b"\x00\r\n--bZ" * repeats + b"\r\n--b\t\x00"
+        body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="x"\r\n\r\n' + data
+        parts = form(
+            body + b"\r\n--b \r\n" + _part("caption")[5:] + b"--b--", "multipart/form-data; boundary=b"
+        )
+        assert parts["image"].data == data and parts["caption"].data == b"x"
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        b'form-data; name="image"; filename="cat.jpg"',
+        b'form-data; name="caption"',
+        b'form-data; name=""; filename=""',
+        b'form-data; name="a;b"; filename="x; y=z.jpg"',
+        b'form-data; name="\xe7\x8c\xab"; filename="\xe7\x8c\xab.jpg"',
+        b'form-data; name="a\\"b"',  # an escaped quote: the general parser
+        b'form-data; name="x"; filename="C:\\dir\\cat.jpg"',  # a Windows path: the general parser
+        b'form-data; filename="cat.jpg"; name="image"',  # another order: the general parser
+        b"form-data; name=caption",  # unquoted: the general parser
+        b'Form-Data; Name="caption"',
+    ],
+)
+def test_common_spellings_parse_as_the_general_parser_does(disposition: bytes) -> None:
+    body = b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\nx\r\n--b--"
+    (part,) = form(body, "multipart/form-data; boundary=b").values()
+    _, params = parse_options_header(disposition)
+    expected_name, expected_file = params[b"name"], params.get(b"filename")
+    assert (part.name, part.filename) == (
+        expected_name.decode(),
+        None if expected_file is None else expected_file.decode(),
+    )
+    for content_type in (
+        "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",
+        "multipart/form-data;boundary=a'()+_,./:=?-9",
+        'multipart/form-data; boundary="a b:c"',
+        "Multipart/Form-Data; Boundary=abc; charset=utf-8",
+    ):
+        assert boundary_of(content_type) == parse_options_header(content_type)[1][b"boundary"]
 
 
 def _part(name: str, data: bytes = b"x") -> bytes:
