@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import time
 import uuid
@@ -24,7 +23,6 @@ from moderation.errors import (
     ModerationError,
     NotFound,
     PayloadTooLarge,
-    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from moderation.net.safe_http import OutboundPolicy, fetch_bytes
@@ -173,15 +171,7 @@ async def _store(
     prepared = await _on_loop_if(len(image) <= _CHECK_ON_LOOP_BYTES and cheap_to_check(image), prepare)
     # The writer answers after the commit that stored the submission (shared with whatever arrived
     # alongside it), so a 202 is never given for something a crash could lose.
-    try:
-        async with asyncio.timeout(settings.intake_timeout_seconds):
-            return await asyncio.wrap_future(request.app.state.intake_writer.submit(prepared))
-    except TimeoutError:
-        raise ServiceUnavailable(
-            f"the submission could not be stored within {settings.intake_timeout_seconds:g} s; it may "
-            "still be: retry with the same Idempotency-Key",
-            code="intake_timeout",
-        ) from None
+    return await request.app.state.intake_writer.submit_from_loop(prepared, settings.intake_timeout_seconds)
 
 
 @router.post("", status_code=202, response_model=SubmissionAccepted)

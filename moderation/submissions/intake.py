@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TypeAlias
@@ -31,7 +35,56 @@ from moderation.threads import name_current_thread
 
 logger = logging.getLogger(__name__)
 
-_Pending: TypeAlias = tuple[PreparedSubmission, "Future[IntakeResult]"]
+_Answer: TypeAlias = "Future[IntakeResult] | asyncio.Future[IntakeResult]"
+_Pending: TypeAlias = tuple[PreparedSubmission, _Answer]
+
+
+class _LoopAnswers:
+    """The intake answers awaited on one event loop: each delivered there, each failed once it is overdue.
+
+    One timer, armed for the earliest deadline, serves every wait (a timer per request costs the loop more
+    than the rest of the waiting); a wait that ended keeps its deadline entry until that deadline comes.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._deadlines: list[tuple[float, int, float, asyncio.Future[IntakeResult]]] = []  # a heap
+        self._count = itertools.count()  # keeps equal deadlines from comparing their futures
+        self._timer: asyncio.TimerHandle | None = None
+
+    def wait(self, future: asyncio.Future[IntakeResult], timeout: float) -> None:
+        """Fail ``future`` with ServiceUnavailable if it has no answer within ``timeout`` seconds."""
+        deadline = self.loop.time() + timeout
+        heapq.heappush(self._deadlines, (deadline, next(self._count), timeout, future))
+        if self._timer is None or deadline < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        now = self.loop.time()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, timeout, future = heapq.heappop(self._deadlines)
+            if not future.done():
+                future.set_exception(
+                    ServiceUnavailable(
+                        f"the submission could not be stored within {timeout:g} s; it may still be: retry "
+                        "with the same Idempotency-Key",
+                        code="intake_timeout",
+                    )
+                )
+        self._timer = self.loop.call_at(self._deadlines[0][0], self._expire) if self._deadlines else None
+
+    @staticmethod
+    def deliver(answers: list[tuple[asyncio.Future[IntakeResult], Outcome]]) -> None:
+        """Resolve each future with its outcome, unless it was failed or cancelled meanwhile (on the loop)."""
+        for future, outcome in answers:
+            if future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
 
 def intake_sessionmaker(settings: Settings) -> sessionmaker[Session]:
@@ -83,6 +136,9 @@ class IntakeWriter:
         self._lock = threading.Lock()
         self._closed = False
         self._busy_since: float | None = None  # when the batch being stored was taken
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopAnswers] = (
+            weakref.WeakKeyDictionary()
+        )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -113,11 +169,30 @@ class IntakeWriter:
     def submit(self, prepared: PreparedSubmission) -> Future[IntakeResult]:
         """Store a submission; the future holds its answer (after its commit) or its error."""
         future: Future[IntakeResult] = Future()
+        self._hand_over(prepared, future)
+        return future
+
+    def submit_from_loop(self, prepared: PreparedSubmission, timeout: float) -> asyncio.Future[IntakeResult]:
+        """Store a submission from the running event loop; the future resolves there after its commit.
+
+        It fails with ServiceUnavailable (``intake_timeout``) when no answer came within ``timeout`` seconds;
+        cancelled or failed before the writer takes the submission, the submission is not stored. A batch's
+        answers reach their loop in one hand-over.
+        """
+        loop = asyncio.get_running_loop()
+        answers = self._loops.get(loop)
+        if answers is None:
+            answers = self._loops[loop] = _LoopAnswers(loop)
+        future: asyncio.Future[IntakeResult] = loop.create_future()
+        self._hand_over(prepared, future)
+        answers.wait(future, timeout)
+        return future
+
+    def _hand_over(self, prepared: PreparedSubmission, answer: _Answer) -> None:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the service is shutting down", code="shutting_down")
-            self._queue.put((prepared, future))
-        return future
+            self._queue.put((prepared, answer))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking submissions, finish those already taken and stop the thread."""
@@ -225,10 +300,9 @@ class IntakeWriter:
                 self._busy_since = None
 
     def _resolve(self, pending: list[_Pending]) -> None:
-        # A caller that gave up before its submission was taken (client gone) was never answered 202.
-        pending = [
-            (prepared, future) for prepared, future in pending if future.set_running_or_notify_cancel()
-        ]
+        # A caller that gave up before its submission was taken (client gone, or its wait timed out) was
+        # never answered 202.
+        pending = [(prepared, answer) for prepared, answer in pending if _take(answer)]
         if not pending:
             return
         metrics.INTAKE_BATCH_SIZE.observe(len(pending))
@@ -240,8 +314,25 @@ class IntakeWriter:
             outcomes = [exc if isinstance(exc, Exception) else RuntimeError(str(exc))] * len(pending)
         finally:
             self._busy_since = None
-        for (_, future), outcome in zip(pending, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
+        on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[IntakeResult], Outcome]]] = {}
+        for (_, answer), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(answer, asyncio.Future):
+                on_loops.setdefault(answer.get_loop(), []).append((answer, outcome))
+            elif isinstance(outcome, BaseException):
+                answer.set_exception(outcome)
             else:
-                future.set_result(outcome)
+                answer.set_result(outcome)
+        for loop, answers in on_loops.items():
+            try:
+                loop.call_soon_threadsafe(_LoopAnswers.deliver, answers)
+            except RuntimeError:  # the loop is closed: nobody waits for these answers any more
+                logger.warning("intake answers for %d submission(s) had no event loop to go to", len(answers))
+
+
+def _take(answer: _Answer) -> bool:
+    """Mark an answer as being worked on; False when its caller no longer waits for it."""
+    if isinstance(answer, asyncio.Future):
+        # Read from the writer's thread: a caller that gives up just after this is told its submission may
+        # still be stored, which it then is.
+        return not answer.done()
+    return answer.set_running_or_notify_cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import sys
 import threading
@@ -628,3 +629,63 @@ def test_the_writer_thread_is_named_for_the_operating_system(
         assert wait_until(lambda: native_name(writer._thread.native_id or 0) == "intake-writer", 5)
     finally:
         writer.close()
+
+
+def test_answers_reach_the_event_loop_of_their_callers_together(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: BlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer, sizes = writer_with_batch_sizes(sessions, store, max_batch=64)
+    handed_over: list[int] = []
+
+    async def main() -> list[IntakeResult]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+            handed_over.append(len(args[0]) if args else 0)
+            return real(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+        futures = [writer.submit_from_loop(prepare(tenant, settings, seed), 30) for seed in range(6)]
+        writer.start()  # the six wait together: one batch, one hand-over of its six answers
+        return list(await asyncio.gather(*futures))
+
+    results = asyncio.run(main())
+    writer.close()
+    assert all(r.created for r in results) and len({r.id for r in results}) == 6
+    assert sizes == [6] and handed_over == [6]
+    assert len(rows(sessions)) == 6
+
+
+def test_a_wait_on_the_loop_times_out_and_what_was_not_taken_is_not_stored(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: BlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store)
+
+    async def main() -> tuple[float, bool, bool]:
+        # Waits of different lengths, the longer set first: each fails at its own deadline.
+        slow = writer.submit_from_loop(prepare(tenant, settings, 0), 5)
+        started = time.monotonic()
+        quick = writer.submit_from_loop(prepare(tenant, settings, 1), 0.2)
+        with pytest.raises(ServiceUnavailable) as timed_out:
+            await quick
+        assert timed_out.value.code == "intake_timeout" and timed_out.value.status_code == 503
+        quick_after = time.monotonic() - started
+        gone = writer.submit_from_loop(prepare(tenant, settings, 2), 5)
+        gone.cancel()  # its caller went away
+        writer.start()  # only now: the timed-out and the cancelled submission are skipped
+        return quick_after, (await slow).created, gone.cancelled()
+
+    quick_after, slow_created, gone_cancelled = asyncio.run(main())
+    writer.close()
+    assert 0.15 < quick_after < 2 and slow_created and gone_cancelled
+    assert [r.caption for r in rows(sessions)] == ["caption 0"]
+    assert len(dispatched.jobs) == 1
