@@ -7,10 +7,12 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
+import sqlalchemy as sa
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
-from moderation.db import RandomBytes, make_engine, new_id
+from moderation.db import RandomBytes, execute_on_driver, make_engine, new_id
 
 
 def test_an_engine_with_a_statement_timeout_cancels_slow_statements(database_url: str) -> None:
@@ -97,3 +99,66 @@ def test_the_migrations_build_exactly_the_schema_the_models_describe(database_ur
             assert invalid == []
     finally:
         engine.dispose()
+
+
+_LABELS = sa.table("execute_on_driver_test", sa.column("id", sa.Integer), sa.column("label", sa.Text))
+
+
+@pytest.fixture
+def labels(session: Session) -> Session:
+    """A session whose transaction (rolled back after the test) holds a small table with a unique id."""
+    session.execute(text("CREATE TEMP TABLE execute_on_driver_test (id int PRIMARY KEY, label text)"))
+    return session
+
+
+def test_a_statement_run_on_the_driver_returns_its_rows_and_sees_the_transaction(labels: Session) -> None:
+    insert = (
+        sa.insert(_LABELS).values(id=sa.bindparam("id"), label=sa.bindparam("label")).returning(_LABELS.c.id)
+    )
+    assert execute_on_driver(labels, insert, {"id": 1, "label": "一"}) == [(1,)]
+    assert execute_on_driver(labels, sa.delete(_LABELS).where(_LABELS.c.id == 2), {}) == []
+    assert labels.execute(text("SELECT label FROM execute_on_driver_test")).scalar_one() == "一"
+
+
+def test_a_driver_error_is_raised_as_sqlalchemys_without_its_parameters(labels: Session) -> None:
+    insert = sa.insert(_LABELS).values(id=sa.bindparam("id"), label=sa.bindparam("label"))
+    execute_on_driver(labels, insert, {"id": 1, "label": "a"})
+    with pytest.raises(IntegrityError) as err:
+        execute_on_driver(labels, insert, {"id": 1, "label": "a secret caption"})
+    assert not err.value.connection_invalidated and "a secret caption" not in str(err.value)
+
+
+def test_a_lost_connection_is_invalidated(database_url: str, db_engine: Engine) -> None:
+    engine = make_engine(database_url, pool_size=1, autocommit=True, pre_ping=False)
+    try:
+        with Session(engine) as session:
+            backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with db_engine.connect() as conn:
+                assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar_one()
+            with pytest.raises(DBAPIError) as err:
+                execute_on_driver(session, sa.delete(_LABELS), {})
+            assert err.value.connection_invalidated
+        with Session(engine) as session:  # the pool hands out a new connection
+            assert session.execute(text("SELECT pg_backend_pid()")).scalar_one() != backend
+    finally:
+        engine.dispose()
+
+
+def test_with_cursor_listeners_the_statement_goes_through_sqlalchemy(labels: Session) -> None:
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement.split()[0])
+
+    connection = labels.connection()
+    event.listen(connection, "before_cursor_execute", record)
+    try:
+        insert = (
+            sa.insert(_LABELS)
+            .values(id=sa.bindparam("id"), label=sa.bindparam("label"))
+            .returning(_LABELS.c.label)
+        )
+        assert execute_on_driver(labels, insert, {"id": 7, "label": "seen"}) == [("seen",)]
+    finally:
+        event.remove(connection, "before_cursor_execute", record)
+    assert seen == ["INSERT"]

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, make_transient_to_detached, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.types import TypeEngine
 
-from moderation.db import utcnow
+from moderation.db import execute_on_driver, utcnow
 from moderation.review.models import REVIEW_OPEN_STATES, ReviewItem, ReviewKind
 from moderation.submissions.models import Decision, ProcessingAttempt, Submission, SubmissionStatus, Verdict
 
@@ -214,7 +214,9 @@ class SubmissionRepository:
         new_rows = [{name: row[name] for name in _PER_ROW} for row in rows]
         params: dict[str, Any] = {"new_rows": _json_array(new_rows)}
         params.update({f"shared_{name}": first[name] for name in _SHARED})
-        return set(self.session.execute(_INSERT_MANY_IF_NEW, params).scalars())
+        params["shared_status"] = SubmissionStatus(params["shared_status"]).value
+        # Once per intake pass: straight to the driver (SQLAlchemy's execution steps cost more than it does).
+        return {row[0] for row in execute_on_driver(self.session, _INSERT_MANY_IF_NEW, params)}
 
     def attach_inserted(self, values: dict[str, Any]) -> Submission:
         """The submission just inserted with ``values``, put in the session as loaded, without reading it back."""
