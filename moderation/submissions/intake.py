@@ -50,16 +50,21 @@ class _LoopAnswers:
         self.loop = loop
         self._deadlines: list[tuple[float, int, float, asyncio.Future[IntakeResult]]] = []  # a heap
         self._count = itertools.count()  # keeps equal deadlines from comparing their futures
-        self._timer: asyncio.TimerHandle | None = None
+        # The timer and the deadline it was armed for (uvloop's handle of a due timer has no ``when``).
+        self._timer: asyncio.Handle | None = None
+        self._armed_for = 0.0
 
     def wait(self, future: asyncio.Future[IntakeResult], timeout: float) -> None:
         """Fail ``future`` with ServiceUnavailable if it has no answer within ``timeout`` seconds."""
         deadline = self.loop.time() + timeout
         heapq.heappush(self._deadlines, (deadline, next(self._count), timeout, future))
-        if self._timer is None or deadline < self._timer.when():
+        if self._timer is None or deadline < self._armed_for:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._expire)
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        self._timer, self._armed_for = self.loop.call_at(deadline, self._expire), deadline
 
     def _expire(self) -> None:
         now = self.loop.time()
@@ -73,7 +78,9 @@ class _LoopAnswers:
                         code="intake_timeout",
                     )
                 )
-        self._timer = self.loop.call_at(self._deadlines[0][0], self._expire) if self._deadlines else None
+        self._timer = None
+        if self._deadlines:
+            self._arm(self._deadlines[0][0])
 
     @staticmethod
     def deliver(answers: list[tuple[asyncio.Future[IntakeResult], Outcome]]) -> None:
@@ -184,8 +191,12 @@ class IntakeWriter:
         if answers is None:
             answers = self._loops[loop] = _LoopAnswers(loop)
         future: asyncio.Future[IntakeResult] = loop.create_future()
-        self._hand_over(prepared, future)
         answers.wait(future, timeout)
+        try:
+            self._hand_over(prepared, future)
+        except BaseException:
+            future.cancel()  # never handed over: its deadline must not report an error nobody reads
+            raise
         return future
 
     def _hand_over(self, prepared: PreparedSubmission, answer: _Answer) -> None:
