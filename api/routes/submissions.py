@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import anyio.to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from api.deps import SessionDep, TenantDep, cached_tenant, resolve_tenant
@@ -175,7 +175,7 @@ async def _store(
 
 
 @router.post("", status_code=202, response_model=SubmissionAccepted)
-async def create_submission(request: Request) -> JSONResponse:
+async def create_submission(request: Request) -> Response:
     """Accept an image and its caption for moderation; answers 202 at once."""
     # Hot path: authentication from the tenant cache, the asynchronous rate limiter, parsing and checks run
     # on the event loop; storing is handed to the process's intake writer (group commit).
@@ -226,7 +226,8 @@ async def create_submission(request: Request) -> JSONResponse:
     headers = {"Location": f"/v1/submissions/{body.id}"}
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
+    # The same JSON a JSONResponse of the model's dump holds, serialised by pydantic-core in one step.
+    return Response(body.model_dump_json(), status_code=202, headers=headers, media_type="application/json")
 
 
 def _parse_id(raw: str) -> uuid.UUID:

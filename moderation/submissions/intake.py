@@ -146,6 +146,7 @@ class IntakeWriter:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopAnswers] = (
             weakref.WeakKeyDictionary()
         )
+        self._last_loop_answers: _LoopAnswers | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -187,9 +188,12 @@ class IntakeWriter:
         answers reach their loop in one hand-over.
         """
         loop = asyncio.get_running_loop()
-        answers = self._loops.get(loop)
-        if answers is None:
-            answers = self._loops[loop] = _LoopAnswers(loop)
+        answers = self._last_loop_answers
+        if answers is None or answers.loop is not loop:  # an API process has one loop: rarely taken
+            answers = self._loops.get(loop)
+            if answers is None:
+                answers = self._loops[loop] = _LoopAnswers(loop)
+            self._last_loop_answers = answers
         future: asyncio.Future[IntakeResult] = loop.create_future()
         answers.wait(future, timeout)
         try:

@@ -704,4 +704,3 @@ def test_a_wait_on_the_loop_times_out_and_what_was_not_taken_is_not_stored(
     writer.close()
     assert 0.15 < quick_after < 2 and stored and gone_cancelled
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 5"]
-    assert len(dispatched.jobs) == 1
