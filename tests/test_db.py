@@ -6,9 +6,10 @@ import os
 import time
 import uuid
 
+import psycopg
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, make_url, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -162,3 +163,58 @@ def test_with_cursor_listeners_the_statement_goes_through_sqlalchemy(labels: Ses
     finally:
         event.remove(connection, "before_cursor_execute", record)
     assert seen == ["INSERT"]
+
+
+def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(database_url: str) -> None:
+    from alembic import command
+    from moderation.cli import alembic_config
+    from moderation.config import Settings
+    from moderation.tenants.service import create_tenant
+    from tests.conftest import _recreate_database
+
+    url = (
+        make_url(database_url)
+        .set(database=f"{make_url(database_url).database}_keys")
+        .render_as_string(hide_password=False)
+    )
+    _recreate_database(url)
+    config = alembic_config(url)
+    engine = make_engine(url, pool_size=1)
+
+    def key_indexes() -> dict[str, str]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'uq_submissions_tenant_id_%%'"
+            ).all()
+        return {name: definition for name, definition in rows}
+
+    try:
+        command.upgrade(config, "0006")
+        assert all("WHERE" not in d for d in key_indexes().values()) and len(key_indexes()) == 2
+        command.upgrade(config, "head")
+        assert all(d.endswith("IS NOT NULL)") for d in key_indexes().values()) and len(key_indexes()) == 2
+        with Session(engine) as session, session.begin():
+            tenant_id = create_tenant(session, "keys", Settings()).tenant.id
+        with engine.begin() as conn:
+            insert = (
+                "INSERT INTO submissions (id, tenant_id, idempotency_key, caption, metadata, image_sha256, image_format, "
+                "image_width, image_height, image_bytes, status, attempts, created_at, updated_at) VALUES "
+                "(gen_random_uuid(), %s, %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'queued', 0, now(), now()) "
+                "ON CONFLICT DO NOTHING RETURNING id"
+            )
+            inserted = [
+                conn.exec_driver_sql(insert, (tenant_id, key)).all() for key in (None, None, "k", "k")
+            ]
+        assert [len(rows) for rows in inserted] == [1, 1, 1, 0]  # keyless rows never conflict; keys do
+        command.downgrade(config, "0006")
+        assert all("WHERE" not in d for d in key_indexes().values()) and len(key_indexes()) == 2
+        command.upgrade(config, "head")
+        assert len(key_indexes()) == 2
+    finally:
+        engine.dispose()
+        parsed = make_url(url)
+        with psycopg.connect(
+            parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False),
+            autocommit=True,
+        ) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')

@@ -17,7 +17,6 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -54,8 +53,21 @@ class Submission(TimestampMixin, Base):
 
     __tablename__ = "submissions"
     __table_args__ = (
-        UniqueConstraint("tenant_id", "external_id"),
-        UniqueConstraint("tenant_id", "idempotency_key"),
+        # Unique among the rows that have one: rows without a key (most) add no entry to these indexes.
+        Index(
+            "uq_submissions_tenant_id_external_id",
+            "tenant_id",
+            "external_id",
+            unique=True,
+            postgresql_where=text("external_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_submissions_tenant_id_idempotency_key",
+            "tenant_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
         Index("ix_submissions_tenant_created", "tenant_id", "created_at", "id"),
         Index(
             "ix_submissions_active",
