@@ -60,7 +60,14 @@ def run_migrations_online() -> None:
         # concurrently (outside a transaction), which would release a transaction-level one.
         _take_migration_lock(conn)
         try:
-            context.configure(connection=conn, target_metadata=target_metadata, compare_type=True)
+            # A transaction per migration: the locks one takes (a swap of indexes, say) end with it, not
+            # with the last migration of the run.
+            context.configure(
+                connection=conn,
+                target_metadata=target_metadata,
+                compare_type=True,
+                transaction_per_migration=True,
+            )
             with context.begin_transaction():
                 context.run_migrations()
         finally:

@@ -147,6 +147,14 @@ def make_engine(
 def _driver_sql(statement: UpdateBase, dialect: Dialect) -> tuple[str, dict[str, Any]]:
     """The statement's SQL for the driver, and the values of the parameters it binds itself."""
     compiled = statement.compile(dialect=dialect)
+    # Only named parameters that reach the driver as they are: nothing SQLAlchemy expands or renames.
+    if (
+        compiled.positiontup is not None
+        or compiled.post_compile_params
+        or compiled.literal_execute_params
+        or compiled.escaped_bind_names
+    ):
+        raise ValueError("the statement needs SQLAlchemy's own parameter processing: use session.execute")
     return compiled.string, {name: value for name, value in compiled.params.items() if value is not None}
 
 
@@ -158,20 +166,30 @@ def execute_on_driver(
     For a hot path only: SQLAlchemy's execution steps cost several times the driver's own work for one small
     statement. The statement is compiled once per dialect and ``params`` reach the driver as they are (no
     SQLAlchemy type processing: pass values both take). A driver error is raised as SQLAlchemy's, and a lost
-    connection is invalidated, as ``session.execute`` does. Where anything listens for SQLAlchemy's cursor
-    events (tracing, tests), the statement goes through ``session.execute`` so that they see it.
+    connection is invalidated, as ``session.execute`` does. Where anything listens for SQLAlchemy's
+    execution or error events (tracing, tests), the statement goes through SQLAlchemy (``Connection.execute``)
+    so that they see it; the session's own ORM events (``do_orm_execute``) are never run.
     """
     connection = session.connection()
-    if connection.dispatch.before_cursor_execute or connection.dispatch.after_cursor_execute:
-        return [tuple(row) for row in session.execute(statement, params)]
+    events = connection.dispatch
+    if (
+        events.before_cursor_execute
+        or events.after_cursor_execute
+        or events.before_execute
+        or events.after_execute
+        or connection.dialect.dispatch.handle_error
+    ):
+        result = connection.execute(statement, params)
+        return [tuple(row) for row in result] if result.returns_rows else []
     dialect = connection.dialect
     sql, own_params = _driver_sql(statement, dialect)
     if own_params:
         params = {**own_params, **params}
     driver = connection.connection.driver_connection
     assert driver is not None  # a checked-out connection always has one
-    cursor = driver.cursor()
+    cursor = None
     try:
+        cursor = driver.cursor()
         cursor.execute(sql, params)
         return cursor.fetchall() if cursor.description is not None else []
     except dialect.loaded_dbapi.Error as exc:
@@ -188,7 +206,8 @@ def execute_on_driver(
             dialect=dialect,
         ) from exc
     finally:
-        cursor.close()
+        if cursor is not None:
+            cursor.close()
 
 
 @lru_cache(maxsize=1)

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine, event, make_url, text
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -197,8 +198,9 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
             tenant_id = create_tenant(session, "keys", Settings()).tenant.id
         with engine.begin() as conn:
             insert = (
-                "INSERT INTO submissions (id, tenant_id, idempotency_key, caption, metadata, image_sha256, image_format, "
-                "image_width, image_height, image_bytes, status, attempts, created_at, updated_at) VALUES "
+                "INSERT INTO submissions (id, tenant_id, idempotency_key, caption, metadata, image_sha256, "
+                "image_format, image_width, image_height, image_bytes, status, attempts, created_at, updated_at) "
+                "VALUES "
                 "(gen_random_uuid(), %s, %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'queued', 0, now(), now()) "
                 "ON CONFLICT DO NOTHING RETURNING id"
             )
@@ -208,8 +210,29 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
         assert [len(rows) for rows in inserted] == [1, 1, 1, 0]  # keyless rows never conflict; keys do
         command.downgrade(config, "0006")
         assert all("WHERE" not in d for d in key_indexes().values()) and len(key_indexes()) == 2
+        # An upgrade that stopped part-way: one key swapped, the other's partial index built, not swapped.
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE UNIQUE INDEX uq_submissions_tenant_id_external_id_partial "
+                "ON submissions (tenant_id, external_id) WHERE external_id IS NOT NULL"
+            )
+            conn.exec_driver_sql(
+                "ALTER TABLE submissions DROP CONSTRAINT uq_submissions_tenant_id_external_id"
+            )
+            conn.exec_driver_sql(
+                "ALTER INDEX uq_submissions_tenant_id_external_id_partial "
+                "RENAME TO uq_submissions_tenant_id_external_id"
+            )
+            conn.exec_driver_sql(
+                "CREATE UNIQUE INDEX uq_submissions_tenant_id_idempotency_key_partial "
+                "ON submissions (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL"
+            )
         command.upgrade(config, "head")
-        assert len(key_indexes()) == 2
+        assert sorted(key_indexes()) == [
+            "uq_submissions_tenant_id_external_id",
+            "uq_submissions_tenant_id_idempotency_key",
+        ]
+        assert all(d.endswith("IS NOT NULL)") for d in key_indexes().values())
     finally:
         engine.dispose()
         parsed = make_url(url)
@@ -218,3 +241,21 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
             autocommit=True,
         ) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+
+
+def test_with_an_error_listener_the_error_reaches_it(labels: Session) -> None:
+    seen: list[str] = []
+
+    def record(context: ExceptionContext) -> None:
+        seen.append(type(context.original_exception).__name__)
+
+    engine = labels.get_bind()
+    event.listen(engine.engine, "handle_error", record)
+    try:
+        insert = sa.insert(_LABELS).values(id=sa.bindparam("id"), label=sa.bindparam("label"))
+        execute_on_driver(labels, insert, {"id": 1, "label": "a"})
+        with pytest.raises(IntegrityError):
+            execute_on_driver(labels, insert, {"id": 1, "label": "a"})
+    finally:
+        event.remove(engine.engine, "handle_error", record)
+    assert seen == ["UniqueViolation"]

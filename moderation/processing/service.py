@@ -476,10 +476,14 @@ class BatchProcessor:
             data = self.blob_store.get(submission.image_sha256)
         except NotFound as exc:
             raise _UnusableImage(f"image could not be loaded: {exc}") from exc
-        # Intake only checks the file's structure (a JPEG only as far as its first scan and its last bytes),
-        # so this is the first full walk and the first full decode of the image.
+        # Intake's structural check walks a JPEG that ends with its end-of-image marker only as far as its
+        # first scan: the rest is walked here, before the first full decode of the image.
         try:
-            if data.startswith(b"\xff\xd8\xff"):
+            if (
+                self.settings.intake_image_check == "structural"
+                and data.startswith(b"\xff\xd8\xff")
+                and data.endswith(b"\xff\xd9")
+            ):
                 check_jpeg(data)
         except ImageStructureError as exc:
             raise _UnusableImage(f"{IMAGE_UNDECODABLE}: image is not well formed: {exc}") from exc

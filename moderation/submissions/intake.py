@@ -43,12 +43,14 @@ class _LoopAnswers:
     """The intake answers awaited on one event loop: each delivered there, each failed once it is overdue.
 
     One timer, armed for the earliest deadline, serves every wait (a timer per request costs the loop more
-    than the rest of the waiting); a wait that ended keeps its deadline entry until that deadline comes.
+    than the rest of the waiting). A deadline holds its future weakly, and waits that ended are dropped from
+    the front as new ones come: an answered request leaves nothing behind (a failed one's error holds its
+    image), and the heap holds about as many entries as there are requests in flight.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._deadlines: list[tuple[float, int, float, asyncio.Future[IntakeResult]]] = []  # a heap
+        self._deadlines: list[tuple[float, int, float, weakref.ref[asyncio.Future[IntakeResult]]]] = []
         self._count = itertools.count()  # keeps equal deadlines from comparing their futures
         # The timer and the deadline it was armed for (uvloop's handle of a due timer has no ``when``).
         self._timer: asyncio.Handle | None = None
@@ -56,8 +58,11 @@ class _LoopAnswers:
 
     def wait(self, future: asyncio.Future[IntakeResult], timeout: float) -> None:
         """Fail ``future`` with ServiceUnavailable if it has no answer within ``timeout`` seconds."""
+        deadlines = self._deadlines
+        while deadlines and _ended(deadlines[0][3]):
+            heapq.heappop(deadlines)
         deadline = self.loop.time() + timeout
-        heapq.heappush(self._deadlines, (deadline, next(self._count), timeout, future))
+        heapq.heappush(deadlines, (deadline, next(self._count), timeout, weakref.ref(future)))
         if self._timer is None or deadline < self._armed_for:
             if self._timer is not None:
                 self._timer.cancel()
@@ -68,9 +73,11 @@ class _LoopAnswers:
 
     def _expire(self) -> None:
         now = self.loop.time()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, _, timeout, future = heapq.heappop(self._deadlines)
-            if not future.done():
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0][0] <= now or _ended(deadlines[0][3])):
+            _, _, timeout, reference = heapq.heappop(deadlines)
+            future = reference()
+            if future is not None and not future.done():
                 future.set_exception(
                     ServiceUnavailable(
                         f"the submission could not be stored within {timeout:g} s; it may still be: retry "
@@ -79,8 +86,8 @@ class _LoopAnswers:
                     )
                 )
         self._timer = None
-        if self._deadlines:
-            self._arm(self._deadlines[0][0])
+        if deadlines:
+            self._arm(deadlines[0][0])
 
     @staticmethod
     def deliver(answers: list[tuple[asyncio.Future[IntakeResult], Outcome]]) -> None:
@@ -143,10 +150,7 @@ class IntakeWriter:
         self._lock = threading.Lock()
         self._closed = False
         self._busy_since: float | None = None  # when the batch being stored was taken
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopAnswers] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._last_loop_answers: _LoopAnswers | None = None
+        self._loop_answers: _LoopAnswers | None = None  # the deadlines of the loop that called last
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     @property
@@ -188,12 +192,11 @@ class IntakeWriter:
         answers reach their loop in one hand-over.
         """
         loop = asyncio.get_running_loop()
-        answers = self._last_loop_answers
-        if answers is None or answers.loop is not loop:  # an API process has one loop: rarely taken
-            answers = self._loops.get(loop)
-            if answers is None:
-                answers = self._loops[loop] = _LoopAnswers(loop)
-            self._last_loop_answers = answers
+        answers = self._loop_answers
+        if answers is None or answers.loop is not loop:
+            # An API process has one loop. Another one (tests) gets deadlines of its own; those of the one
+            # before keep their timer, which keeps them, until they end.
+            answers = self._loop_answers = _LoopAnswers(loop)
         future: asyncio.Future[IntakeResult] = loop.create_future()
         answers.wait(future, timeout)
         try:
@@ -342,6 +345,12 @@ class IntakeWriter:
                 loop.call_soon_threadsafe(_LoopAnswers.deliver, answers)
             except RuntimeError:  # the loop is closed: nobody waits for these answers any more
                 logger.warning("intake answers for %d submission(s) had no event loop to go to", len(answers))
+
+
+def _ended(reference: weakref.ref[asyncio.Future[IntakeResult]]) -> bool:
+    """Whether the wait of a deadline entry is over: its future answered, failed, cancelled or gone."""
+    future = reference()
+    return future is None or future.done()
 
 
 def _take(answer: _Answer) -> bool:

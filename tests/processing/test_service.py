@@ -589,6 +589,20 @@ def test_a_jpeg_with_markers_out_of_place_fails_in_the_worker(
         )
 
 
+def test_with_the_decoding_intake_check_the_worker_judges_what_decodes(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+) -> None:
+    # Intake decoded it (it lacks its end-of-image marker, which decoders forgive): no walk refuses it later.
+    settings.intake_image_check = "decode"
+    image = make_jpeg(64, 48, seed=4)[:-2] + b"\x00" * 10
+    sid = submit_one(sessions, tenant, store, settings, "decoded at intake", image=image)
+    report = BatchProcessor(sessions, ScriptedEngine(), store, settings).run(sid)
+    assert report.decided == [sid]
+
+
 def test_a_lost_lease_in_a_batch_discards_only_that_verdict(
     sessions: sessionmaker[Session],
     tenant: Tenant,

@@ -704,3 +704,28 @@ def test_a_wait_on_the_loop_times_out_and_what_was_not_taken_is_not_stored(
     writer.close()
     assert 0.15 < quick_after < 2 and stored and gone_cancelled
     assert [r.caption for r in rows(sessions)] == ["caption 0", "caption 5"]
+
+
+def test_answered_waits_leave_nothing_behind_until_their_deadline(
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: BlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+) -> None:
+    writer = IntakeWriter(sessions, store)
+    writer.start()
+
+    async def main() -> int:
+        for seed in range(20):
+            assert (await writer.submit_from_loop(prepare(tenant, settings, seed), 30)).created
+        # Twenty answered waits, deadlines 30 s away: the next wait drops them (and what they hold).
+        pending = writer.submit_from_loop(prepare(tenant, settings, 20), 30)
+        assert writer._loop_answers is not None
+        held = len(writer._loop_answers._deadlines)
+        await pending
+        return held
+
+    held = uvloop.run(main())
+    writer.close()
+    assert held == 1 and len(rows(sessions)) == 21
