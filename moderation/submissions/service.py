@@ -48,6 +48,10 @@ class IntakeResult:
         """The submission as an ORM object in the intake session (built on first use, not read back)."""
         return self._load()
 
+    def detached(self) -> IntakeResult:
+        """This answer without a way to build its ORM object (for answers that leave the session's thread)."""
+        return replace(self, _load=_no_submission)
+
     @classmethod
     def replay(cls, existing: Submission) -> IntakeResult:
         """The answer of an idempotent replay: the original submission."""
@@ -63,6 +67,10 @@ class IntakeResult:
             True,
             functools.partial(repo.attach_inserted, values),
         )
+
+
+def _no_submission() -> Submission:
+    raise RuntimeError("this intake answer was handed to another thread: it carries no ORM object")
 
 
 def process_job(*submission_ids: uuid.UUID) -> Job:

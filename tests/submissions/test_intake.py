@@ -503,17 +503,28 @@ def test_the_writers_own_connection_autocommits_and_survives_being_cut(
         with engine.connect() as conn:
             assert conn.connection.driver_connection.autocommit is True
             assert not engine.pool._pre_ping
+
+        def writers_backend() -> int:
+            # The writer keeps its session (and connection) between batches; it is idle while this looks.
+            assert writer._session is not None
+            return int(writer._session.connection().connection.driver_connection.info.backend_pid)
+
         first = writer.submit(prepare(tenant, settings, 0)).result(timeout=30)
-        with intake_sessions() as session:
-            backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        backend = writers_backend()
+        kept = writer.submit(prepare(tenant, settings, 1)).result(timeout=30)
+        assert writers_backend() == backend  # one connection, batch after batch
         with db_engine.connect() as conn:  # the server drops the writer's connection between batches
             assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar_one()
-        second = writer.submit(prepare(tenant, settings, 1)).result(timeout=30)
-        assert first.created and second.created
+        second = writer.submit(prepare(tenant, settings, 2)).result(timeout=30)
+        assert writers_backend() != backend
+        assert first.created and kept.created and second.created
+        with pytest.raises(RuntimeError, match="another thread"):
+            _ = second.submission  # built in the writer's session, which stays in use on its thread
+        # Committed: visible on another connection.
         with Session(db_engine) as session:
             stored = session.scalars(select(Submission).where(Submission.tenant_id == tenant.id)).all()
-        assert sorted(s.id for s in stored) == sorted([first.id, second.id])
-        assert [job.args for job in dispatched.jobs] == [(str(first.id),), (str(second.id),)]
+        assert sorted(s.id for s in stored) == sorted([first.id, kept.id, second.id])
+        assert [job.args for job in dispatched.jobs] == [(str(r.id),) for r in (first, kept, second)]
     finally:
         writer.close()
         engine.dispose()
