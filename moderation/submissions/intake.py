@@ -35,6 +35,8 @@ from moderation.threads import name_current_thread
 
 logger = logging.getLogger(__name__)
 
+#: Longest an intake writer keeps one session and its connection (a pool recycles its connections as often).
+KEEP_SESSION_SECONDS = 1800.0
 #: Key of ``Session.info`` that says the session's statements commit by themselves (no transaction to end).
 AUTOCOMMIT = "moderation.autocommit"
 
@@ -144,6 +146,7 @@ class IntakeWriter:
     ) -> None:
         self.sessions = sessions
         self._session: Session | None = None  # kept between batches when its statements autocommit
+        self._session_since = 0.0
         self.blob_store = blob_store
         self.max_batch = max_batch
         self.job_interval = job_interval
@@ -225,6 +228,8 @@ class IntakeWriter:
             self._queue.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # also when batches were written without the thread (before start)
+            self._close_session()
 
     def _drain(self, first: _Pending) -> tuple[list[_Pending], bool]:
         """``first`` and whatever else waits, up to the batch size; and whether a stop came."""
@@ -273,7 +278,12 @@ class IntakeWriter:
         # A session whose every statement commits by itself (intake_sessionmaker's) serves batch after batch
         # on one connection: ending a session and its transaction per batch cost the writer's thread a sixth
         # of its CPU. Any other session commits the batch and is closed.
-        session, self._session = self._session or self.sessions(), None
+        session, self._session = self._session, None
+        if session is not None and time.monotonic() - self._session_since > KEEP_SESSION_SECONDS:
+            session.close()  # as a pool recycles connections: a failover may have left this one behind
+            session = None
+        if session is None:
+            session, self._session_since = self.sessions(), time.monotonic()
         autocommit = bool(session.info.get(AUTOCOMMIT))
         try:
             outcomes = store_batch(session, batch, self.blob_store, enqueue_job=False)
@@ -285,10 +295,10 @@ class IntakeWriter:
         if autocommit:
             session.expunge_all()  # replays load rows: nothing is kept from one batch to the next
             self._session = session
-            # The answers go to other threads, and this session stays in use here.
-            outcomes = [o.detached() if isinstance(o, IntakeResult) and o.created else o for o in outcomes]
         else:
             session.close()
+        # The answers go to other threads: none may reach into a session of this one.
+        outcomes = [o.detached() if isinstance(o, IntakeResult) else o for o in outcomes]
         # Only now, after the commit, do the new rows get their GPU job.
         self._unsent += [o.id for o in outcomes if isinstance(o, IntakeResult) and o.created]
         return outcomes
@@ -325,8 +335,10 @@ class IntakeWriter:
         try:
             self._take_batches()
         finally:
-            self._close_session()
-            self.send_jobs()
+            try:
+                self._close_session()
+            finally:
+                self.send_jobs()
 
     def _take_batches(self) -> None:
         stopping = False

@@ -70,7 +70,7 @@ class IntakeResult:
 
 
 def _no_submission() -> Submission:
-    raise RuntimeError("this intake answer was handed to another thread: it carries no ORM object")
+    raise RuntimeError("this intake answer was handed to another thread: it builds no ORM object")
 
 
 def process_job(*submission_ids: uuid.UUID) -> Job:

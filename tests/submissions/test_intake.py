@@ -23,8 +23,8 @@ from moderation.blobs import BlobStore, BlobStoreError, LocalBlobStore, SegmentB
 from moderation.config import Settings
 from moderation.errors import ServiceUnavailable
 from moderation.jobs import TASK_PROCESS_SUBMISSION
-from moderation.submissions import service
-from moderation.submissions.intake import IntakeWriter, intake_sessionmaker
+from moderation.submissions import intake, service
+from moderation.submissions.intake import AUTOCOMMIT, IntakeWriter, intake_sessionmaker
 from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.submissions.service import IntakeResult, PreparedSubmission, store_batch
 from moderation.tenants.models import Tenant
@@ -509,14 +509,20 @@ def test_the_writers_own_connection_autocommits_and_survives_being_cut(
             assert writer._session is not None
             return int(writer._session.connection().connection.driver_connection.info.backend_pid)
 
-        first = writer.submit(prepare(tenant, settings, 0)).result(timeout=30)
-        backend = writers_backend()
+        first = writer.submit(prepare(tenant, settings, 0, idempotency_key="k-0")).result(timeout=30)
+        session_kept, backend = writer._session, writers_backend()
         kept = writer.submit(prepare(tenant, settings, 1)).result(timeout=30)
-        assert writers_backend() == backend  # one connection, batch after batch
+        assert writer._session is session_kept and writers_backend() == backend  # batch after batch
+        # A replay in a later batch of the kept session is found (nothing stale from the first batch).
+        again = writer.submit(prepare(tenant, settings, 0, idempotency_key="k-0")).result(timeout=30)
+        assert again.id == first.id and not again.created
         with db_engine.connect() as conn:  # the server drops the writer's connection between batches
             assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": backend}).scalar_one()
-        second = writer.submit(prepare(tenant, settings, 2)).result(timeout=30)
-        assert writers_backend() != backend
+        # The first statement of the next batch (the key's lookup) finds the connection dead: the batch is
+        # written again on a new session and connection, and the dead one is not left checked out.
+        second = writer.submit(prepare(tenant, settings, 2, idempotency_key="k-2")).result(timeout=30)
+        assert writer._session is not session_kept and writers_backend() != backend
+        assert engine.pool.checkedout() == 1
         assert first.created and kept.created and second.created
         with pytest.raises(RuntimeError, match="another thread"):
             _ = second.submission  # built in the writer's session, which stays in use on its thread
@@ -524,7 +530,9 @@ def test_the_writers_own_connection_autocommits_and_survives_being_cut(
         with Session(db_engine) as session:
             stored = session.scalars(select(Submission).where(Submission.tenant_id == tenant.id)).all()
         assert sorted(s.id for s in stored) == sorted([first.id, kept.id, second.id])
+        writer.close()
         assert [job.args for job in dispatched.jobs] == [(str(r.id),) for r in (first, kept, second)]
+        assert engine.pool.checkedout() == 0  # closing the writer gave its connection back
     finally:
         writer.close()
         engine.dispose()
@@ -740,3 +748,25 @@ def test_answered_waits_leave_nothing_behind_until_their_deadline(
     held = uvloop.run(main())
     writer.close()
     assert held == 1 and len(rows(sessions)) == 21
+
+
+def test_a_kept_session_is_renewed_as_a_pool_recycles_its_connections(
+    connection: Connection,
+    tenant: Tenant,
+    store: BlobStore,
+    settings: Settings,
+    dispatched: RecordingDispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sessions marked as autocommitting (on the test's connection, whose transaction is rolled back).
+    marked = sessionmaker(bind=connection, join_transaction_mode="create_savepoint", info={AUTOCOMMIT: True})
+    writer = IntakeWriter(marked, store)
+    writer.write([prepare(tenant, settings, 0)])
+    kept = writer._session
+    writer.write([prepare(tenant, settings, 1)])
+    assert kept is not None and writer._session is kept
+    monkeypatch.setattr(intake, "KEEP_SESSION_SECONDS", 0.0)
+    writer.write([prepare(tenant, settings, 2)])
+    assert writer._session is not None and writer._session is not kept
+    writer.close()  # never started: closing still gives the kept session back
+    assert writer._session is None
