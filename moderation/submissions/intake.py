@@ -276,7 +276,7 @@ class IntakeWriter:
 
     def _write_once(self, batch: Sequence[PreparedSubmission]) -> list[Outcome]:
         # A session whose every statement commits by itself (intake_sessionmaker's) serves batch after batch
-        # on one connection: ending a session and its transaction per batch cost the writer's thread a sixth
+        # on one connection: ending a session and its transaction per batch cost the writer's thread an eighth
         # of its CPU. Any other session commits the batch and is closed.
         session, self._session = self._session, None
         if session is not None and time.monotonic() - self._session_since > KEEP_SESSION_SECONDS:
