@@ -28,12 +28,18 @@ TEST_REDIS_URL = os.environ.get("MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:
 FIXTURE_MODEL_DIR = Path(os.environ.get("MODERATION_FIXTURE_MODEL", ROOT / ".data" / "fixture-model"))
 
 
-def _recreate_database(url: str) -> None:
+def _drop_database(url: str, *, create_again: bool = False) -> None:
+    """Drop the database at ``url`` (its sessions too), and create it empty if asked."""
     parsed = make_url(url)
     admin = parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{parsed.database}"')
+        if create_again:
+            conn.execute(f'CREATE DATABASE "{parsed.database}"')
+
+
+def _recreate_database(url: str) -> None:
+    _drop_database(url, create_again=True)
 
 
 def migrated_database(url: str) -> str:

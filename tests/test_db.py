@@ -6,7 +6,6 @@ import os
 import time
 import uuid
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import Engine, event, make_url, text
@@ -171,13 +170,10 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
     from moderation.cli import alembic_config
     from moderation.config import Settings
     from moderation.tenants.service import create_tenant
-    from tests.conftest import _recreate_database
+    from tests.conftest import _drop_database, _recreate_database
 
-    url = (
-        make_url(database_url)
-        .set(database=f"{make_url(database_url).database}_keys")
-        .render_as_string(hide_password=False)
-    )
+    parsed = make_url(database_url)
+    url = parsed.set(database=f"{parsed.database}_keys").render_as_string(hide_password=False)
     _recreate_database(url)
     config = alembic_config(url)
     engine = make_engine(url, pool_size=1)
@@ -235,12 +231,7 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
         assert all(d.endswith("IS NOT NULL)") for d in key_indexes().values())
     finally:
         engine.dispose()
-        parsed = make_url(url)
-        with psycopg.connect(
-            parsed.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False),
-            autocommit=True,
-        ) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)')
+        _drop_database(url)
 
 
 def test_with_an_error_listener_the_error_reaches_it(labels: Session) -> None:
