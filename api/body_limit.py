@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from api.scope import route_path
 
 # Methods whose requests carry no body: nothing to cap or time (and a long streamed answer may wait on
 # receive() for the client's disconnect well past any deadline).
@@ -30,8 +31,12 @@ class BodyLimitMiddleware:
         self.timeout = timeout
         self.exempt = frozenset(exempt)
 
+    def exempts(self, path: str) -> bool:
+        """Whether requests to ``path`` (within the app, without its root path) are left to their route."""
+        return path in self.exempt
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.exempt or scope["method"] in _BODILESS:
+        if scope["type"] != "http" or scope["method"] in _BODILESS or self.exempts(route_path(scope)):
             await self.app(scope, receive, send)
             return
         limit = self.limit

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import NoMatchFound
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Match, NoMatchFound
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.body_limit import BodyLimitMiddleware
+from api.scope import route_path
 
 logger = logging.getLogger(__name__)
 
 DirectEndpoint = Callable[[Request], Awaitable[Response]]
+
+# Layers of FastAPI's own stack that do nothing for a direct route: its errors get the same two exception
+# layers of their own; the telemetry layer acts only while telemetry is on (then nothing is served
+# directly); the app's body limit layer wraps nothing while no limit is set (else another layer follows it);
+# the exit stack closes form uploads, which direct routes do not parse through the framework.
+_FRAMEWORK_LAYERS = frozenset(
+    {
+        "starlette.middleware.errors.ServerErrorMiddleware",
+        "fastapi.telemetry._asgi.ExceptionTelemetryMiddleware",
+        "fastapi._body_limit.AppBodyLimitMiddleware",
+        "starlette.middleware.exceptions.ExceptionMiddleware",
+        "fastapi.middleware.asyncexitstack.AsyncExitStackMiddleware",
+    }
+)
 
 
 class DirectRoutesAPI(FastAPI):
@@ -27,99 +42,114 @@ class DirectRoutesAPI(FastAPI):
 
     On its way to an endpoint a request passes a dozen framework layers (error and exception middleware,
     telemetry, body limits, an exit stack, a router that tries route after route, the endpoint wrapper).
-    For intake they cost ~0.1 ms of CPU per request, a fifth of the event loop's work. A direct route is an
-    ``async def (request) -> Response`` endpoint that is also declared on a router as usual (OpenAPI,
-    ``url_path_for``); served directly it answers the same way, errors included: the app's exception
-    handlers turn whatever it raises into the same JSON error. Nothing is skipped that would act on it:
-    while FastAPI's native tracing is on, or any middleware other than a body limit exempting the path is
-    installed, its requests take the framework's way.
+    For intake they cost ~0.12-0.15 ms of CPU per request, over a quarter of the event loop's work. A direct
+    route is an ``async def (request) -> Response`` endpoint without dependencies, declared on a router as
+    usual (OpenAPI, ``url_path_for``); served directly, its errors pass the same two exception layers the
+    framework's stack has, with the app's handlers. It is served directly only while the built middleware
+    stack holds nothing but FastAPI's own layers and body limits that exempt it, and FastAPI's native
+    telemetry is off: anything else (middleware, an instrumentation that wraps the stack, a body size
+    limit) sends its requests the framework's way.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._direct: dict[tuple[str, str], DirectEndpoint] = {}
-        # Per (method, path): whether the installed middleware leaves it alone (decided on the first request:
-        # middleware cannot be added once the app has started).
-        self._direct_allowed: dict[tuple[str, str], bool] = {}
+        # The middleware stack last checked and, per route, its app (None: the stack acts on the route). Built
+        # with the stack, so that both see the same exception handlers.
+        self._checked_stack: ASGIApp | None = None
+        self._apps: dict[tuple[str, str], ASGIApp | None] = {}
 
-    def serve_directly(self, method: str, path: str, endpoint: DirectEndpoint) -> None:
-        """Serve ``method`` ``path`` with ``endpoint``, already declared on a router, straight from the entry."""
+    def serve_directly(self, router: APIRouter, endpoint: DirectEndpoint) -> None:
+        """Serve ``endpoint``'s route of ``router`` (included in this app) straight from the entry."""
+        route = next((r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is endpoint), None)
+        if route is None:
+            raise ValueError(f"{endpoint.__qualname__} is not an endpoint of this router")
+        methods = route.methods or set()
+        if len(methods) != 1 or route.dependant.dependencies or getattr(route, "max_body_size", None):
+            raise ValueError(f"{route.path} must have one method, no dependencies and no body size limit")
+        (method,) = methods
+        scope = {"type": "http", "method": method, "path": route.path, "root_path": ""}
+        first = next((r for r in router.routes if r.matches(scope)[0] is Match.FULL), None)
         try:
-            declared = self.url_path_for(endpoint.__name__) == path
+            included_here = self.url_path_for(route.name) == route.path
         except NoMatchFound:
-            declared = False
-        if not declared:
-            # OpenAPI and url_path_for would describe a route that is not the one served.
-            raise ValueError(
-                f"{endpoint.__name__} is not a route of this app at {path}: include its router first"
-            )
-        self._direct[(method.upper(), path)] = endpoint
+            included_here = False
+        if first is not route or not included_here:
+            # The framework would send the request elsewhere: serving it directly would change the API.
+            raise ValueError(f"{method} {route.path} does not reach {endpoint.__qualname__} in this app")
+        self._direct[(method, route.path)] = endpoint
 
-    def direct_endpoint(self, scope: Scope) -> DirectEndpoint | None:
-        """The endpoint that serves this request directly, or None when it takes the framework's way."""
+    def _with_exception_layers(self, endpoint: DirectEndpoint) -> ASGIApp:
+        """``endpoint`` as an ASGI app inside the two exception layers FastAPI builds, with the same handlers."""
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await endpoint(Request(scope, receive, send))
+            await response(scope, receive, send)
+
+        error_handler = None
+        handlers: dict[Any, Any] = {}
+        for key, handler in self.exception_handlers.items():
+            if key in (500, Exception):
+                error_handler = handler
+            else:
+                handlers[key] = handler
+        inner = ExceptionMiddleware(app, handlers=handlers, debug=self.debug)
+        return ServerErrorMiddleware(inner, handler=error_handler, debug=self.debug)
+
+    def direct_app(self, scope: Scope) -> ASGIApp | None:
+        """The app that serves this request directly, or None when it takes the framework's way."""
         if scope["type"] != "http":
             return None
-        key = (scope["method"], _route_path(scope, self.root_path))
+        key = (scope["method"], route_path(scope, self.root_path))
         endpoint = self._direct.get(key)
         if endpoint is None:
             return None
-        allowed = self._direct_allowed.get(key)
-        if allowed is None:
-            allowed = self._direct_allowed[key] = all(_leaves_alone(m, key[1]) for m in self.user_middleware)
-            if not allowed:
-                logger.info("%s %s takes the framework's way: middleware is installed that acts on it", *key)
-        if not allowed or _tracing(self):
+        stack = self.middleware_stack
+        if stack is None:  # built on the first call through the framework (the lifespan's, in a server)
             return None
-        return endpoint
+        if stack is not self._checked_stack:
+            self._checked_stack, self._apps = stack, {}
+        if key in self._apps:
+            app = self._apps[key]
+        else:
+            app = self._apps[key] = None
+            if _leaves_alone(stack, self.router, key[1]):
+                app = self._apps[key] = self._with_exception_layers(endpoint)
+            else:
+                logger.info("%s %s takes the framework's way: the middleware stack acts on it", *key)
+        if app is None or _telemetry_on(self):
+            return None
+        return app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self.direct_endpoint(scope)
-        if endpoint is None:
+        app = self.direct_app(scope)
+        if app is None:
             await super().__call__(scope, receive, send)
             return
         if self.root_path:
             scope["root_path"] = self.root_path
         scope["app"] = self
-        request = Request(scope, receive, send)
-        try:
-            response = await endpoint(request)
-        except Exception as exc:
-            response = await self._handle(request, exc)
-        await response(scope, receive, send)
-
-    async def _handle(self, request: Request, exc: Exception) -> Response:
-        """The response the app's exception handlers give for ``exc``, looked up as Starlette does."""
-        handlers = self.exception_handlers
-        handler = handlers.get(exc.status_code) if isinstance(exc, HTTPException) else None
-        for cls in type(exc).__mro__:
-            if handler is not None:
-                break
-            handler = handlers.get(cls)
-        if handler is None:
-            raise exc
-        response = handler(request, exc)
-        if inspect.isawaitable(response):
-            response = await response
-        assert isinstance(response, Response)
-        return response
+        await app(scope, receive, send)
 
 
-def _route_path(scope: Scope, app_root_path: str) -> str:
-    """The request's path within the app, as the router matches it (without the root path)."""
-    path: str = scope["path"]
-    root_path: str = app_root_path or scope.get("root_path", "")
-    if root_path and path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("", "/"):
-        return path[len(root_path) :]
-    return path
+def _leaves_alone(stack: ASGIApp, router: ASGIApp, path: str) -> bool:
+    """Whether every layer of ``stack`` above ``router`` is one that does nothing for ``path``."""
+    layer: ASGIApp | None = stack
+    while layer is not router:
+        cls = type(layer)
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if isinstance(layer, BodyLimitMiddleware):
+            if not layer.exempts(path):
+                return False
+        elif name not in _FRAMEWORK_LAYERS:
+            return False
+        layer = getattr(layer, "app", None)
+        if layer is None:
+            return False
+    return True
 
 
-def _leaves_alone(middleware: Middleware, path: str) -> bool:
-    """Whether ``middleware`` does nothing for ``path`` (a body limit the route enforces itself)."""
-    exempt = middleware.kwargs.get("exempt", ())
-    return middleware.cls is BodyLimitMiddleware and isinstance(exempt, Collection) and path in exempt
-
-
-def _tracing(app: FastAPI) -> bool:
-    """Whether FastAPI's native telemetry traces requests (a direct route would be missing from the traces)."""
+def _telemetry_on(app: FastAPI) -> bool:
+    """Whether FastAPI's native telemetry observes requests (traces, metrics or logs)."""
     telemetry = getattr(app, "_native_telemetry", None)
     return telemetry is not None and bool(telemetry.enabled())

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.testclient import TestClient
 from opentelemetry.trace import NoOpTracerProvider
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException
 from starlette.middleware.gzip import GZipMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.app import create_app
 from api.body_limit import BodyLimitMiddleware
@@ -22,9 +24,16 @@ from moderation.errors import InvalidInput
 from tests.api.conftest import ApiTenant
 from tests.conftest import RecordingDispatcher, make_jpeg
 
+INTAKE = "/v1/submissions"
+
 
 def _scope(method: str, path: str, root_path: str = "") -> dict[str, Any]:
     return {"type": "http", "method": method, "path": path, "root_path": root_path}
+
+
+def _framework_way(app: DirectRoutesAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send every request of ``app`` through the framework's layers, as an app without direct routes would."""
+    monkeypatch.setattr(app, "direct_app", lambda scope: None)
 
 
 @pytest.fixture
@@ -38,39 +47,49 @@ def app(
 
 
 def test_only_intake_posts_are_served_directly(app: DirectRoutesAPI) -> None:
-    assert app.direct_endpoint(_scope("POST", "/v1/submissions")) is submissions.create_submission
-    assert app.direct_endpoint(_scope("GET", "/v1/submissions")) is None
-    assert app.direct_endpoint(_scope("POST", "/v1/submissions/")) is None  # the router redirects it
-    assert app.direct_endpoint(_scope("POST", "/v1/submissions/x")) is None
-    assert app.direct_endpoint({"type": "websocket", "path": "/v1/submissions"}) is None
-    # Behind a proxy's prefix, matched as the router matches it.
-    assert app.direct_endpoint(_scope("POST", "/api/v1/submissions", "/api")) is submissions.create_submission
-    assert app.direct_endpoint(_scope("POST", "/apiv1/submissions", "/api")) is None
+    assert app.direct_app(_scope("POST", INTAKE)) is None  # not started: the first call builds the stack
+    with TestClient(app):
+        assert app.direct_app(_scope("POST", INTAKE)) is not None
+        assert app.direct_app(_scope("GET", INTAKE)) is None
+        assert app.direct_app(_scope("POST", INTAKE + "/")) is None  # the router redirects it
+        assert app.direct_app(_scope("POST", INTAKE + "/x")) is None
+        assert app.direct_app({"type": "websocket", "path": INTAKE}) is None
+        # Behind a proxy's prefix, matched as the router matches it.
+        assert app.direct_app(_scope("POST", "/api" + INTAKE, "/api")) is not None
+        assert app.direct_app(_scope("POST", "/apiv1/submissions", "/api")) is None
 
 
 def _exchange(
-    client: TestClient, tenant: ApiTenant, key: str
+    client: TestClient, app: DirectRoutesAPI, tenant: ApiTenant, key: str, settings: Settings
 ) -> list[tuple[int, dict[str, Any], dict[str, str]]]:
-    """Status, JSON body (without the new id and time) and headers of one request of each kind."""
+    """Status, JSON body (without new ids and times) and headers of one intake request of each kind."""
     jpeg = make_jpeg(seed=7)
     files = {"image": ("x.jpg", jpeg, "image/jpeg")}
+    keyed = {**tenant.headers, "Idempotency-Key": key}
     answers = [
-        client.post("/v1/submissions", files=files, data={"caption": "a cat"}, headers=tenant.headers),
-        client.post("/v1/submissions", files=files, data={"caption": "a cat"}),
-        client.post("/v1/submissions", files=files, data={"caption": ""}, headers=tenant.headers),
+        client.post(INTAKE, files=files, data={"caption": "a cat"}, headers=tenant.headers),
+        client.post(INTAKE, files=files, data={"caption": "a cat"}),
+        client.post(INTAKE, files=files, data={"caption": ""}, headers=tenant.headers),
+        client.post(INTAKE, content=b"x", headers={**tenant.headers, "content-type": "text/plain"}),
+        client.post(INTAKE, json={"caption": "json", "image_base64": "!"}, headers=tenant.headers),
         client.post(
-            "/v1/submissions", content=b"x", headers={**tenant.headers, "content-type": "text/plain"}
+            INTAKE,
+            content=b"x",
+            headers={**tenant.headers, "content-length": str(settings.max_image_bytes * 2)},
         ),
-        *(
-            client.post(
-                "/v1/submissions",
-                files=files,
-                data={"caption": "again"},
-                headers={**tenant.headers, "Idempotency-Key": key},
-            )
-            for _ in range(2)
-        ),
+        *(client.post(INTAKE, files=files, data={"caption": "again"}, headers=keyed) for _ in range(2)),
     ]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in the writer")
+
+    writer = app.state.intake_writer
+    submit = writer.submit_from_loop
+    writer.submit_from_loop = broken
+    try:
+        answers.append(client.post(INTAKE, files=files, data={"caption": "boom"}, headers=tenant.headers))
+    finally:
+        writer.submit_from_loop = submit
     out = []
     for res in answers:
         body = res.json()
@@ -94,101 +113,220 @@ def test_direct_and_framework_answers_are_identical(
         app = create_app(settings, dispatcher=dispatched)
         app.state.sessions = app.state.intake_sessions = sessions
         if not direct:
-            monkeypatch.setattr(app, "direct_endpoint", lambda scope: None)
-        with TestClient(app) as client:
-            answers.append(_exchange(client, tenant, key=f"key-{direct}"))
+            _framework_way(app, monkeypatch)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            assert (app.direct_app(_scope("POST", INTAKE)) is not None) is direct
+            answers.append(_exchange(client, app, tenant, f"key-{direct}", settings))
     assert answers[0] == answers[1]
-    assert [status for status, _, _ in answers[0]] == [202, 401, 422, 415, 202, 202]
-    assert answers[0][5][2]["idempotent-replayed"] == "true"
+    assert [status for status, _, _ in answers[0]] == [202, 401, 422, 415, 422, 413, 202, 202, 500]
+    assert answers[0][1][2]["www-authenticate"] == "Bearer"
+    assert answers[0][7][2]["idempotent-replayed"] == "true"
+    assert answers[0][8][1] == {"error": {"code": "internal_error", "message": "internal server error"}}
 
 
-def test_an_unexpected_error_is_a_json_500_on_the_direct_route(
-    app: DirectRoutesAPI, tenant: ApiTenant, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    with TestClient(app, raise_server_exceptions=False) as client:
-
-        def broken(*args: object, **kwargs: object) -> None:
-            raise RuntimeError("a bug in the writer")
-
-        monkeypatch.setattr(app.state.intake_writer, "submit_from_loop", broken)
-        files = {"image": ("x.jpg", make_jpeg(), "image/jpeg")}
-        res = client.post("/v1/submissions", files=files, data={"caption": "x"}, headers=tenant.headers)
-        assert res.status_code == 500
-        assert res.json() == {"error": {"code": "internal_error", "message": "internal server error"}}
-        assert "a bug in the writer" in caplog.text
-        assert client.get("/healthz").status_code == 200  # still serving
-
-
-def _bare_app(**kwargs: Any) -> DirectRoutesAPI:
-    """A small app with one direct route that fails on request."""
+def _small_app(**kwargs: Any) -> DirectRoutesAPI:
+    """An app with one direct route, ``POST /echo``, that fails on request."""
     app = DirectRoutesAPI(**kwargs)
     install_error_handlers(app)
+    router = APIRouter()
 
-    @app.post("/echo")
+    @router.post("/echo")
     async def echo(request: Request) -> Response:
         body = await request.body()
         if body == b"bad":
             raise InvalidInput("bad body", code="bad_body")
-        if body == b"teapot":
-            raise LookupError("no handler of its own")
+        if body == b"gone":
+            raise HTTPException(410, "gone for good", headers={"X-Why": "test"})
+        if body == b"lookup":
+            raise LookupError("has a sync handler")
+        if body == b"bug":
+            raise RuntimeError("no handler of its own")
         return JSONResponse({"got": body.decode(), "path": request.url.path, "app": request.app is app})
 
-    app.serve_directly("POST", "/echo", echo)
+    def lookup_handler(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("looked up", status_code=404)
+
+    app.add_exception_handler(LookupError, lookup_handler)
+    app.include_router(router)
+    app.serve_directly(router, echo)
     return app
 
 
-def test_a_direct_route_gets_the_app_and_its_error_handlers() -> None:
-    app = _bare_app()
-    assert app.direct_endpoint(_scope("POST", "/echo")) is not None
-    with TestClient(app, raise_server_exceptions=False) as client:
-        assert client.post("/echo", content=b"hi").json() == {"got": "hi", "path": "/echo", "app": True}
-        bad = client.post("/echo", content=b"bad")
-        assert bad.status_code == 422 and bad.json()["error"]["code"] == "bad_body"
-        teapot = client.post("/echo", content=b"teapot")
-        assert teapot.status_code == 500 and teapot.json()["error"]["code"] == "internal_error"
+def _started(app: DirectRoutesAPI, **kwargs: Any) -> TestClient:
+    client = TestClient(app, raise_server_exceptions=False, **kwargs)
+    client.get("/nowhere")  # the first request builds the middleware stack
+    return client
 
 
-def test_a_direct_route_under_the_server_s_root_path() -> None:
-    app = _bare_app()
-    assert app.direct_endpoint(_scope("POST", "/api/echo", "/api")) is not None
-    with TestClient(app, root_path="/api") as client:
-        assert client.post("/api/echo", content=b"hi").json()["path"] == "/api/echo"
+def test_a_direct_route_answers_and_fails_as_through_the_framework(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = []
+    for direct in (True, False):
+        app = _small_app()
+        if not direct:
+            _framework_way(app, monkeypatch)
+        client = _started(app)
+        assert (app.direct_app(_scope("POST", "/echo")) is not None) is direct
+        answers.append(
+            [
+                (res.status_code, res.text, res.headers.get("x-why"))
+                for res in (
+                    client.post("/echo", content=body) for body in (b"hi", b"bad", b"gone", b"lookup", b"bug")
+                )
+            ]
+        )
+    assert answers[0] == answers[1]
+    assert [status for status, _, _ in answers[0]] == [200, 422, 410, 404, 500]
+    assert answers[0][0][1] == '{"got":"hi","path":"/echo","app":true}'
+    assert answers[0][2][2] == "test"
+    assert '"internal_error"' in answers[0][4][1]
 
 
-def test_installed_middleware_that_acts_on_the_route_sends_it_the_framework_s_way() -> None:
-    exempting = _bare_app()
+def test_an_unexpected_error_still_reaches_the_server_s_log_as_through_the_framework() -> None:
+    app = _small_app()
+    client = TestClient(app)  # raises what the app re-raises after answering 500
+    client.get("/nowhere")
+    assert app.direct_app(_scope("POST", "/echo")) is not None
+    with pytest.raises(RuntimeError, match="no handler of its own"):
+        client.post("/echo", content=b"bug")
+
+
+def test_debug_tracebacks_are_the_framework_s() -> None:
+    app = _small_app(debug=True)
+    client = _started(app)
+    assert app.direct_app(_scope("POST", "/echo")) is not None
+    res = client.post("/echo", content=b"bug", headers={"accept": "text/html"})
+    assert (
+        res.status_code == 500 and "RuntimeError" in res.text and "text/html" in res.headers["content-type"]
+    )
+
+
+def test_a_direct_route_under_the_server_s_root_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    for direct in (True, False):
+        app = _small_app()
+        # The app's own body limit exempts the route under a root path too (it caps its own body).
+        app.add_middleware(BodyLimitMiddleware, limit=4, timeout=5, exempt={"/echo"})
+        if not direct:
+            _framework_way(app, monkeypatch)
+        client = _started(app, root_path="/api")
+        assert (app.direct_app(_scope("POST", "/api/echo", "/api")) is not None) is direct
+        res = client.post("/api/echo", content=b"longer than four")
+        assert res.status_code == 200 and res.json()["path"] == "/api/echo"
+
+
+def test_anything_in_the_stack_that_acts_on_the_route_sends_it_the_framework_s_way() -> None:
+    exempting = _small_app()
     exempting.add_middleware(BodyLimitMiddleware, limit=10, timeout=5, exempt={"/echo"})
-    assert exempting.direct_endpoint(_scope("POST", "/echo")) is not None
+    _started(exempting)
+    assert exempting.direct_app(_scope("POST", "/echo")) is not None
 
-    limiting = _bare_app()
+    limiting = _small_app()
     limiting.add_middleware(BodyLimitMiddleware, limit=10, timeout=5)
-    assert limiting.direct_endpoint(_scope("POST", "/echo")) is None
-    with TestClient(limiting) as client:
-        assert client.post("/echo", content=b"x" * 11).status_code == 413  # the middleware saw it
+    client = _started(limiting)
+    assert limiting.direct_app(_scope("POST", "/echo")) is None
+    assert client.post("/echo", content=b"x" * 11).status_code == 413  # the middleware saw it
 
-    compressing = _bare_app()
+    compressing = _small_app()
     compressing.add_middleware(GZipMiddleware, minimum_size=1)
-    assert compressing.direct_endpoint(_scope("POST", "/echo")) is None
-    with TestClient(compressing) as client:
-        res = client.post("/echo", content=b"hi", headers={"accept-encoding": "gzip"})
-        assert res.headers["content-encoding"] == "gzip"
+    client = _started(compressing)
+    assert compressing.direct_app(_scope("POST", "/echo")) is None
+    res = client.post("/echo", content=b"hi", headers={"accept-encoding": "gzip"})
+    assert res.headers["content-encoding"] == "gzip"
+
+    capped = _small_app(max_body_size=3)  # FastAPI's own body limit
+    client = _started(capped)
+    assert capped.direct_app(_scope("POST", "/echo")) is None
+    assert client.post("/echo", content=b"four").status_code == 413
+
+    # An instrumentation that wraps the built stack instead of adding middleware.
+    wrapped = _small_app()
+    calls: list[str] = []
+    build = wrapped.build_middleware_stack
+
+    def build_wrapped() -> ASGIApp:
+        inner = build()
+
+        async def instrumented(scope: Scope, receive: Receive, send: Send) -> None:
+            calls.append(scope["type"])
+            await inner(scope, receive, send)
+
+        return instrumented
+
+    wrapped.build_middleware_stack = build_wrapped  # type: ignore[method-assign]
+    client = _started(wrapped)
+    assert wrapped.direct_app(_scope("POST", "/echo")) is None
+    client.post("/echo", content=b"hi")
+    assert calls.count("http") == 2
 
 
-def test_traced_apps_take_the_framework_s_way() -> None:
-    traced = _bare_app(telemetry={"tracer_provider": NoOpTracerProvider()})
-    assert traced.direct_endpoint(_scope("POST", "/echo")) is None
+def test_middleware_cannot_be_added_after_a_direct_request() -> None:
+    app = _small_app()
+    client = TestClient(app)  # no lifespan: the first request itself goes the framework's way
+    assert app.direct_app(_scope("POST", "/echo")) is None
+    assert client.post("/echo", content=b"hi").status_code == 200
+    assert app.direct_app(_scope("POST", "/echo")) is not None
+    with pytest.raises(RuntimeError):
+        app.add_middleware(GZipMiddleware)
+
+
+def test_apps_with_native_telemetry_take_the_framework_s_way() -> None:
+    traced = _small_app(telemetry={"tracer_provider": NoOpTracerProvider()})
+    _started(traced)
+    assert traced.direct_app(_scope("POST", "/echo")) is None
     # FastAPI's switch is what the check reads: an upgrade that renames it must fail here, not skip traces.
-    assert _bare_app()._native_telemetry.enabled() is False  # type: ignore[attr-defined]
+    assert _small_app()._native_telemetry.enabled() is False  # type: ignore[attr-defined]
 
 
-def test_only_declared_routes_can_be_served_directly() -> None:
+async def _plain(request: Request) -> Response:
+    return Response()
+
+
+def _dependency() -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    "declare",
+    [
+        pytest.param(lambda router: None, id="not-a-route"),
+        pytest.param(
+            lambda router: router.api_route("/plain", methods=["POST", "PUT"])(_plain), id="two-methods"
+        ),
+        pytest.param(
+            lambda router: router.post("/plain", dependencies=[Depends(_dependency)])(_plain),
+            id="dependencies",
+        ),
+        pytest.param(
+            lambda router: (router.post("/{name}")(_echo_name), router.post("/plain")(_plain)), id="shadowed"
+        ),
+    ],
+)
+def test_only_routes_the_framework_would_serve_the_same_way_can_be_served_directly(declare: Any) -> None:
     app = DirectRoutesAPI()
+    router = APIRouter()
+    declare(router)
+    app.include_router(router)
+    with pytest.raises(ValueError):
+        app.serve_directly(router, _plain)
 
-    async def undeclared(request: Request) -> Response:
-        return Response()
 
-    with pytest.raises(ValueError, match="include its router first"):
-        app.serve_directly("POST", "/undeclared", undeclared)
-    app.post("/elsewhere")(undeclared)
-    with pytest.raises(ValueError, match="include its router first"):
-        app.serve_directly("POST", "/undeclared", undeclared)
+async def _echo_name(name: str) -> str:
+    return name
+
+
+def test_a_router_not_included_in_the_app_cannot_be_served_directly() -> None:
+    app = DirectRoutesAPI()
+    router = APIRouter()
+    router.post("/plain")(_plain)
+    with pytest.raises(ValueError, match="does not reach"):
+        app.serve_directly(router, _plain)
+    elsewhere = FastAPI()
+    elsewhere.include_router(router, prefix="/other")
+    app.include_router(router, prefix="/moved")
+    with pytest.raises(ValueError, match="does not reach"):
+        app.serve_directly(router, _plain)
+
+
+def test_the_app_serves_intake_directly(app: DirectRoutesAPI) -> None:
+    with TestClient(app):
+        assert app.direct_app(_scope("POST", INTAKE)) is not None
+    assert submissions.router.url_path_for("create_submission") == INTAKE
