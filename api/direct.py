@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,9 @@ from api.scope import route_path
 logger = logging.getLogger(__name__)
 
 DirectEndpoint = Callable[[Request], Awaitable[Response]]
+
+#: How long a finding that FastAPI's native telemetry is off holds before it is checked again.
+TELEMETRY_CHECK_SECONDS = 1.0
 
 # Layers of FastAPI's own stack that do nothing for a direct route: its errors get the same two exception
 # layers of their own; the telemetry layer acts only while telemetry is on (then nothing is served
@@ -58,6 +62,8 @@ class DirectRoutesAPI(FastAPI):
         # with the stack, so that both see the same exception handlers.
         self._checked_stack: ASGIApp | None = None
         self._apps: dict[tuple[str, str], ASGIApp | None] = {}
+        self._telemetry_seen = False
+        self._telemetry_next_check = 0.0
 
     def serve_directly(self, router: APIRouter, endpoint: DirectEndpoint) -> None:
         """Serve ``endpoint``'s route of ``router`` (included in this app) straight from the entry."""
@@ -117,9 +123,20 @@ class DirectRoutesAPI(FastAPI):
                 app = self._apps[key] = self._with_exception_layers(endpoint)
             else:
                 logger.info("%s %s takes the framework's way: the middleware stack acts on it", *key)
-        if app is None or _telemetry_on(self):
+        if app is None or self._telemetry_on():
             return None
         return app
+
+    def _telemetry_on(self) -> bool:
+        """Whether FastAPI's native telemetry observes requests (traces, metrics or logs), at most 1 s old."""
+        # Asking costs ~20 us (OpenTelemetry reads the environment for each provider). A provider set up
+        # once the app is serving is seen within a second; one set up is never taken away again.
+        if self._telemetry_seen or time.monotonic() < self._telemetry_next_check:
+            return self._telemetry_seen
+        telemetry = getattr(self, "_native_telemetry", None)
+        self._telemetry_seen = telemetry is not None and bool(telemetry.enabled())
+        self._telemetry_next_check = time.monotonic() + TELEMETRY_CHECK_SECONDS
+        return self._telemetry_seen
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = self.direct_app(scope)
@@ -148,8 +165,3 @@ def _leaves_alone(stack: ASGIApp, router: ASGIApp, path: str) -> bool:
             return False
     return True
 
-
-def _telemetry_on(app: FastAPI) -> bool:
-    """Whether FastAPI's native telemetry observes requests (traces, metrics or logs)."""
-    telemetry = getattr(app, "_native_telemetry", None)
-    return telemetry is not None and bool(telemetry.enabled())

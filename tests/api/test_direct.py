@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import api.direct
 from api.app import create_app
 from api.body_limit import BodyLimitMiddleware
 from api.direct import DirectRoutesAPI
@@ -268,10 +270,23 @@ def test_middleware_cannot_be_added_after_a_direct_request() -> None:
         app.add_middleware(GZipMiddleware)
 
 
-def test_apps_with_native_telemetry_take_the_framework_s_way() -> None:
+def test_apps_with_native_telemetry_take_the_framework_s_way(monkeypatch: pytest.MonkeyPatch) -> None:
     traced = _small_app(telemetry={"tracer_provider": NoOpTracerProvider()})
     _started(traced)
     assert traced.direct_app(_scope("POST", "/echo")) is None
+    # Telemetry set up once the app serves is seen within the check interval, and stays seen.
+    monkeypatch.setattr(api.direct, "TELEMETRY_CHECK_SECONDS", 0.05)
+    late = _small_app()
+    _started(late)
+    assert late.direct_app(_scope("POST", "/echo")) is not None
+    late._native_telemetry.config["tracer_provider"] = NoOpTracerProvider()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while late.direct_app(_scope("POST", "/echo")) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert late.direct_app(_scope("POST", "/echo")) is None
+    late._native_telemetry.config["tracer_provider"] = None  # type: ignore[attr-defined]
+    time.sleep(0.06)
+    assert late.direct_app(_scope("POST", "/echo")) is None
     # FastAPI's switch is what the check reads: an upgrade that renames it must fail here, not skip traces.
     assert _small_app()._native_telemetry.enabled() is False  # type: ignore[attr-defined]
 
