@@ -164,4 +164,3 @@ def _leaves_alone(stack: ASGIApp, router: ASGIApp, path: str) -> bool:
         if layer is None:
             return False
     return True
-
