@@ -234,6 +234,49 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
         _drop_database(url)
 
 
+def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_stop(database_url: str) -> None:
+    from alembic import command
+    from moderation.cli import alembic_config
+    from tests.conftest import _drop_database, _recreate_database
+
+    parsed = make_url(database_url)
+    url = parsed.set(database=f"{parsed.database}_listing").render_as_string(hide_password=False)
+    _recreate_database(url)
+    config = alembic_config(url)
+    engine = make_engine(url, pool_size=1)
+
+    def tenant_indexes() -> dict[str, bool]:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE c.relname IN ('ix_submissions_tenant_id_id', 'ix_submissions_tenant_created')"
+            ).all()
+        return {name: valid for name, valid in rows}
+
+    try:
+        command.upgrade(config, "0007")
+        assert tenant_indexes() == {"ix_submissions_tenant_created": True}
+        command.upgrade(config, "0008")
+        assert tenant_indexes() == {"ix_submissions_tenant_id_id": True}
+        command.downgrade(config, "0007")
+        assert tenant_indexes() == {"ix_submissions_tenant_created": True}
+        # An upgrade stopped part-way: the new index left invalid by a cancelled concurrent build.
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE INDEX ix_submissions_tenant_id_id ON submissions (tenant_id, id)")
+            conn.exec_driver_sql(
+                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_submissions_tenant_id_id'::regclass"
+            )
+        assert tenant_indexes() == {
+            "ix_submissions_tenant_created": True,
+            "ix_submissions_tenant_id_id": False,
+        }
+        command.upgrade(config, "0008")
+        assert tenant_indexes() == {"ix_submissions_tenant_id_id": True}
+    finally:
+        engine.dispose()
+        _drop_database(url)
+
+
 def test_with_an_error_listener_the_error_reaches_it(labels: Session) -> None:
     seen: list[str] = []
 

@@ -68,7 +68,8 @@ class Submission(TimestampMixin, Base):
             unique=True,
             postgresql_where=text("idempotency_key IS NOT NULL"),
         ),
-        Index("ix_submissions_tenant_created", "tenant_id", "created_at", "id"),
+        # A tenant's listing, newest first (ids are time-ordered).
+        Index("ix_submissions_tenant_id_id", "tenant_id", "id"),
         Index(
             "ix_submissions_active",
             "status",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from moderation.blobs import LocalBlobStore
@@ -134,3 +134,29 @@ def test_the_job_reaches_the_broker_only_after_commit_and_never_after_rollback(
     assert len(dispatched.jobs) == 1
     with sessions() as session:
         assert [s.caption for s in session.scalars(select(Submission))] == ["kept"]
+
+
+@pytest.mark.parametrize("status", [None, SubmissionStatus.queued])
+@pytest.mark.parametrize("after_first_page", [False, True])
+def test_a_tenant_s_listing_is_read_in_order_from_its_index(
+    session: Session, tenant: Tenant, status: SubmissionStatus | None, after_first_page: bool
+) -> None:
+    statements: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, statement: str, parameters: object, *args: object) -> None:
+        if statement.lstrip().startswith("SELECT") and "FROM submissions" in statement:
+            statements.append((statement, parameters))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", record)
+    try:
+        SubmissionRepository(session).page(
+            tenant.id, status=status, limit=51, before_id=new_id() if after_first_page else None
+        )
+    finally:
+        event.remove(connection, "before_cursor_execute", record)
+    (statement, parameters), *_ = statements
+    # Whatever the table holds, an index that gives the order beats reading every row of the tenant.
+    connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    plan = "\n".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {statement}", parameters))  # type: ignore[arg-type]
+    assert "Index Scan Backward using ix_submissions_tenant_id_id" in plan and "Sort" not in plan, plan

@@ -1,0 +1,53 @@
+"""submissions: a (tenant, id) index serves a tenant's listing, newest first, in place of (tenant, created_at, id)
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-01 04:00:00
+
+``GET /v1/submissions`` pages a tenant's submissions by id (ids are time-ordered), newest first. The
+(tenant_id, created_at, id) index could not give that order: Postgres either read all of a tenant's rows
+and sorted them for every page, or walked the primary key backwards past every other tenant's rows. No
+query orders a tenant's rows by ``created_at``; the (tenant_id, id) index takes its place, one index for
+one, so intake writes no more index entries than before (and smaller ones).
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+_NEW = ("ix_submissions_tenant_id_id", "(tenant_id, id)")
+_OLD = ("ix_submissions_tenant_created", "(tenant_id, created_at, id)")
+
+
+def _drop_if_invalid(name: str) -> None:
+    # A cancelled concurrent build leaves an invalid index behind; building it again needs it gone.
+    invalid = (
+        "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = :name AND NOT i.indisvalid"
+    )
+    if op.get_bind().execute(sa.text(invalid), {"name": name}).scalar():
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+
+
+def _swap(build: tuple[str, str], drop: tuple[str, str]) -> None:
+    # Neither step locks intake out, and either can be run again after a failure part-way.
+    name, columns = build
+    with op.get_context().autocommit_block():
+        _drop_if_invalid(name)
+        op.execute(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON submissions {columns}")
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {drop[0]}")
+
+
+def upgrade() -> None:
+    _swap(_NEW, _OLD)
+
+
+def downgrade() -> None:
+    _swap(_OLD, _NEW)
