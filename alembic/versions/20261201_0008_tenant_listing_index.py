@@ -6,9 +6,11 @@ Create Date: 2026-12-01 04:00:00
 
 ``GET /v1/submissions`` pages a tenant's submissions by id (ids are time-ordered), newest first. The
 (tenant_id, created_at, id) index could not give that order: Postgres either read all of a tenant's rows
-and sorted them for every page, or walked the primary key backwards past every other tenant's rows. No
-query orders a tenant's rows by ``created_at``; the (tenant_id, id) index takes its place, one index for
-one, so intake writes no more index entries than before (and smaller ones).
+and sorted them for every page, or walked the primary key backwards past other tenants' rows. The
+(tenant_id, id) index reads a page in order (0.4 ms for a tenant of 50,000 rows among 500,000, where the
+primary key walk took 55-104 ms); the planner may still choose that walk when it misjudges how a tenant's
+rows are spread over time. No query orders a tenant's rows by ``created_at``: the new index takes the old
+one's place, so intake writes no more index entries than before (and smaller ones).
 """
 
 from collections.abc import Sequence
