@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
@@ -14,6 +17,26 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from moderation.db import RandomBytes, execute_on_driver, make_engine, new_id
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+
+@contextmanager
+def _scratch_database(database_url: str, suffix: str) -> Iterator[tuple[Config, Engine]]:
+    """A database of its own, not migrated yet: its alembic config and an engine; dropped afterwards."""
+    from moderation.cli import alembic_config
+    from tests.conftest import _drop_database, _recreate_database
+
+    parsed = make_url(database_url)
+    url = parsed.set(database=f"{parsed.database}_{suffix}").render_as_string(hide_password=False)
+    _recreate_database(url)
+    engine = make_engine(url, pool_size=1)
+    try:
+        yield alembic_config(url), engine
+    finally:
+        engine.dispose()
+        _drop_database(url)
 
 
 def test_an_engine_with_a_statement_timeout_cancels_slow_statements(database_url: str) -> None:
@@ -167,25 +190,18 @@ def test_with_cursor_listeners_the_statement_goes_through_sqlalchemy(labels: Ses
 
 def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(database_url: str) -> None:
     from alembic import command
-    from moderation.cli import alembic_config
     from moderation.config import Settings
     from moderation.tenants.service import create_tenant
-    from tests.conftest import _drop_database, _recreate_database
 
-    parsed = make_url(database_url)
-    url = parsed.set(database=f"{parsed.database}_keys").render_as_string(hide_password=False)
-    _recreate_database(url)
-    config = alembic_config(url)
-    engine = make_engine(url, pool_size=1)
+    with _scratch_database(database_url, "keys") as (config, engine):
 
-    def key_indexes() -> dict[str, str]:
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'uq_submissions_tenant_id_%%'"
-            ).all()
-        return {name: definition for name, definition in rows}
+        def key_indexes() -> dict[str, str]:
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE 'uq_submissions_tenant_id_%%'"
+                ).all()
+            return {name: definition for name, definition in rows}
 
-    try:
         command.upgrade(config, "0006")
         assert all("WHERE" not in d for d in key_indexes().values()) and len(key_indexes()) == 2
         command.upgrade(config, "head")
@@ -229,31 +245,21 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
             "uq_submissions_tenant_id_idempotency_key",
         ]
         assert all(d.endswith("IS NOT NULL)") for d in key_indexes().values())
-    finally:
-        engine.dispose()
-        _drop_database(url)
 
 
 def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_stop(database_url: str) -> None:
     from alembic import command
-    from moderation.cli import alembic_config
-    from tests.conftest import _drop_database, _recreate_database
 
-    parsed = make_url(database_url)
-    url = parsed.set(database=f"{parsed.database}_listing").render_as_string(hide_password=False)
-    _recreate_database(url)
-    config = alembic_config(url)
-    engine = make_engine(url, pool_size=1)
+    with _scratch_database(database_url, "listing") as (config, engine):
 
-    def tenant_indexes() -> dict[str, bool]:
-        with engine.connect() as conn:
-            rows = conn.exec_driver_sql(
-                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                "WHERE c.relname IN ('ix_submissions_tenant_id_id', 'ix_submissions_tenant_created')"
-            ).all()
-        return {name: valid for name, valid in rows}
+        def tenant_indexes() -> dict[str, bool]:
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname IN ('ix_submissions_tenant_id_id', 'ix_submissions_tenant_created')"
+                ).all()
+            return {name: valid for name, valid in rows}
 
-    try:
         command.upgrade(config, "0007")
         assert tenant_indexes() == {"ix_submissions_tenant_created": True}
         command.upgrade(config, "0008")
@@ -272,9 +278,6 @@ def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_sto
         }
         command.upgrade(config, "0008")
         assert tenant_indexes() == {"ix_submissions_tenant_id_id": True}
-    finally:
-        engine.dispose()
-        _drop_database(url)
 
 
 def test_with_an_error_listener_the_error_reaches_it(labels: Session) -> None:
