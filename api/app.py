@@ -113,5 +113,5 @@ def create_app(
     app.include_router(review_ui.router)
     app.include_router(policy.router)
     # Intake is the one route under sustained load: it skips the framework's per-request layers.
-    app.serve_directly(submissions.router, submissions.create_submission)
+    app.serve_directly(submissions.create_submission)
     return app

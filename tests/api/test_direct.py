@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from opentelemetry.trace import NoOpTracerProvider
 from sqlalchemy.orm import Session, sessionmaker
@@ -126,7 +128,7 @@ def test_direct_and_framework_answers_are_identical(
     assert answers[0][8][1] == {"error": {"code": "internal_error", "message": "internal server error"}}
 
 
-def _small_app(**kwargs: Any) -> DirectRoutesAPI:
+def _small_app(include: dict[str, Any] | None = None, **kwargs: Any) -> DirectRoutesAPI:
     """An app with one direct route, ``POST /echo``, that fails on request."""
     app = DirectRoutesAPI(**kwargs)
     install_error_handlers(app)
@@ -149,8 +151,8 @@ def _small_app(**kwargs: Any) -> DirectRoutesAPI:
         return PlainTextResponse("looked up", status_code=404)
 
     app.add_exception_handler(LookupError, lookup_handler)
-    app.include_router(router)
-    app.serve_directly(router, echo)
+    app.include_router(router, **(include or {}))
+    app.serve_directly(echo)
     return app
 
 
@@ -234,11 +236,6 @@ def test_anything_in_the_stack_that_acts_on_the_route_sends_it_the_framework_s_w
     res = client.post("/echo", content=b"hi", headers={"accept-encoding": "gzip"})
     assert res.headers["content-encoding"] == "gzip"
 
-    capped = _small_app(max_body_size=3)  # FastAPI's own body limit
-    client = _started(capped)
-    assert capped.direct_app(_scope("POST", "/echo")) is None
-    assert client.post("/echo", content=b"four").status_code == 413
-
     # An instrumentation that wraps the built stack instead of adding middleware.
     wrapped = _small_app()
     calls: list[str] = []
@@ -275,7 +272,7 @@ def test_apps_with_native_telemetry_take_the_framework_s_way(monkeypatch: pytest
     _started(traced)
     assert traced.direct_app(_scope("POST", "/echo")) is None
     # Telemetry set up once the app serves is seen within the check interval, and stays seen.
-    monkeypatch.setattr(api.direct, "TELEMETRY_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(api.direct, "RECHECK_SECONDS", 0.05)
     late = _small_app()
     _started(late)
     assert late.direct_app(_scope("POST", "/echo")) is not None
@@ -292,56 +289,142 @@ def test_apps_with_native_telemetry_take_the_framework_s_way(monkeypatch: pytest
 
 
 async def _plain(request: Request) -> Response:
-    return Response()
+    return Response("plain")
 
 
-def _dependency() -> None:
-    return None
+async def _with_query(request: Request, x: int = 0) -> Response:
+    return Response(str(x))
 
 
-@pytest.mark.parametrize(
-    "declare",
-    [
-        pytest.param(lambda router: None, id="not-a-route"),
-        pytest.param(
-            lambda router: router.api_route("/plain", methods=["POST", "PUT"])(_plain), id="two-methods"
-        ),
-        pytest.param(
-            lambda router: router.post("/plain", dependencies=[Depends(_dependency)])(_plain),
-            id="dependencies",
-        ),
-        pytest.param(
-            lambda router: (router.post("/{name}")(_echo_name), router.post("/plain")(_plain)), id="shadowed"
-        ),
-    ],
-)
-def test_only_routes_the_framework_would_serve_the_same_way_can_be_served_directly(declare: Any) -> None:
-    app = DirectRoutesAPI()
-    router = APIRouter()
-    declare(router)
-    app.include_router(router)
-    with pytest.raises(ValueError):
-        app.serve_directly(router, _plain)
+def _sync(request: Request) -> Response:
+    return Response("sync")
 
 
 async def _echo_name(name: str) -> str:
     return name
 
 
-def test_a_router_not_included_in_the_app_cannot_be_served_directly() -> None:
-    app = DirectRoutesAPI()
+def _forbid() -> None:
+    raise HTTPException(403, "no")
+
+
+class _TimedRoute(APIRoute):
+    """A route class of its own (its handler could time, log or change requests)."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        return super().get_route_handler()
+
+
+def _declare(path: str = "/plain", endpoint: Any = _plain, **kwargs: Any) -> Callable[[APIRouter], object]:
+    return lambda router: router.add_api_route(
+        path, endpoint, methods=kwargs.pop("methods", ["POST"]), **kwargs
+    )
+
+
+@pytest.mark.parametrize(
+    ("app_kwargs", "include", "declare", "endpoint", "reason"),
+    [
+        pytest.param({}, {}, lambda r: None, _plain, "0 routes", id="not-a-route"),
+        pytest.param({}, {}, _declare(methods=["POST", "PUT"]), _plain, "one method", id="two-methods"),
+        pytest.param(
+            {}, {}, _declare(dependencies=[Depends(_forbid)]), _plain, "nothing else", id="route-dependency"
+        ),
+        pytest.param(
+            {"dependencies": [Depends(_forbid)]}, {}, _declare(), _plain, "nothing else", id="app-dependency"
+        ),
+        pytest.param(
+            {},
+            {"dependencies": [Depends(_forbid)]},
+            _declare(),
+            _plain,
+            "nothing else",
+            id="include-dependency",
+        ),
+        pytest.param({}, {"max_body_size": 2}, _declare(), _plain, "body size", id="include-body-limit"),
+        pytest.param({"max_body_size": 2}, {}, _declare(), _plain, "body size", id="app-body-limit"),
+        pytest.param({}, {}, _declare(max_body_size=2), _plain, "body size", id="route-body-limit"),
+        pytest.param(
+            {}, {}, _declare(endpoint=_with_query), _with_query, "nothing else", id="query-parameter"
+        ),
+        pytest.param({}, {}, _declare(endpoint=_sync), _sync, "coroutine", id="sync-endpoint"),
+        pytest.param(
+            {},
+            {},
+            lambda r: (_declare("/{name}", _echo_name)(r), _declare()(r)),
+            _plain,
+            "another route",
+            id="shadowed-in-its-router",
+        ),
+        pytest.param(
+            {}, {}, _declare(route_class_override=_TimedRoute), _plain, "route class", id="route-class"
+        ),
+    ],
+)
+def test_only_routes_the_framework_would_serve_the_same_way_can_be_served_directly(
+    app_kwargs: dict[str, Any], include: dict[str, Any], declare: Any, endpoint: Any, reason: str
+) -> None:
+    app = DirectRoutesAPI(**app_kwargs)
     router = APIRouter()
-    router.post("/plain")(_plain)
-    with pytest.raises(ValueError, match="does not reach"):
-        app.serve_directly(router, _plain)
-    elsewhere = FastAPI()
-    elsewhere.include_router(router, prefix="/other")
-    app.include_router(router, prefix="/moved")
-    with pytest.raises(ValueError, match="does not reach"):
-        app.serve_directly(router, _plain)
+    declare(router)
+    app.include_router(router, **include)
+    with pytest.raises(ValueError, match=reason):
+        app.serve_directly(endpoint)
+
+
+def test_a_route_shadowed_by_another_router_or_added_later_takes_the_framework_s_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = DirectRoutesAPI()
+    first, second = APIRouter(), APIRouter()
+    _declare("/{name}", _echo_name)(first)
+    _declare()(second)
+    app.include_router(first)
+    app.include_router(second)
+    with pytest.raises(ValueError, match="another route"):
+        app.serve_directly(_plain)
+
+    monkeypatch.setattr(api.direct, "RECHECK_SECONDS", 0.0)
+    app = DirectRoutesAPI()
+    app.include_router(second)
+    app.serve_directly(_plain)
+    client = _started(app)
+    assert app.direct_app(_scope("POST", "/plain")) is not None
+    assert client.post("/plain").text == "plain"
+    late = APIRouter()
+    _declare("/{name}", _echo_name)(late)
+    app.router.routes.insert(0, late.routes[0])  # as a route added in front while serving would be
+    app.router._mark_routes_changed()
+    assert app.direct_app(_scope("POST", "/plain")) is None
+    assert client.post("/plain").json() == "plain"  # /{name} now answers it
+
+
+def test_a_mounted_app_takes_the_framework_s_way() -> None:
+    inner = _small_app()
+    outer = FastAPI()
+    outer.mount("/inner", inner)
+    client = TestClient(outer)
+    assert client.post("/inner/echo", content=b"hi").json()["got"] == "hi"
+    assert inner.direct_app({**_scope("POST", "/inner/echo", "/inner"), "app": outer}) is None
+
+
+def test_handlers_added_after_the_stack_was_built_are_used_by_neither_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = []
+    for direct in (True, False):
+        app = _small_app()
+        if not direct:
+            _framework_way(app, monkeypatch)
+        client = _started(app)
+        app.add_exception_handler(
+            RuntimeError, lambda request, exc: PlainTextResponse("late", status_code=404)
+        )
+        res = client.post("/echo", content=b"bug")
+        answers.append((res.status_code, res.json()["error"]["code"]))
+    assert answers == [(500, "internal_error")] * 2
 
 
 def test_the_app_serves_intake_directly(app: DirectRoutesAPI) -> None:
     with TestClient(app):
         assert app.direct_app(_scope("POST", INTAKE)) is not None
-    assert submissions.router.url_path_for("create_submission") == INTAKE
+    assert app.url_path_for(submissions.create_submission.__name__) == INTAKE
