@@ -249,35 +249,54 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
 
 def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_stop(database_url: str) -> None:
     from alembic import command
+    from moderation.config import Settings
+    from moderation.tenants.service import create_tenant
 
+    old = "CREATE INDEX ix_submissions_tenant_created ON public.submissions USING btree (tenant_id, created_at, id)"
+    new = "CREATE INDEX ix_submissions_tenant_id_id ON public.submissions USING btree (tenant_id, id)"
     with _scratch_database(database_url, "listing") as (config, engine):
 
-        def tenant_indexes() -> dict[str, bool]:
+        def tenant_indexes() -> dict[str, tuple[str, bool]]:
             with engine.connect() as conn:
                 rows = conn.exec_driver_sql(
-                    "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indisvalid FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid "
                     "WHERE c.relname IN ('ix_submissions_tenant_id_id', 'ix_submissions_tenant_created')"
                 ).all()
-            return {name: valid for name, valid in rows}
+            return {name: (definition, valid) for name, definition, valid in rows}
 
         command.upgrade(config, "0007")
-        assert tenant_indexes() == {"ix_submissions_tenant_created": True}
+        assert tenant_indexes() == {"ix_submissions_tenant_created": (old, True)}
         command.upgrade(config, "0008")
-        assert tenant_indexes() == {"ix_submissions_tenant_id_id": True}
+        assert tenant_indexes() == {"ix_submissions_tenant_id_id": (new, True)}
         command.downgrade(config, "0007")
-        assert tenant_indexes() == {"ix_submissions_tenant_created": True}
-        # An upgrade stopped part-way: the new index left invalid by a cancelled concurrent build.
+        assert tenant_indexes() == {"ix_submissions_tenant_created": (old, True)}
+
+        # Stopped after the new index was built, before the old one was dropped.
         with engine.begin() as conn:
             conn.exec_driver_sql("CREATE INDEX ix_submissions_tenant_id_id ON submissions (tenant_id, id)")
-            conn.exec_driver_sql(
-                "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_submissions_tenant_id_id'::regclass"
-            )
-        assert tenant_indexes() == {
-            "ix_submissions_tenant_created": True,
-            "ix_submissions_tenant_id_id": False,
-        }
         command.upgrade(config, "0008")
-        assert tenant_indexes() == {"ix_submissions_tenant_id_id": True}
+        assert tenant_indexes() == {"ix_submissions_tenant_id_id": (new, True)}
+        command.downgrade(config, "0007")
+
+        # Stopped by a failed concurrent build, which leaves an invalid index (here of another definition).
+        with Session(engine) as session, session.begin():
+            tenant_id = create_tenant(session, "listing", Settings()).tenant.id
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for _ in range(2):
+                conn.exec_driver_sql(
+                    "INSERT INTO submissions (id, tenant_id, caption, metadata, image_sha256, image_format, "
+                    "image_width, image_height, image_bytes, status, attempts, created_at, updated_at) VALUES "
+                    "(gen_random_uuid(), %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'queued', 0, now(), now())",
+                    (tenant_id,),
+                )
+            with pytest.raises(IntegrityError):
+                conn.exec_driver_sql(
+                    "CREATE UNIQUE INDEX CONCURRENTLY ix_submissions_tenant_id_id ON submissions (tenant_id)"
+                )
+        assert tenant_indexes()["ix_submissions_tenant_id_id"][1] is False
+        command.upgrade(config, "0008")
+        assert tenant_indexes() == {"ix_submissions_tenant_id_id": (new, True)}
 
 
 def test_with_an_error_listener_the_error_reaches_it(labels: Session) -> None:
