@@ -156,6 +156,18 @@ def _small_app(include: dict[str, Any] | None = None, **kwargs: Any) -> DirectRo
     return app
 
 
+def _one_way(
+    app: DirectRoutesAPI, direct: bool, monkeypatch: pytest.MonkeyPatch, path: str = "/echo", **kwargs: Any
+) -> TestClient:
+    """A started client of ``app``, whose requests are served directly or all the framework's way."""
+    if not direct:
+        _framework_way(app, monkeypatch)
+    client = _started(app, **kwargs)
+    root_path = kwargs.get("root_path", "")
+    assert (app.direct_app(_scope("POST", root_path + path, root_path)) is not None) is direct
+    return client
+
+
 def _started(app: DirectRoutesAPI, **kwargs: Any) -> TestClient:
     client = TestClient(app, raise_server_exceptions=False, **kwargs)
     client.get("/nowhere")  # the first request builds the middleware stack
@@ -165,11 +177,7 @@ def _started(app: DirectRoutesAPI, **kwargs: Any) -> TestClient:
 def test_a_direct_route_answers_and_fails_as_through_the_framework(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = []
     for direct in (True, False):
-        app = _small_app()
-        if not direct:
-            _framework_way(app, monkeypatch)
-        client = _started(app)
-        assert (app.direct_app(_scope("POST", "/echo")) is not None) is direct
+        client = _one_way(_small_app(), direct, monkeypatch)
         answers.append(
             [
                 (res.status_code, res.text, res.headers.get("x-why"))
@@ -209,10 +217,7 @@ def test_a_direct_route_under_the_server_s_root_path(monkeypatch: pytest.MonkeyP
         app = _small_app()
         # The app's own body limit exempts the route under a root path too (it caps its own body).
         app.add_middleware(BodyLimitMiddleware, limit=4, timeout=5, exempt={"/echo"})
-        if not direct:
-            _framework_way(app, monkeypatch)
-        client = _started(app, root_path="/api")
-        assert (app.direct_app(_scope("POST", "/api/echo", "/api")) is not None) is direct
+        client = _one_way(app, direct, monkeypatch, root_path="/api")
         res = client.post("/api/echo", content=b"longer than four")
         assert res.status_code == 200 and res.json()["path"] == "/api/echo"
 
@@ -413,9 +418,7 @@ def test_handlers_added_after_the_stack_was_built_are_used_by_neither_way(
     answers = []
     for direct in (True, False):
         app = _small_app()
-        if not direct:
-            _framework_way(app, monkeypatch)
-        client = _started(app)
+        client = _one_way(app, direct, monkeypatch)
         app.add_exception_handler(
             RuntimeError, lambda request, exc: PlainTextResponse("late", status_code=404)
         )
