@@ -91,7 +91,10 @@ def _tenants_list(_: argparse.Namespace) -> int:
 
 
 def _tenants_set(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from moderation.db import session_scope
+    from moderation.errors import InvalidInput
     from moderation.tenants.repository import TenantRepository
     from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
     from moderation.tenants.service import update_settings
@@ -101,12 +104,19 @@ def _tenants_set(args: argparse.Namespace) -> int:
         if tenant is None:
             print(f"no tenant named {args.name!r}", file=sys.stderr)
             return 1
-        update = TenantSettingsUpdate(
-            block_threshold=args.block_threshold,
-            allow_threshold=args.allow_threshold,
-            min_confidence=args.min_confidence,
-        )
-        update_settings(tenant, update)
+        given = {
+            name: getattr(args, name)
+            for name in ("block_threshold", "allow_threshold", "min_confidence", "retention_days")
+            if getattr(args, name) is not None
+        }
+        if args.default_retention:
+            given["retention_days"] = None
+        if given:
+            try:
+                update = TenantSettingsUpdate(**given)
+            except ValidationError as exc:
+                raise InvalidInput(str(exc.errors()[0]["msg"]), code="invalid_setting") from None
+            update_settings(tenant, update)
         if args.rate_limit is not None:
             tenant.rate_limit_per_minute = args.rate_limit
         print(TenantSettingsOut.from_model(tenant).model_dump_json(indent=2))
@@ -293,12 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("--label")
     key.set_defaults(func=_tenants_key)
     tenants.add_parser("list", help="list tenants").set_defaults(func=_tenants_list)
-    setter = tenants.add_parser("set", help="change a tenant's thresholds or rate limit")
+    setter = tenants.add_parser("set", help="change a tenant's thresholds, rate limit or retention period")
     setter.add_argument("name")
     setter.add_argument("--block-threshold", type=float)
     setter.add_argument("--allow-threshold", type=float)
     setter.add_argument("--min-confidence", type=float)
     setter.add_argument("--rate-limit", type=int, help="submissions per minute")
+    retention = setter.add_mutually_exclusive_group()
+    retention.add_argument(
+        "--retention-days", type=int, help="erase final submissions this many days old (0: keep everything)"
+    )
+    retention.add_argument(
+        "--default-retention", action="store_true", help="go back to MODERATION_RETENTION_DAYS"
+    )
     setter.set_defaults(func=_tenants_set)
 
     from moderation.reviewers.cli import add_reviewer_commands

@@ -246,7 +246,7 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="Erase a final submission's content and image this many days after it was made; 0 keeps "
-        "everything.",
+        "everything. A tenant's own `retention_days` overrides it.",
     )
     retention_interval_seconds: float = Field(
         default=600.0, gt=0, description="How often beat erases expired submissions and deletes their images."

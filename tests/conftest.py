@@ -6,14 +6,14 @@ import io
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 from PIL import Image
-from sqlalchemy import Connection, create_engine
+from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,6 +26,29 @@ TEST_DATABASE_URL = os.environ.get(
 )
 TEST_REDIS_URL = os.environ.get("MODERATION_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 FIXTURE_MODEL_DIR = Path(os.environ.get("MODERATION_FIXTURE_MODEL", ROOT / ".data" / "fixture-model"))
+
+
+def plan_of(session: Session, call: Callable[[], object], table: str = "submissions") -> str:
+    """Postgres's plan for the first query of ``table`` that ``call`` runs, with sequential scans off.
+
+    Test tables are small enough to be read whole: with that off, the plan shows which index serves the query.
+    """
+    statements: list[tuple[str, object]] = []
+
+    def record(conn: object, cursor: object, statement: str, parameters: object, *args: object) -> None:
+        if statement.lstrip().startswith("SELECT") and f"FROM {table}" in statement:
+            statements.append((statement, parameters))
+
+    connection = session.connection()
+    event.listen(connection, "before_cursor_execute", record)
+    try:
+        call()
+    finally:
+        event.remove(connection, "before_cursor_execute", record)
+    (statement, parameters), *_ = statements
+    connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    rows = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)  # type: ignore[arg-type]
+    return "\n".join(row[0] for row in rows)
 
 
 def _drop_database(url: str, *, create_again: bool = False) -> None:

@@ -65,3 +65,20 @@ def test_known_images_commands(
     assert cli.main(["known-images", "list", "acme", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert cli.main(["known-images", "list", "nobody"]) == 2
+
+
+def test_tenants_set_changes_the_retention_period(
+    cli_env: LocalBlobStore,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with sessions() as session, session.begin():
+        create_tenant(session, "acme", settings)
+    assert cli.main(["tenants", "set", "acme", "--retention-days", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["retention_days"] == 7
+    assert cli.main(["tenants", "set", "acme", "--default-retention"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["retention_days"] is None and shown["block_threshold"] == settings.default_block_threshold
+    assert cli.main(["tenants", "set", "acme", "--retention-days", "-1"]) == 2
+    assert "invalid_setting" in capsys.readouterr().err

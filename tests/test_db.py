@@ -249,8 +249,6 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
 
 def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_stop(database_url: str) -> None:
     from alembic import command
-    from moderation.config import Settings
-    from moderation.tenants.service import create_tenant
 
     old = "CREATE INDEX ix_submissions_tenant_created ON public.submissions USING btree (tenant_id, created_at, id)"
     new = "CREATE INDEX ix_submissions_tenant_id_id ON public.submissions USING btree (tenant_id, id)"
@@ -280,9 +278,13 @@ def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_sto
         command.downgrade(config, "0007")
 
         # Stopped by a failed concurrent build, which leaves an invalid index (here of another definition).
-        with Session(engine) as session, session.begin():
-            tenant_id = create_tenant(session, "listing", Settings()).tenant.id
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            # The models describe the newest schema: rows of an older one are written by hand.
+            tenant_id = conn.exec_driver_sql(
+                "INSERT INTO tenants (id, name, block_threshold, allow_threshold, min_confidence, "
+                "category_block_threshold, category_review_threshold, policy, policy_version) "
+                "VALUES (gen_random_uuid(), 'listing', 0.8, 0.3, 0.6, 0.95, 0.6, '{}', 1) RETURNING id"
+            ).scalar_one()
             for _ in range(2):
                 conn.exec_driver_sql(
                     "INSERT INTO submissions (id, tenant_id, caption, metadata, image_sha256, image_format, "
@@ -297,6 +299,52 @@ def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_sto
         assert tenant_indexes()["ix_submissions_tenant_id_id"][1] is False
         command.upgrade(config, "0008")
         assert tenant_indexes() == {"ix_submissions_tenant_id_id": (new, True)}
+
+
+def test_tenant_retention_and_its_index_migrate_both_ways(database_url: str) -> None:
+    from alembic import command
+
+    with _scratch_database(database_url, "retention") as (config, engine):
+
+        def state() -> tuple[bool, list[str]]:
+            with engine.connect() as conn:
+                column = conn.exec_driver_sql(
+                    "SELECT 1 FROM information_schema.columns "
+                    "WHERE table_name = 'tenants' AND column_name = 'retention_days'"
+                ).first()
+                indexes = conn.exec_driver_sql(
+                    "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indexrelid IN "
+                    "(to_regclass('ix_submissions_unerased_created'), "
+                    "to_regclass('ix_submissions_tenant_unerased_created'))"
+                ).scalars()
+                return column is not None, sorted(indexes)
+
+        command.upgrade(config, "0008")
+        assert state() == (
+            False,
+            [
+                "CREATE INDEX ix_submissions_unerased_created ON public.submissions USING btree (created_at) "
+                "WHERE (erased_at IS NULL)"
+            ],
+        )
+        command.upgrade(config, "0009")
+        assert state() == (
+            True,
+            [
+                "CREATE INDEX ix_submissions_tenant_unerased_created ON public.submissions USING btree "
+                "(tenant_id, created_at) WHERE (erased_at IS NULL)"
+            ],
+        )
+        with engine.connect() as conn, pytest.raises(IntegrityError):
+            conn.exec_driver_sql(
+                "INSERT INTO tenants (id, name, block_threshold, allow_threshold, min_confidence, "
+                "category_block_threshold, category_review_threshold, policy, policy_version, retention_days) "
+                "VALUES (gen_random_uuid(), 'negative', 0.8, 0.3, 0.6, 0.95, 0.6, '{}', 1, -1)"
+            )
+        command.downgrade(config, "0008")
+        assert state()[0] is False and state()[1][0].startswith(
+            "CREATE INDEX ix_submissions_unerased_created"
+        )
 
 
 def test_with_an_error_listener_the_error_reaches_it(labels: Session) -> None:

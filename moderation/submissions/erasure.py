@@ -41,6 +41,7 @@ from moderation.review.models import REVIEW_OPEN_STATES, ReviewKind
 from moderation.review.repository import ReviewRepository
 from moderation.submissions.repository import FINAL_STATUSES, SubmissionRepository
 from moderation.tenants.models import Tenant
+from moderation.tenants.repository import TenantRepository
 from moderation.webhooks.repository import WebhookRepository
 
 logger = logging.getLogger(__name__)
@@ -93,19 +94,32 @@ def erase_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID)
 
 
 def erase_expired(sessions: sessionmaker[Session], settings: Settings, *, limit: int = BATCH) -> int:
-    """Erase up to ``limit`` final submissions older than the retention period; how many were erased."""
-    if settings.retention_days <= 0:
-        return 0
+    """Erase up to ``limit`` final submissions older than their tenant's retention period; how many were.
+
+    A tenant's own ``retention_days`` overrides ``MODERATION_RETENTION_DAYS`` (0 keeps everything). Each
+    tenant's expired submissions are found and erased in a transaction of their own.
+    """
     now = utcnow()
-    with sessions() as session, session.begin():
-        ids = SubmissionRepository(session).expired_unerased(
-            now - timedelta(days=settings.retention_days), limit
-        )
-        _erase(session, ids, now)
-    if ids:
-        metrics.SUBMISSIONS_ERASED.labels("retention").inc(len(ids))
-        logger.info("retention: erased %d submissions older than %d days", len(ids), settings.retention_days)
-    return len(ids)
+    with sessions() as session:
+        periods = TenantRepository(session).retention_days()
+    erased = 0
+    for tenant_id, own_days in periods:
+        days = settings.retention_days if own_days is None else own_days
+        if days <= 0 or erased >= limit:
+            continue
+        with sessions() as session, session.begin():
+            ids = SubmissionRepository(session).expired_unerased(
+                tenant_id, now - timedelta(days=days), limit - erased
+            )
+            _erase(session, ids, now)
+        if ids:
+            erased += len(ids)
+            logger.info(
+                "retention: erased %d submissions of tenant %s older than %d days", len(ids), tenant_id, days
+            )
+    if erased:
+        metrics.SUBMISSIONS_ERASED.labels("retention").inc(erased)
+    return erased
 
 
 @dataclass

@@ -78,8 +78,13 @@ class Submission(TimestampMixin, Base):
         ),
         # Whether an image is still needed by a submission that was not erased.
         Index("ix_submissions_image_sha256", "image_sha256"),
-        # Retention: the oldest submissions not erased yet.
-        Index("ix_submissions_unerased_created", "created_at", postgresql_where=text("erased_at IS NULL")),
+        # Retention: a tenant's oldest submissions not erased yet.
+        Index(
+            "ix_submissions_tenant_unerased_created",
+            "tenant_id",
+            "created_at",
+            postgresql_where=text("erased_at IS NULL"),
+        ),
         # Erased submissions whose image has not been released yet.
         Index(
             "ix_submissions_image_unreleased",

@@ -449,8 +449,8 @@ class SubmissionRepository:
             .values(description="", visible_text="", explanation="", reasons=[])
         )
 
-    def expired_unerased(self, older_than: datetime, limit: int) -> list[uuid.UUID]:
-        """Final submissions created before ``older_than``, not erased and not appealed, oldest first.
+    def expired_unerased(self, tenant_id: uuid.UUID, older_than: datetime, limit: int) -> list[uuid.UUID]:
+        """A tenant's final submissions created before ``older_than``, not erased nor appealed, oldest first.
 
         Their rows are locked. A submission with an open appeal waits until a person has decided it.
         """
@@ -466,6 +466,7 @@ class SubmissionRepository:
         stmt = (
             select(Submission.id)
             .where(
+                Submission.tenant_id == tenant_id,
                 Submission.erased_at.is_(None),
                 Submission.created_at < older_than,
                 Submission.status.in_(FINAL_STATUSES),

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import CheckConstraint, DateTime, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -17,6 +17,7 @@ class Tenant(TimestampMixin, Base):
     """A platform that submits content, with its routing thresholds and policy."""
 
     __tablename__ = "tenants"
+    __table_args__ = (CheckConstraint("retention_days >= 0", name="retention_days_not_negative"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -28,6 +29,8 @@ class Tenant(TimestampMixin, Base):
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
     policy: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     policy_version: Mapped[int] = mapped_column(Integer, default=1)
+    # Days after which a final submission is erased; None: the service's default, 0: keep everything.
+    retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="tenant", lazy="raise")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -27,6 +28,13 @@ class TenantRepository:
     def list(self) -> list[Tenant]:
         """All tenants by name."""
         return list(self.session.scalars(select(Tenant).order_by(Tenant.name)))
+
+    def retention_days(self) -> Sequence[tuple[uuid.UUID, int | None]]:
+        """Every tenant's id and own retention period (None: the service's default)."""
+        return [
+            (row.id, row.retention_days)
+            for row in self.session.execute(select(Tenant.id, Tenant.retention_days))
+        ]
 
     def add(self, tenant: Tenant) -> Tenant:
         """Insert a tenant."""

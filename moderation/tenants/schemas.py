@@ -29,6 +29,9 @@ class TenantSettingsOut(BaseModel):
     rate_limit_per_minute: int | None
     categories: list[CustomCategory]
     policy_version: int
+    retention_days: int | None = Field(
+        description="Days after which a final submission is erased; null: the service's default, 0: keep all"
+    )
 
     @classmethod
     def from_model(cls, tenant: Tenant) -> TenantSettingsOut:
@@ -44,11 +47,12 @@ class TenantSettingsOut(BaseModel):
             rate_limit_per_minute=tenant.rate_limit_per_minute,
             categories=[CustomCategory(**c) for c in (tenant.policy or {}).get("categories", [])],
             policy_version=tenant.policy_version,
+            retention_days=tenant.retention_days,
         )
 
 
 class TenantSettingsUpdate(BaseModel):
-    """A partial update of a tenant's thresholds and custom categories."""
+    """A partial update of a tenant's thresholds, custom categories and retention period."""
 
     block_threshold: float | None = Field(default=None, ge=0, le=1)
     allow_threshold: float | None = Field(default=None, ge=0, le=1)
@@ -56,3 +60,5 @@ class TenantSettingsUpdate(BaseModel):
     category_block_threshold: float | None = Field(default=None, ge=0, le=1)
     category_review_threshold: float | None = Field(default=None, ge=0, le=1)
     categories: list[CustomCategory] | None = None
+    # Sent as null, the tenant goes back to the service's default; left out, it stays as it is.
+    retention_days: int | None = Field(default=None, ge=0, le=36500)

@@ -81,7 +81,7 @@ def authenticate(session: Session, authorization: str | None) -> Tenant:
 
 
 def update_settings(tenant: Tenant, update: TenantSettingsUpdate) -> Tenant:
-    """Apply a partial settings update, keeping allow <= block; bumps the policy version."""
+    """Apply a partial settings update, keeping allow <= block; bumps the policy version unless only retention."""
     from moderation.policy.categories import validate_custom_categories
 
     block = _pick(update.block_threshold, tenant.block_threshold)
@@ -100,7 +100,10 @@ def update_settings(tenant: Tenant, update: TenantSettingsUpdate) -> Tenant:
     if update.categories is not None:
         categories = validate_custom_categories([c.model_dump() for c in update.categories])
         tenant.policy = {**(tenant.policy or {}), "categories": categories}
-    tenant.policy_version += 1
+    if "retention_days" in update.model_fields_set:
+        tenant.retention_days = update.retention_days
+    if update.model_fields_set != {"retention_days"}:  # how long content is kept changes no verdict
+        tenant.policy_version += 1
     return tenant
 
 

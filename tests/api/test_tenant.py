@@ -53,3 +53,21 @@ def test_text_the_database_cannot_store_is_refused_with_422_not_500(
         headers=tenant.headers,
     )
     assert res.status_code == 422 and res.json()["error"]["code"] == "validation_error"
+
+
+def test_a_tenant_sets_its_own_retention_period_and_goes_back_to_the_default(
+    client: TestClient, tenant: ApiTenant
+) -> None:
+    got = client.get("/v1/tenant", headers=tenant.headers).json()
+    assert got["retention_days"] is None  # the service's default
+    res = client.patch("/v1/tenant", json={"retention_days": 30}, headers=tenant.headers)
+    assert res.status_code == 200, res.text
+    assert res.json()["retention_days"] == 30
+    assert res.json()["policy_version"] == got["policy_version"]  # no verdict depends on it
+    res = client.patch("/v1/tenant", json={"block_threshold": 0.85}, headers=tenant.headers)
+    assert res.json()["retention_days"] == 30  # left out: unchanged
+    res = client.patch("/v1/tenant", json={"retention_days": None}, headers=tenant.headers)
+    assert res.json()["retention_days"] is None
+    for bad in (-1, 40000, "soon"):
+        res = client.patch("/v1/tenant", json={"retention_days": bad}, headers=tenant.headers)
+        assert res.status_code == 422 and res.json()["error"]["code"] == "validation_error"

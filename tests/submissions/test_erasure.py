@@ -23,9 +23,10 @@ from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import ReviewerRef
 from moderation.submissions import erasure, service
 from moderation.submissions.models import Submission, SubmissionStatus, Verdict
+from moderation.submissions.repository import SubmissionRepository
 from moderation.tenants.models import Tenant
 from moderation.webhooks.models import WebhookDelivery, WebhookEndpoint
-from tests.conftest import RecordingDispatcher, make_jpeg
+from tests.conftest import RecordingDispatcher, make_jpeg, plan_of
 from tests.review.helpers import add_review_item, claim_and_decide, make_tenant
 from tests.submissions.helpers import add_decided
 
@@ -402,3 +403,62 @@ def test_the_audit_log_lets_through_only_the_redaction_of_an_erased_submissions_
             )
     with pytest.raises(ProgrammingError, match="append-only"), session.begin_nested():
         session.execute(text("UPDATE audit_log SET actor = 'x' WHERE id = :id"), {"id": entry_of(erased).id})
+
+
+def test_retention_follows_each_tenant_s_own_period_then_the_default(
+    session: Session,
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+) -> None:
+    keeper = make_tenant(session, settings, "keeper")  # keeps everything
+    brief = make_tenant(session, settings, "brief")  # 5 days
+    keeper.retention_days, brief.retention_days = 0, 5
+    ages = {}
+    for owner, seed, days in (
+        (tenant, 31, 40),
+        (tenant, 32, 10),
+        (keeper, 33, 400),
+        (brief, 34, 10),
+        (brief, 35, 2),
+    ):
+        ages[(owner.name, days)] = add_decided(
+            session, owner, store, settings, image=make_jpeg(64, 48, seed=seed)
+        )
+    session.flush()
+    for (_, days), submission in ages.items():
+        session.execute(
+            update(Submission)
+            .where(Submission.id == submission.id)
+            .values(created_at=utcnow() - timedelta(days=days))
+        )
+    session.commit()
+
+    def erased() -> set[tuple[str, int]]:
+        ids = set(
+            session.scalars(
+                select(Submission.id)
+                .where(Submission.erased_at.is_not(None))
+                .execution_options(populate_existing=True)
+            )
+        )
+        return {key for key, submission in ages.items() if submission.id in ids}
+
+    # The service keeps everything by default: only the tenant with a period of its own loses any.
+    assert erasure.erase_expired(sessions, settings) == 1
+    assert erased() == {("brief", 10)}
+    settings.retention_days = 30
+    assert erasure.erase_expired(sessions, settings, limit=1) == 1  # the limit spans tenants
+    assert erasure.erase_expired(sessions, settings) == 0
+    assert erased() == {("brief", 10), (tenant.name, 40)}
+
+
+def test_retention_reads_a_tenant_s_expired_submissions_from_its_own_index(
+    session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
+) -> None:
+    add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=41))
+    session.flush()
+    repo = SubmissionRepository(session)
+    plan = plan_of(session, lambda: repo.expired_unerased(tenant.id, utcnow() - timedelta(days=1), 10))
+    assert "ix_submissions_tenant_unerased_created" in plan, plan
