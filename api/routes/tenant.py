@@ -14,7 +14,7 @@ router = APIRouter(prefix="/v1/tenant", tags=["tenant"])
 
 @router.get("", response_model=TenantSettingsOut)
 def get_tenant_settings(tenant: TenantDep) -> TenantSettingsOut:
-    """Thresholds and custom categories of the calling tenant."""
+    """Thresholds, custom categories and retention period of the calling tenant."""
     return TenantSettingsOut.from_model(tenant)
 
 
@@ -22,7 +22,7 @@ def get_tenant_settings(tenant: TenantDep) -> TenantSettingsOut:
 def patch_tenant_settings(
     update: TenantSettingsUpdate, tenant: TenantDep, session: SessionDep
 ) -> TenantSettingsOut:
-    """Change thresholds or custom categories; new verdicts use them at once."""
+    """Change thresholds, custom categories or the retention period; new verdicts use them at once."""
     row = TenantRepository(session).get(tenant.id, for_update=True)
     assert row is not None
     update_settings(row, update)
