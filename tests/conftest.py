@@ -47,8 +47,11 @@ def plan_of(session: Session, call: Callable[[], object], table: str = "submissi
         event.remove(connection, "before_cursor_execute", record)
     (statement, parameters), *_ = statements
     connection.exec_driver_sql("SET LOCAL enable_seqscan = off")
-    rows = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)  # type: ignore[arg-type]
-    return "\n".join(row[0] for row in rows)
+    try:
+        rows = connection.exec_driver_sql(f"EXPLAIN {statement}", parameters)  # type: ignore[arg-type]
+        return "\n".join(row[0] for row in rows)
+    finally:
+        connection.exec_driver_sql("SET LOCAL enable_seqscan = on")
 
 
 def _drop_database(url: str, *, create_again: bool = False) -> None:

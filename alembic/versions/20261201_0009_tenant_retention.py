@@ -48,14 +48,20 @@ def _swap(build: tuple[str, str], drop: tuple[str, str]) -> None:
 
 
 def upgrade() -> None:
+    # The index first: after it, the column commits together with the revision, so a run stopped part-way
+    # can simply be run again.
+    _swap(_NEW, _OLD)
+    op.execute(
+        "SET LOCAL lock_timeout = '10s'"
+    )  # every request reads tenants: never queue behind a long lock
     op.add_column("tenants", sa.Column("retention_days", sa.Integer(), nullable=True))
     op.create_check_constraint(
-        op.f("ck_tenants_retention_days_not_negative"), "tenants", "retention_days >= 0"
+        op.f("ck_tenants_retention_days_in_range"), "tenants", "retention_days BETWEEN 0 AND 36500"
     )
-    _swap(_NEW, _OLD)
 
 
 def downgrade() -> None:
     _swap(_OLD, _NEW)
-    op.drop_constraint(op.f("ck_tenants_retention_days_not_negative"), "tenants", type_="check")
+    op.execute("SET LOCAL lock_timeout = '10s'")
+    op.drop_constraint(op.f("ck_tenants_retention_days_in_range"), "tenants", type_="check")
     op.drop_column("tenants", "retention_days")

@@ -21,6 +21,7 @@ submissions that the next run releases.
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,30 +97,61 @@ def erase_submission(session: Session, tenant: Tenant, submission_id: uuid.UUID)
 def erase_expired(sessions: sessionmaker[Session], settings: Settings, *, limit: int = BATCH) -> int:
     """Erase up to ``limit`` final submissions older than their tenant's retention period; how many were.
 
-    A tenant's own ``retention_days`` overrides ``MODERATION_RETENTION_DAYS`` (0 keeps everything). Each
-    tenant's expired submissions are found and erased in a transaction of their own.
+    A tenant's own ``retention_days`` overrides ``MODERATION_RETENTION_DAYS`` (0 keeps everything). Every
+    tenant with a period gets an equal share of ``limit`` first, then those with more to erase share what
+    is left, starting from a different tenant each pass: a tenant with a long backlog (one that has just
+    shortened its period) cannot hold the others past their deadlines. Each tenant is erased in a
+    transaction of its own, under its period as it is then; one that fails is logged and skipped.
     """
     now = utcnow()
     with sessions() as session:
         periods = TenantRepository(session).retention_days()
+    active = [tenant for tenant, own in periods if (settings.retention_days if own is None else own) > 0]
+    if not active or limit <= 0:
+        return 0
+    start = random.randrange(len(active))
+    active = active[start:] + active[:start]
+    share = -(-limit // len(active))
     erased = 0
-    for tenant_id, own_days in periods:
-        days = settings.retention_days if own_days is None else own_days
-        if days <= 0 or erased >= limit:
-            continue
-        with sessions() as session, session.begin():
-            ids = SubmissionRepository(session).expired_unerased(
-                tenant_id, now - timedelta(days=days), limit - erased
-            )
-            _erase(session, ids, now)
-        if ids:
-            erased += len(ids)
-            logger.info(
-                "retention: erased %d submissions of tenant %s older than %d days", len(ids), tenant_id, days
-            )
-    if erased:
-        metrics.SUBMISSIONS_ERASED.labels("retention").inc(erased)
+    more: list[uuid.UUID] = []  # tenants that filled their share
+    for tenant_id in active:
+        count = _erase_expired_of(sessions, settings, tenant_id, min(share, limit - erased), now)
+        erased += count
+        if count == share:
+            more.append(tenant_id)
+        if erased >= limit:
+            return erased
+    for tenant_id in more:
+        erased += _erase_expired_of(sessions, settings, tenant_id, limit - erased, now)
+        if erased >= limit:
+            break
     return erased
+
+
+def _erase_expired_of(
+    sessions: sessionmaker[Session], settings: Settings, tenant_id: uuid.UUID, limit: int, now: datetime
+) -> int:
+    """Erase up to ``limit`` of one tenant's expired submissions; how many were (0 on failure, logged)."""
+    try:
+        with sessions() as session, session.begin():
+            # Read again, and held against a change, so that a period lengthened a moment ago is honoured.
+            found = TenantRepository(session).retention_days_of(tenant_id)
+            if found is None:
+                return 0  # the tenant is gone
+            days = settings.retention_days if found.days is None else found.days
+            if days <= 0:
+                return 0
+            ids = SubmissionRepository(session).expired_unerased(tenant_id, now - timedelta(days=days), limit)
+            _erase(session, ids, now)
+    except Exception:
+        logger.exception("retention: could not erase the expired submissions of tenant %s", tenant_id)
+        return 0
+    if ids:
+        metrics.SUBMISSIONS_ERASED.labels("retention").inc(len(ids))
+        logger.info(
+            "retention: erased %d submissions of tenant %s older than %d days", len(ids), tenant_id, days
+        )
+    return len(ids)
 
 
 @dataclass

@@ -17,7 +17,7 @@ class Tenant(TimestampMixin, Base):
     """A platform that submits content, with its routing thresholds and policy."""
 
     __tablename__ = "tenants"
-    __table_args__ = (CheckConstraint("retention_days >= 0", name="retention_days_not_negative"),)
+    __table_args__ = (CheckConstraint("retention_days BETWEEN 0 AND 36500", name="retention_days_in_range"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from moderation.tenants.models import ApiKey, Tenant
+
+
+@dataclass(frozen=True)
+class RetentionPeriod:
+    """A tenant's own retention period: days, or None for the service's default."""
+
+    days: int | None
 
 
 class TenantRepository:
@@ -30,11 +38,19 @@ class TenantRepository:
         return list(self.session.scalars(select(Tenant).order_by(Tenant.name)))
 
     def retention_days(self) -> Sequence[tuple[uuid.UUID, int | None]]:
-        """Every tenant's id and own retention period (None: the service's default)."""
-        return [
-            (row.id, row.retention_days)
-            for row in self.session.execute(select(Tenant.id, Tenant.retention_days))
-        ]
+        """Every tenant's id and own retention period (None: the service's default), by id."""
+        stmt = select(Tenant.id, Tenant.retention_days).order_by(Tenant.id)
+        return [(row.id, row.retention_days) for row in self.session.execute(stmt)]
+
+    def retention_days_of(self, tenant_id: uuid.UUID) -> RetentionPeriod | None:
+        """A tenant's own retention period, its row share-locked until the transaction ends; None if gone.
+
+        A share lock waits for a settings change in progress, and does not hold up intake (whose foreign
+        key checks take a weaker lock).
+        """
+        stmt = select(Tenant.retention_days).where(Tenant.id == tenant_id).with_for_update(read=True)
+        row = self.session.execute(stmt).first()
+        return None if row is None else RetentionPeriod(row.retention_days)
 
     def add(self, tenant: Tenant) -> Tenant:
         """Insert a tenant."""

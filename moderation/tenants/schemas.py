@@ -61,4 +61,4 @@ class TenantSettingsUpdate(BaseModel):
     category_review_threshold: float | None = Field(default=None, ge=0, le=1)
     categories: list[CustomCategory] | None = None
     # Sent as null, the tenant goes back to the service's default; left out, it stays as it is.
-    retention_days: int | None = Field(default=None, ge=0, le=36500)
+    retention_days: int | None = Field(default=None, ge=0, le=36500, strict=True)  # `true` is no period

@@ -405,6 +405,38 @@ def test_the_audit_log_lets_through_only_the_redaction_of_an_erased_submissions_
         session.execute(text("UPDATE audit_log SET actor = 'x' WHERE id = :id"), {"id": entry_of(erased).id})
 
 
+def _aged(
+    session: Session, store: LocalBlobStore, settings: Settings, rows: dict[tuple[Tenant, int], int]
+) -> dict:  # type: ignore[type-arg]
+    """Decided submissions of the given tenants, ``count`` of each age in days: {(tenant name, days, n): id}."""
+    made = {}
+    seed = 100
+    for (owner, days), count in rows.items():
+        for n in range(count):
+            seed += 1
+            submission = add_decided(session, owner, store, settings, image=make_jpeg(32, 24, seed=seed))
+            made[(owner.name, days, n)] = submission.id
+            session.flush()
+            session.execute(
+                update(Submission)
+                .where(Submission.id == submission.id)
+                .values(created_at=utcnow() - timedelta(days=days))
+            )
+    session.commit()
+    return made
+
+
+def _erased(session: Session, made: dict) -> set:  # type: ignore[type-arg]
+    ids = set(
+        session.scalars(
+            select(Submission.id)
+            .where(Submission.erased_at.is_not(None))
+            .execution_options(populate_existing=True)
+        )
+    )
+    return {key for key, submission_id in made.items() if submission_id in ids}
+
+
 def test_retention_follows_each_tenant_s_own_period_then_the_default(
     session: Session,
     sessions: sessionmaker[Session],
@@ -414,51 +446,85 @@ def test_retention_follows_each_tenant_s_own_period_then_the_default(
 ) -> None:
     keeper = make_tenant(session, settings, "keeper")  # keeps everything
     brief = make_tenant(session, settings, "brief")  # 5 days
-    keeper.retention_days, brief.retention_days = 0, 5
-    ages = {}
-    for owner, seed, days in (
-        (tenant, 31, 40),
-        (tenant, 32, 10),
-        (keeper, 33, 400),
-        (brief, 34, 10),
-        (brief, 35, 2),
-    ):
-        ages[(owner.name, days)] = add_decided(
-            session, owner, store, settings, image=make_jpeg(64, 48, seed=seed)
-        )
-    session.flush()
-    for (_, days), submission in ages.items():
-        session.execute(
-            update(Submission)
-            .where(Submission.id == submission.id)
-            .values(created_at=utcnow() - timedelta(days=days))
-        )
-    session.commit()
-
-    def erased() -> set[tuple[str, int]]:
-        ids = set(
-            session.scalars(
-                select(Submission.id)
-                .where(Submission.erased_at.is_not(None))
-                .execution_options(populate_existing=True)
-            )
-        )
-        return {key for key, submission in ages.items() if submission.id in ids}
-
-    # The service keeps everything by default: only the tenant with a period of its own loses any.
+    patient = make_tenant(session, settings, "patient")  # 60 days, longer than the default below
+    keeper.retention_days, brief.retention_days, patient.retention_days = 0, 5, 60
+    made = _aged(
+        session,
+        store,
+        settings,
+        {(tenant, 40): 1, (tenant, 10): 1, (keeper, 400): 1, (brief, 10): 1, (brief, 2): 1, (patient, 40): 1},
+    )
+    # The service keeps everything by default: only tenants with a period of their own lose any.
     assert erasure.erase_expired(sessions, settings) == 1
-    assert erased() == {("brief", 10)}
+    assert _erased(session, made) == {("brief", 10, 0)}
     settings.retention_days = 30
-    assert erasure.erase_expired(sessions, settings, limit=1) == 1  # the limit spans tenants
+    assert erasure.erase_expired(sessions, settings) == 1
+    assert _erased(session, made) == {("brief", 10, 0), (tenant.name, 40, 0)}
     assert erasure.erase_expired(sessions, settings) == 0
-    assert erased() == {("brief", 10), (tenant.name, 40)}
+
+
+def test_each_tenant_gets_its_share_of_a_retention_pass_before_a_backlog_takes_the_rest(
+    session: Session,
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+) -> None:
+    other = make_tenant(session, settings, "other")
+    made = _aged(session, store, settings, {(tenant, 40): 3, (other, 40): 1})
+    settings.retention_days = 30
+    for _ in range(5):  # whichever tenant the pass starts with
+        assert erasure.erase_expired(sessions, settings, limit=2) == 2
+        assert {name for name, _, _ in _erased(session, made)} == {tenant.name, "other"}
+        session.execute(update(Submission).values(erased_at=None))
+        session.commit()
+    assert erasure.erase_expired(sessions, settings, limit=3) == 3  # the backlog takes what is left
+    assert erasure.erase_expired(sessions, settings, limit=3) == 1
+    assert len(_erased(session, made)) == 4
 
 
 def test_retention_reads_a_tenant_s_expired_submissions_from_its_own_index(
     session: Session, tenant: Tenant, store: LocalBlobStore, settings: Settings
 ) -> None:
-    add_decided(session, tenant, store, settings, image=make_jpeg(64, 48, seed=41))
-    session.flush()
+    other = make_tenant(session, settings, "other")
+    connection = session.connection()
+    # A known spread, analysed: a tenant with 1% of the submissions not erased yet.
+    for owner, count in ((tenant.id, 30), (other.id, 3000)):
+        connection.exec_driver_sql(
+            "INSERT INTO submissions (id, tenant_id, caption, metadata, image_sha256, image_format, image_width, "
+            "image_height, image_bytes, status, attempts, created_at, updated_at) "
+            "SELECT gen_random_uuid(), %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'decided', 1, now() - interval '9 days', "
+            "now() FROM generate_series(1, %s)",
+            (owner, count),
+        )
+    connection.exec_driver_sql("ANALYZE submissions")
     repo = SubmissionRepository(session)
     plan = plan_of(session, lambda: repo.expired_unerased(tenant.id, utcnow() - timedelta(days=1), 10))
-    assert "ix_submissions_tenant_unerased_created" in plan, plan
+    assert "Index Scan using ix_submissions_tenant_unerased_created" in plan, plan
+    assert "Index Cond: ((tenant_id = " in plan and "(created_at < " in plan, plan
+
+
+def test_a_tenant_whose_erasure_fails_holds_back_no_other(
+    session: Session,
+    sessions: sessionmaker[Session],
+    tenant: Tenant,
+    store: LocalBlobStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    other = make_tenant(session, settings, "other")
+    made = _aged(session, store, settings, {(tenant, 40): 1, (other, 40): 1})
+    settings.retention_days = 30
+    erase = erasure._erase
+    doomed = made[(tenant.name, 40, 0)]
+
+    def failing(session: Session, ids: list[uuid.UUID], now: object) -> None:
+        if doomed in ids:
+            raise RuntimeError("a malformed row")
+        erase(session, ids, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(erasure, "_erase", failing)
+    assert erasure.erase_expired(sessions, settings) == 1
+    assert _erased(session, made) == {("other", 40, 0)}
+    assert "could not erase the expired submissions of tenant" in caplog.text
