@@ -97,7 +97,7 @@ def _tenants_set(args: argparse.Namespace) -> int:
     from moderation.errors import InvalidInput
     from moderation.tenants.repository import TenantRepository
     from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
-    from moderation.tenants.service import update_settings
+    from moderation.tenants.service import change_settings
 
     with session_scope() as session:
         tenant = TenantRepository(session).get_by_name(args.name)
@@ -116,7 +116,7 @@ def _tenants_set(args: argparse.Namespace) -> int:
                 update = TenantSettingsUpdate(**given)
             except ValidationError as exc:
                 raise InvalidInput(str(exc.errors()[0]["msg"]), code="invalid_setting") from None
-            update_settings(tenant, update)
+            change_settings(session, tenant.id, update, "cli")
         if args.rate_limit is not None:
             tenant.rate_limit_per_minute = args.rate_limit
         print(TenantSettingsOut.from_model(tenant).model_dump_json(indent=2))

@@ -5,9 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import SessionDep, TenantDep
-from moderation.tenants.repository import TenantRepository
 from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
-from moderation.tenants.service import update_settings
+from moderation.tenants.service import change_settings
 
 router = APIRouter(prefix="/v1/tenant", tags=["tenant"])
 
@@ -23,8 +22,6 @@ def patch_tenant_settings(
     update: TenantSettingsUpdate, tenant: TenantDep, session: SessionDep
 ) -> TenantSettingsOut:
     """Change thresholds, custom categories or the retention period; new verdicts use them at once."""
-    row = TenantRepository(session).get(tenant.id, for_update=True)
-    assert row is not None
-    update_settings(row, update)
+    row = change_settings(session, tenant.id, update, f"tenant:{tenant.name}")
     session.commit()
     return TenantSettingsOut.from_model(row)

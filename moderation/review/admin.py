@@ -18,8 +18,8 @@ from moderation.reviewers.models import Role
 from moderation.reviewers.schemas import ReviewerRef
 from moderation.tenants.models import Tenant
 from moderation.tenants.repository import TenantRepository
-from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
-from moderation.tenants.service import update_settings
+from moderation.tenants.schemas import TenantSettingsUpdate
+from moderation.tenants.service import change_settings
 
 
 def list_tenants(session: Session, actor: ReviewerRef) -> list[Tenant]:
@@ -40,22 +40,7 @@ def update_tenant_settings(
 ) -> Tenant:
     """Change a tenant's thresholds or categories (admins); audited with the settings before and after."""
     actor.require(Role.admin, "manage tenants")
-    tenant = _tenant(session, tenant_id, for_update=True)
-    before = TenantSettingsOut.from_model(tenant).model_dump(mode="json")
-    update_settings(tenant, update)
-    session.flush()
-    after = TenantSettingsOut.from_model(tenant).model_dump(mode="json")
-    old, new = audit.changed(before, after)
-    audit.record(
-        session,
-        actor.email,
-        "tenant.settings",
-        audit.subject("tenant", tenant.name),
-        old,
-        new,
-        tenant_id=tenant.id,
-    )
-    return tenant
+    return change_settings(session, tenant_id, update, actor.email)
 
 
 def known_images_by_tenant(

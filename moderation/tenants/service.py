@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
 from moderation.config import Settings, get_settings
 from moderation.db import utcnow
-from moderation.errors import Conflict, InvalidInput, Unauthorized
+from moderation.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from moderation.tenants.models import ApiKey, Tenant
 from moderation.tenants.repository import TenantRepository
 from moderation.tenants.schemas import TenantSettingsUpdate
@@ -77,6 +78,26 @@ def authenticate(session: Session, authorization: str | None) -> Tenant:
     tenant = TenantRepository(session).tenant_for_key_hash(hash_api_key(token))
     if tenant is None:
         raise Unauthorized("invalid API key")
+    return tenant
+
+
+def change_settings(
+    session: Session, tenant_id: uuid.UUID, update: TenantSettingsUpdate, actor: str
+) -> Tenant:
+    """Change a tenant's settings under a row lock; audited with what changed, before and after, as ``actor``."""
+    from moderation.audit import service as audit
+    from moderation.tenants.schemas import TenantSettingsOut
+
+    tenant = TenantRepository(session).get(tenant_id, for_update=True)
+    if tenant is None:
+        raise NotFound("tenant not found", code="tenant_not_found")
+    before = TenantSettingsOut.from_model(tenant).model_dump(mode="json")
+    update_settings(tenant, update)
+    session.flush()
+    old, new = audit.changed(before, TenantSettingsOut.from_model(tenant).model_dump(mode="json"))
+    audit.record(
+        session, actor, "tenant.settings", audit.subject("tenant", tenant.name), old, new, tenant_id=tenant.id
+    )
     return tenant
 
 

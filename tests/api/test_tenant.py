@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from moderation.audit.models import AuditEntry
 from tests.api.conftest import ApiTenant
 
 
@@ -56,7 +59,7 @@ def test_text_the_database_cannot_store_is_refused_with_422_not_500(
 
 
 def test_a_tenant_sets_its_own_retention_period_and_goes_back_to_the_default(
-    client: TestClient, tenant: ApiTenant
+    client: TestClient, tenant: ApiTenant, sessions: sessionmaker[Session]
 ) -> None:
     got = client.get("/v1/tenant", headers=tenant.headers).json()
     assert got["retention_days"] is None  # the service's default
@@ -71,3 +74,16 @@ def test_a_tenant_sets_its_own_retention_period_and_goes_back_to_the_default(
     for bad in (-1, 40000, "soon", "30", True, 1.5):
         res = client.patch("/v1/tenant", json={"retention_days": bad}, headers=tenant.headers)
         assert res.status_code == 422 and res.json()["error"]["code"] == "validation_error"
+    with sessions() as session:
+        entries = session.scalars(
+            select(AuditEntry).where(AuditEntry.action == "tenant.settings").order_by(AuditEntry.id)
+        ).all()
+    assert [(e.actor, e.before, e.after) for e in entries] == [
+        (f"tenant:{tenant.tenant.name}", {"retention_days": None}, {"retention_days": 30}),
+        (
+            f"tenant:{tenant.tenant.name}",
+            {"block_threshold": 0.8, "policy_version": 1},
+            {"block_threshold": 0.85, "policy_version": 2},
+        ),
+        (f"tenant:{tenant.tenant.name}", {"retention_days": 30}, {"retention_days": None}),
+    ]
