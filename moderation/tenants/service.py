@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from moderation.audit import service as audit
 from moderation.config import Settings, get_settings
 from moderation.db import utcnow
 from moderation.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from moderation.tenants.models import ApiKey, Tenant
 from moderation.tenants.repository import TenantRepository
-from moderation.tenants.schemas import TenantSettingsUpdate
+from moderation.tenants.schemas import TenantSettingsOut, TenantSettingsUpdate
 
 KEY_PREFIX = "mod_"
 
@@ -85,9 +86,6 @@ def change_settings(
     session: Session, tenant_id: uuid.UUID, update: TenantSettingsUpdate, actor: str
 ) -> Tenant:
     """Change a tenant's settings under a row lock; audited with what changed, before and after, as ``actor``."""
-    from moderation.audit import service as audit
-    from moderation.tenants.schemas import TenantSettingsOut
-
     tenant = TenantRepository(session).get(tenant_id, for_update=True)
     if tenant is None:
         raise NotFound("tenant not found", code="tenant_not_found")
