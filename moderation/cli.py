@@ -83,9 +83,10 @@ def _tenants_list(_: argparse.Namespace) -> int:
 
     with session_scope() as session:
         for tenant in TenantRepository(session).list():
+            retention = "default" if tenant.retention_days is None else tenant.retention_days
             print(
                 f"{tenant.id}  {tenant.name}  block>={tenant.block_threshold} allow<={tenant.allow_threshold} "
-                f"min_confidence={tenant.min_confidence}"
+                f"min_confidence={tenant.min_confidence} retention_days={retention}"
             )
     return 0
 
@@ -115,7 +116,9 @@ def _tenants_set(args: argparse.Namespace) -> int:
             try:
                 update = TenantSettingsUpdate(**given)
             except ValidationError as exc:
-                raise InvalidInput(str(exc.errors()[0]["msg"]), code="invalid_setting") from None
+                error = exc.errors()[0]
+                option = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")
+                raise InvalidInput(f"{option}: {error['msg']}", code="invalid_setting") from None
             change_settings(session, tenant.id, update, "cli")
         if args.rate_limit is not None:
             tenant.rate_limit_per_minute = args.rate_limit

@@ -81,4 +81,11 @@ def test_tenants_set_changes_the_retention_period(
     shown = json.loads(capsys.readouterr().out)
     assert shown["retention_days"] is None and shown["block_threshold"] == settings.default_block_threshold
     assert cli.main(["tenants", "set", "acme", "--retention-days", "-1"]) == 2
-    assert "invalid_setting" in capsys.readouterr().err
+    assert (
+        "invalid_setting: --retention-days: Input should be greater than or equal to 0"
+        in capsys.readouterr().err
+    )
+    assert cli.main(["tenants", "set", "acme", "--retention-days", "30"]) == 0
+    capsys.readouterr()
+    assert cli.main(["tenants", "list"]) == 0
+    assert "acme" in (listed := capsys.readouterr().out) and "retention_days=30" in listed
