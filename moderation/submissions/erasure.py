@@ -106,7 +106,7 @@ def erase_expired(sessions: sessionmaker[Session], settings: Settings, *, limit:
     now = utcnow()
     with sessions() as session:
         periods = TenantRepository(session).retention_days()
-    active = [tenant for tenant, own in periods if (settings.retention_days if own is None else own) > 0]
+    active = [tenant for tenant, own in periods if _period(settings, own) > 0]
     if not active or limit <= 0:
         return 0
     start = random.randrange(len(active))
@@ -128,6 +128,11 @@ def erase_expired(sessions: sessionmaker[Session], settings: Settings, *, limit:
     return erased
 
 
+def _period(settings: Settings, own_days: int | None) -> int:
+    """A tenant's retention period in days: its own, or the service's default (0: keep everything)."""
+    return settings.retention_days if own_days is None else own_days
+
+
 def _erase_expired_of(
     sessions: sessionmaker[Session], settings: Settings, tenant_id: uuid.UUID, limit: int, now: datetime
 ) -> int:
@@ -138,7 +143,7 @@ def _erase_expired_of(
             found = TenantRepository(session).retention_days_of(tenant_id)
             if found is None:
                 return 0  # the tenant is gone
-            days = settings.retention_days if found.days is None else found.days
+            days = _period(settings, found.days)
             if days <= 0:
                 return 0
             ids = SubmissionRepository(session).expired_unerased(tenant_id, now - timedelta(days=days), limit)
