@@ -254,6 +254,7 @@ def test_the_key_indexes_hold_only_rows_with_a_key_and_migrate_both_ways(databas
 
 def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_stop(database_url: str) -> None:
     from alembic import command
+    from tests.conftest import insert_submissions
 
     old = "CREATE INDEX ix_submissions_tenant_created ON public.submissions USING btree (tenant_id, created_at, id)"
     new = "CREATE INDEX ix_submissions_tenant_id_id ON public.submissions USING btree (tenant_id, id)"
@@ -290,13 +291,7 @@ def test_the_listing_index_replaces_the_created_at_one_both_ways_and_after_a_sto
                 "category_block_threshold, category_review_threshold, policy, policy_version) "
                 "VALUES (gen_random_uuid(), 'listing', 0.8, 0.3, 0.6, 0.95, 0.6, '{}', 1) RETURNING id"
             ).scalar_one()
-            for _ in range(2):
-                conn.exec_driver_sql(
-                    "INSERT INTO submissions (id, tenant_id, caption, metadata, image_sha256, image_format, "
-                    "image_width, image_height, image_bytes, status, attempts, created_at, updated_at) VALUES "
-                    "(gen_random_uuid(), %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'queued', 0, now(), now())",
-                    (tenant_id,),
-                )
+            insert_submissions(conn, tenant_id, 2)
             with pytest.raises(IntegrityError):
                 conn.exec_driver_sql(
                     "CREATE UNIQUE INDEX CONCURRENTLY ix_submissions_tenant_id_id ON submissions (tenant_id)"

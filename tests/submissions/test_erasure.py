@@ -26,7 +26,7 @@ from moderation.submissions.models import Submission, SubmissionStatus, Verdict
 from moderation.submissions.repository import SubmissionRepository
 from moderation.tenants.models import Tenant
 from moderation.webhooks.models import WebhookDelivery, WebhookEndpoint
-from tests.conftest import RecordingDispatcher, make_jpeg, plan_of
+from tests.conftest import RecordingDispatcher, insert_submissions, make_jpeg, plan_of
 from tests.review.helpers import add_review_item, claim_and_decide, make_tenant
 from tests.submissions.helpers import add_decided
 
@@ -490,13 +490,7 @@ def test_retention_reads_a_tenant_s_expired_submissions_from_its_own_index(
     connection = session.connection()
     # A known spread, analysed: a tenant with 1% of the submissions not erased yet.
     for owner, count in ((tenant.id, 30), (other.id, 3000)):
-        connection.exec_driver_sql(
-            "INSERT INTO submissions (id, tenant_id, caption, metadata, image_sha256, image_format, image_width, "
-            "image_height, image_bytes, status, attempts, created_at, updated_at) "
-            "SELECT gen_random_uuid(), %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'decided', 1, now() - interval '9 days', "
-            "now() FROM generate_series(1, %s)",
-            (owner, count),
-        )
+        insert_submissions(connection, owner, count, status="decided", age_days=9)
     connection.exec_driver_sql("ANALYZE submissions")
     repo = SubmissionRepository(session)
     plan = plan_of(session, lambda: repo.expired_unerased(tenant.id, utcnow() - timedelta(days=1), 10))

@@ -17,7 +17,7 @@ from moderation.submissions.models import Submission, SubmissionStatus
 from moderation.submissions.repository import SubmissionRepository
 from moderation.tenants.models import Tenant
 from moderation.tenants.service import create_tenant
-from tests.conftest import RecordingDispatcher, make_jpeg, plan_of
+from tests.conftest import RecordingDispatcher, insert_submissions, make_jpeg, plan_of
 
 
 @pytest.fixture
@@ -147,13 +147,7 @@ def test_a_tenant_s_listing_is_read_in_order_from_its_index(
     other = create_tenant(session, "other", Settings()).tenant
     session.flush()
     for owner, count in ((tenant.id, 30), (other.id, 3000)):
-        connection.exec_driver_sql(
-            "INSERT INTO submissions (id, tenant_id, caption, metadata, image_sha256, image_format, image_width, "
-            "image_height, image_bytes, status, attempts, created_at, updated_at) "
-            "SELECT gen_random_uuid(), %s, 'c', '{}', 'd', 'JPEG', 1, 1, 1, 'queued', 0, now(), now() "
-            "FROM generate_series(1, %s)",
-            (owner, count),
-        )
+        insert_submissions(connection, owner, count)
     connection.exec_driver_sql("ANALYZE submissions")
     before_id = new_id() if after_first_page else None
     plan = plan_of(
